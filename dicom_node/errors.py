@@ -1,0 +1,42 @@
+"""One base exception for the node; messages say what to do.
+
+``retryable`` tells the scheduler whether the same job may succeed later
+(a PACS that is down) or never will (a series that is not a volume).
+"""
+
+from __future__ import annotations
+
+
+class DicomNodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ConfigError(DicomNodeError):
+    """The configuration is invalid; the message names the key (and line) and the reason."""
+
+
+class InvalidUIDError(DicomNodeError):
+    """A UID is empty, too long or not DICOM UID syntax; nothing is built from it."""
+
+
+class ImagingError(DicomNodeError):
+    """A series cannot be turned into one volume (not a volume, gaps, mixed orientations...)."""
+
+
+class ModelError(DicomNodeError):
+    """A model failed on a job; the job fails, the node carries on."""
+
+
+class SendError(DicomNodeError):
+    """A result could not be delivered; ``retryable`` says whether to try again."""
+
+
+class ResultError(DicomNodeError):
+    """A result object could not be encoded."""

@@ -1,0 +1,206 @@
+"""Array-level types shared by every model family.
+
+Nothing here knows about DICOM, SQLite or the network: a :class:`Volume` is a
+numpy array plus its geometry, a :class:`Prediction` is what a model says
+about it.  ``dicom_node.imaging`` and ``dicom_node.results`` translate between
+these and DICOM.
+
+Arrangement
+-----------
+Every 3D array is indexed ``[z, y, x]``: ``z`` is the slice index (sorted by
+position along the slice normal, ascending), ``y`` the row and ``x`` the
+column of the source image.  Spacing is given in the same order, in mm.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class Task(enum.StrEnum):
+    """What a model produces."""
+
+    SEGMENTATION = "segmentation"
+    CLASSIFICATION = "classification"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D image in modality units (HU for CT) with its patient geometry.
+
+    Parameters
+    ----------
+    array:
+        ``float32`` array shaped ``(z, y, x)``.
+    spacing:
+        Voxel size ``(dz, dy, dx)`` in mm.  ``dz`` is the distance between
+        consecutive slice positions, never the SliceThickness attribute.
+    origin:
+        Patient coordinates (LPS, mm) of the centre of voxel ``[0, 0, 0]``.
+    direction:
+        3x3 matrix whose *rows* are unit vectors (LPS) of the array axes in
+        the order ``z, y, x``: row 0 is the slice normal direction of
+        increasing ``z``, row 1 the column direction (down the rows), row 2
+        the row direction (along a row).
+    modality:
+        DICOM Modality of the source (``"CT"``, ``"MR"``...), so a model can
+        check its intended input.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    modality: str = ""
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume array must be 3D (z, y, x), got shape {self.array.shape}")
+        if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
+            raise ValueError(f"Volume spacing must be three positive numbers, got {self.spacing}")
+        if np.asarray(self.direction).shape != (3, 3):
+            raise ValueError("Volume direction must be a 3x3 matrix")
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (1 ml = 1000 mm^3)."""
+        dz, dy, dx = self.spacing
+        return dz * dy * dx / 1000.0
+
+    def geometry(self) -> dict[str, Any]:
+        """Geometry as plain Python values (what ``python`` models receive)."""
+        return {
+            "spacing": tuple(float(s) for s in self.spacing),
+            "origin": tuple(float(o) for o in self.origin),
+            "direction": np.asarray(self.direction, dtype=float).tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: (value, scheme, meaning), e.g. ``("39607008", "SCT", "Lung")``."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One label of a segmentation model.
+
+    Parameters
+    ----------
+    label:
+        Integer value of this segment in the label map (1..n).
+    name:
+        Human-readable segment label, e.g. ``"Right lung"``.
+    category:
+        SNOMED CT segmented property category, e.g. ``Code("123037004", "SCT", "Anatomical Structure")``.
+    type:
+        SNOMED CT segmented property type, e.g. ``Code("3341006", "SCT", "Right lung")``.
+    color:
+        Recommended display colour as RGB 0-255.
+    """
+
+    label: int
+    name: str
+    category: Code
+    type: Code
+    color: tuple[int, int, int] = (255, 0, 0)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is: identity for provenance, and what its outputs mean."""
+
+    name: str
+    version: str
+    family: str = "Artificial Intelligence"
+    task: Task = Task.SEGMENTATION
+    intended_use: str = ""
+    modality: str = ""
+    segments: tuple[SegmentSpec, ...] = ()
+    classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A numeric result about one segment.
+
+    ``concept`` names the quantity (e.g. ``Code("118565006", "SCT", "Volume")``),
+    ``unit`` is a UCUM code (e.g. ``Code("ml", "UCUM", "milliliter")``).
+    """
+
+    concept: Code
+    value: float
+    unit: Code
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A classifier's answer: class name, its probability, and whether it passed the threshold."""
+
+    name: str
+    probability: float
+    positive: bool
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one model run produced for one :class:`Volume`.
+
+    Parameters
+    ----------
+    card:
+        The model card of the model that made it.
+    labelmap:
+        ``uint8``/``uint16`` array with the same shape and geometry as the input
+        volume (``z, y, x``); 0 is background, values are ``SegmentSpec.label``.
+        ``None`` for classification-only models.
+    measurements:
+        Per segment label, the measurements to report (volume, mean density...).
+    classifications:
+        Classifier outputs; empty for segmentation models.
+    findings:
+        Free-text notes for the record (e.g. ``"no lungs found"``); never PHI.
+    """
+
+    card: ModelCard
+    labelmap: np.ndarray | None = None
+    measurements: dict[int, tuple[Measurement, ...]] = field(default_factory=dict)
+    classifications: tuple[Classification, ...] = ()
+    findings: tuple[str, ...] = ()
+
+    def present_segments(self) -> tuple[SegmentSpec, ...]:
+        """Segments of the card with at least one voxel in the label map."""
+        if self.labelmap is None:
+            return ()
+        labels = set(np.unique(self.labelmap).tolist())
+        return tuple(s for s in self.card.segments if s.label in labels)
+
+
+# Frequently used codes (facts of SNOMED CT / UCUM / DCM).
+SCT_ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+SCT_VOLUME = Code("118565006", "SCT", "Volume")
+SCT_MEAN = Code("373098007", "SCT", "Mean")
+UCUM_ML = Code("ml", "UCUM", "milliliter")
+UCUM_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+UCUM_PERCENT = Code("%", "UCUM", "percent")
+
+
+class Model:
+    """What every model family provides: a card and ``predict``.
+
+    Subclasses load their weights once in ``__init__`` (kept warm by the
+    registry) and must not keep per-call state.
+    """
+
+    card: ModelCard
+
+    def predict(self, volume: Volume) -> Prediction:  # pragma: no cover - interface
+        raise NotImplementedError
