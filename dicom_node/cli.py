@@ -1,0 +1,226 @@
+"""Command line: the only place that exits the process.
+
+Exit codes: 0 success, 1 operation failed (peer unreachable...), 2 bad
+configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError, DicomNodeError
+
+logger = logging.getLogger("dicom_node")
+
+
+def _load(config: str | None) -> Any:
+    from dicom_node.settings import default_settings, load_settings
+
+    return load_settings(Path(config)) if config else default_settings()
+
+
+def _setup_logging(level: str, journald: bool = False) -> None:
+    # Under journald the journal adds timestamps itself.
+    fmt = "%(levelname)s %(name)s: %(message)s" if journald else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stdout)
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.app import ForcedShutdown, Node
+
+    settings = _load(args.config)
+    _setup_logging(settings.logging.level, settings.logging.journald)
+    if not args.config:
+        logger.info("No --config given: running the embedded default (state in %s)", settings.storage.path)
+    node = Node(settings)
+    try:
+        node.run_forever()
+    except ForcedShutdown as exc:
+        logger.warning("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(Path(args.file))
+    print(f"{args.file}: OK ({len(settings.models)} model(s), {len(settings.rules)} rule(s), "
+          f"{len(settings.destinations)} destination(s))")
+    return 0
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from dicom_node.rules.matcher import explain
+    from dicom_node.rules.summary import never_process_reason, scan_paths
+
+    settings = _load(args.config)
+    found = scan_paths([Path(p) for p in args.paths])
+    if not found:
+        print("no DICOM series found under " + ", ".join(args.paths))
+        return 1
+    for summary, files in found:
+        attrs = summary.attributes
+        print(f"Series {summary.series_uid}  {attrs.get('Modality', '?')}  "
+              f"\"{attrs.get('SeriesDescription', '')}\"  {len(files)} instance(s)")
+        reason = never_process_reason(summary)
+        if reason:
+            print(f"  never processed: {reason}")
+            continue
+        if not settings.rules:
+            print("  no rules configured: nothing is processed")
+        for verdict in explain(settings.rules, summary):
+            mark = "MATCH   " if verdict.matched else "no match"
+            print(f"  {mark} {verdict.rule}" + ("" if verdict.matched else f": {verdict.reason}"))
+    return 0
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.app import state_paths
+    from dicom_node.store import Database, JobStore, SeriesStore
+
+    settings = _load(args.config)
+    _, db_path = state_paths(settings)
+    if not db_path.exists():
+        print(f"no state database at {db_path}: the node has not run with this configuration")
+        return 1
+    db = Database(db_path)
+    series, jobs = SeriesStore(db), JobStore(db)
+    rows = series.recent(args.limit)
+    if args.json:
+        out = [{**r, "jobs": [j.__dict__ | {"kind": str(j.kind), "state": str(j.state)}
+                              for j in jobs.for_series(r["series_uid"])]} for r in rows]
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no series received yet")
+    for r in rows:
+        print(f"{_fmt_time(r['last_received'])}  {r['state']:<9}  {r['modality'] or '?':<3} "
+              f"{r['instance_count']:>4} inst  series {r['series_uid']}"
+              + (f"\n{'':22}reason: {r['reason']}" if r["reason"] else ""))
+        for j in jobs.for_series(r["series_uid"]):
+            what = j.model if j.kind == "infer" else f"{j.model} -> {j.destination}"
+            extra = ""
+            if j.reason:
+                extra = f": {j.reason}"
+            elif j.kind == "infer" and j.payload.get("findings"):
+                extra = ": " + "; ".join(j.payload["findings"])
+            print(f"{'':22}job {j.id:<5} {j.kind:<5} {j.state:<8} {what} (attempts {j.attempts}){extra}")
+    db.close()
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from dicom_node.app import state_paths
+    from dicom_node.domain import JobState
+    from dicom_node.store import Database, JobStore
+
+    settings = _load(args.config)
+    db = Database(state_paths(settings)[1])
+    jobs = JobStore(db)
+    ids = [j.id for j in jobs.in_state(JobState.DEAD)] if args.dead else args.ids
+    n = jobs.requeue(ids, time.time())
+    print(f"{n} job(s) queued again")
+    db.close()
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.send.dimse import echo
+
+    status = echo(ae_title=args.aec, host=args.host, port=args.port, calling_ae_title=args.aet)
+    if status is None:
+        print(f"C-ECHO to {args.aec}@{args.host}:{args.port}: no association", file=sys.stderr)
+        return 1
+    print(f"C-ECHO to {args.aec}@{args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.send.dimse import send_files
+
+    files: list[Path] = []
+    for p in map(Path, args.files):
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    report = send_files(files, ae_title=args.aec, host=args.host, port=args.port, calling_ae_title=args.aet)
+    print(f"sent {report.sent} object(s) to {args.aec}@{args.host}:{args.port}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-node", description="DICOM node running AI models on routed series")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the node in the foreground")
+    s.add_argument("--config", help="YAML configuration (default: the embedded default)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check-config", help="validate a configuration file")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_check_config)
+
+    rules = sub.add_parser("rules", help="rule tooling")
+    rsub = rules.add_subparsers(dest="rules_command", required=True)
+    s = rsub.add_parser("test", help="show which rules match the series found under PATH")
+    s.add_argument("--config")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.set_defaults(func=cmd_rules_test)
+
+    s = sub.add_parser("status", help="series, jobs, their states and failures")
+    s.add_argument("--config")
+    s.add_argument("--limit", type=int, default=30)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    jobs = sub.add_parser("jobs", help="job operations")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    s = jsub.add_parser("retry", help="queue failed/dead jobs again")
+    s.add_argument("--config")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dead", action="store_true", help="every dead job")
+    g.add_argument("ids", nargs="*", type=int, default=[])
+    s.set_defaults(func=cmd_jobs_retry)
+
+    for name, func, helptext in (("echo", cmd_echo, "C-ECHO a peer"), ("send", cmd_send, "C-STORE files to a peer")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("-aet", default="DICOMNODE", help="calling AE title")
+        s.add_argument("-aec", default="ANY-SCP", help="called AE title")
+        s.add_argument("host")
+        s.add_argument("port", type=int)
+        if name == "send":
+            s.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        code = 2
+    except DicomNodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one node (own registry: no module-global state)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances = Counter("dicomnode_instances_received", "Instances stored by C-STORE", ["outcome"],
+                                 registry=r)
+        self.bytes = Counter("dicomnode_bytes_received", "Bytes stored by C-STORE", registry=r)
+        self.rules = Counter("dicomnode_rule_matches", "Rule matches", ["rule"], registry=r)
+        self.inference = Histogram("dicomnode_inference_seconds", "Model run time per job", ["model"],
+                                   buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900), registry=r)
+        self.infer_failures = Counter("dicomnode_inference_failures", "Failed INFER jobs", ["model"], registry=r)
+        self.sent = Counter("dicomnode_objects_sent", "Result objects delivered", ["destination"], registry=r)
+        self.send_failures = Counter("dicomnode_send_failures", "Failed send attempts", ["destination"],
+                                     registry=r)
+        self.jobs = Gauge("dicomnode_jobs", "Jobs by kind and state", ["kind", "state"], registry=r)
+        self.spool_free = Gauge("dicomnode_spool_free_bytes", "Free space on the spool filesystem", registry=r)
+
+    def on_stored(self, size: int, outcome: str) -> None:
+        self.instances.labels(outcome=outcome).inc()
+        self.bytes.inc(size)
+
+    def on_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "rule_matched":
+            self.rules.labels(rule=data["rule"]).inc()
+        elif name == "infer_finished":
+            if data["ok"]:
+                self.inference.labels(model=data["model"]).observe(data["seconds"].get("model", 0.0))
+            else:
+                self.infer_failures.labels(model=data["model"]).inc()
+        elif name == "sent":
+            self.sent.labels(destination=data["destination"]).inc(data["count"])
+        elif name == "send_failed":
+            self.send_failures.labels(destination=data["destination"]).inc()

@@ -1,0 +1,143 @@
+"""C-STORE handling: bytes to the spool, a row in the database, then the status.
+
+The handler never decodes pixel data: it reads the few header elements it
+needs (lazily decoded by pydicom), writes the encoded dataset exactly as it
+was received, records it, and only then answers success.
+
+Statuses returned (PS3.4 B.2.3):
+
+==========  ==========================================================
+``0x0000``  stored and recorded; the sender may delete its copy
+``0xA700``  out of resources: spool below ``storage.min_free_mb`` or a
+            write/database error; the sender should retry later
+``0xA900``  data set does not match the request (SOP Instance UID differs)
+``0xC001``  cannot understand: Study/Series/SOP Instance UID missing or invalid
+``0xC210``  cannot understand: the data set could not be decoded
+==========  ==========================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import events as evt
+
+from dicom_node.errors import InvalidUIDError
+from dicom_node.spool import Spool, validate_uid
+from dicom_node.spool.layout import digest
+from dicom_node.store import InstanceOutcome, ReceivedInstance, SeriesStore
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+INVALID_UID = 0xC001
+CANNOT_DECODE = 0xC210
+
+
+class StoreHandler:
+    """Callable for ``evt.EVT_C_STORE``.
+
+    Parameters
+    ----------
+    spool, series:
+        Where bytes and rows go.
+    min_free_mb:
+        Intake stops (``0xA700``) while the spool filesystem has less free space.
+    clock:
+        Returns the current time (seconds since the epoch); a parameter for tests.
+    on_stored:
+        Called after each recorded instance with ``(size_bytes, outcome)``
+        (metrics); must not raise.
+    """
+
+    def __init__(self, spool: Spool, series: SeriesStore, min_free_mb: float,
+                 clock: Callable[[], float] = time.time,
+                 on_stored: Callable[[int, str], None] | None = None) -> None:
+        self.spool = spool
+        self.series = series
+        self.min_free_mb = min_free_mb
+        self.clock = clock
+        self.on_stored = on_stored
+        self._low_space_logged = False
+
+    def __call__(self, event: evt.Event) -> int:
+        free = self.spool.free_mb()
+        if free < self.min_free_mb:
+            if not self._low_space_logged:
+                logger.error("Intake paused: %.0f MB free on the spool, below storage.min_free_mb=%d; "
+                             "answering C-STORE with 0xA700 until space returns", free, self.min_free_mb)
+                self._low_space_logged = True
+            return OUT_OF_RESOURCES
+        if self._low_space_logged:
+            logger.warning("Intake resumed: %.0f MB free on the spool", free)
+            self._low_space_logged = False
+
+        requestor = event.assoc.requestor
+        try:
+            ds = event.dataset
+            study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            modality = str(ds.get("Modality", "") or "")[:16]
+        except InvalidUIDError as exc:
+            logger.warning("C-STORE from %s refused (0xC001): %s", requestor.ae_title, exc)
+            return INVALID_UID
+        except Exception as exc:  # pydicom raises many types on malformed data
+            logger.warning("C-STORE from %s refused (0xC210): data set cannot be decoded: %s",
+                           requestor.ae_title, type(exc).__name__)
+            logger.debug("Decode failure detail: %s", exc)
+            return CANNOT_DECODE
+
+        affected = str(event.request.AffectedSOPInstanceUID or "")
+        if affected != sop_uid:
+            logger.warning("C-STORE from %s refused (0xA900): data set SOP Instance UID %s differs from "
+                           "the request's %s", requestor.ae_title, sop_uid, affected)
+            return DOES_NOT_MATCH
+
+        data = event.encoded_dataset(include_meta=True)
+        path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+        try:
+            self.spool.write_atomic(path, data)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            logger.error("C-STORE of %s refused (0xA700): spool write failed: %s", sop_uid, reason)
+            return OUT_OF_RESOURCES
+
+        record = ReceivedInstance(
+            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            transfer_syntax=str(event.context.transfer_syntax), modality=modality,
+            path=self.spool.relative(path), size=len(data), sha256=digest(data),
+            calling_ae=str(requestor.ae_title).strip(), called_ae=str(event.assoc.acceptor.ae_title).strip(),
+            source_host=str(requestor.address),
+        )
+        try:
+            outcome = self.series.record_instance(record, self.clock())
+        except Exception as exc:  # database locked, disk I/O error: the sender must retry
+            logger.error("C-STORE of %s refused (0xA700): could not record it: %s", sop_uid, exc)
+            return OUT_OF_RESOURCES
+        logger.debug("Stored %s (%d bytes) series %s: %s", sop_uid, len(data), series_uid, outcome)
+        if self.on_stored is not None:
+            self.on_stored(len(data), outcome)
+        return SUCCESS
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """``EVT_CONN_OPEN``: disable Nagle so small PDUs are not held back by delayed ACK."""
+    import socket
+
+    sock: Any = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            logger.debug("TCP_NODELAY not set on a closed socket")
+
+
+__all__ = ["StoreHandler", "set_nodelay", "InstanceOutcome"]

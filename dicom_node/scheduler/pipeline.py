@@ -1,0 +1,136 @@
+"""One INFER job from files to result objects: imaging -> inference -> results -> spool.
+
+Runs inside the worker process (see :mod:`dicom_node.scheduler.worker`);
+it touches neither the database nor the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+from dicom_node.domain import OutputKind
+from dicom_node.errors import DicomNodeError, ResultError
+from dicom_node.imaging import load_series
+from dicom_node.results.identity import derive_identity
+from dicom_node.results.seg import build_seg
+from dicom_node.results.sr import build_sr
+from dicom_node.spool import Spool
+from inference.registry import ModelRegistry
+from inference.types import Prediction, Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferTask:
+    """What the scheduler hands to a worker: validated UIDs and spool paths only."""
+
+    job_id: int
+    series_uid: str
+    model: str
+    paths: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProducedObject:
+    kind: str
+    sop_uid: str
+    series_uid: str
+    path: str  # relative to the spool root
+
+
+@dataclass
+class InferOutcome:
+    ok: bool
+    objects: list[ProducedObject] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+    model_version: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any) -> InferOutcome:
+    """Run one model on one series and write its result objects to the spool.
+
+    Parameters
+    ----------
+    outputs:
+        The ``outputs:`` settings (``uid_root``, ``seg``/``sr`` series number and description).
+
+    Returns
+    -------
+    InferOutcome
+        ``ok=False`` with ``error`` for anything that makes the job fail
+        permanently (not a volume, model error); never raises for those.
+    """
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    try:
+        sv = load_series([spool.absolute(p) for p in task.paths])
+        times["load"] = time.perf_counter() - t0
+        model = registry.get(task.model)
+        t1 = time.perf_counter()
+        prediction = model.predict(sv.volume)
+        times["model"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        objects = _encode(task, prediction, list(sv.sources), spool, outputs)
+        times["encode"] = time.perf_counter() - t2
+    except DicomNodeError as exc:
+        return InferOutcome(ok=False, error=str(exc), seconds=times)
+    except Exception as exc:  # a model's own bug: fail this job, keep the worker
+        logger.exception("Job %d: model %s failed", task.job_id, task.model)
+        return InferOutcome(ok=False, error=f"model {task.model} raised {type(exc).__name__}: {exc}"[:500],
+                            seconds=times)
+    return InferOutcome(ok=True, objects=objects, findings=list(prediction.findings), notes=list(sv.notes),
+                        model_version=prediction.card.version, seconds=times)
+
+
+def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spool: Spool,
+            outputs: Any) -> list[ProducedObject]:
+    card = prediction.card
+    produced: list[ProducedObject] = []
+
+    def identity(kind: OutputKind) -> Any:
+        conf = getattr(outputs, kind.value)
+        return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind.value,
+                               conf.series_number, conf.series_description.format(model=task.model))
+
+    def write(kind: OutputKind, ds: Dataset) -> None:
+        path = spool.result_path(task.series_uid, task.model, kind.value)
+        from io import BytesIO
+
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        spool.write_atomic(path, buf.getvalue())
+        produced.append(ProducedObject(kind.value, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                                       spool.relative(path)))
+
+    seg_ds: Dataset | None = None
+    segment_numbers: dict[int, int] | None = None
+    if OutputKind.SEG in task.outputs and card.task is Task.SEGMENTATION:
+        try:
+            seg = build_seg(prediction, sources, identity(OutputKind.SEG))
+        except ResultError as exc:
+            logger.info("Job %d: no SEG: %s", task.job_id, exc)
+        else:
+            seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
+            write(OutputKind.SEG, seg_ds)
+    if OutputKind.SR in task.outputs:
+        sr = build_sr(prediction, sources, identity(OutputKind.SR), seg=seg_ds, segment_numbers=segment_numbers)
+        write(OutputKind.SR, sr)
+    return produced
+
+
+def result_files(outcome: InferOutcome) -> list[str]:
+    return [o.path for o in outcome.objects]
+
+
+__all__ = ["InferOutcome", "InferTask", "ProducedObject", "Path", "run_infer"]

@@ -1,0 +1,128 @@
+"""Inference worker process: models run outside the receiver's process.
+
+A model that raises fails its job inside the worker.  A model that hangs
+past its timeout, or kills its process (segfault, CUDA abort, OOM killer),
+is handled here: the job fails with the reason, a fresh worker is started,
+and the node never stops receiving.  Models stay loaded (warm) in the
+worker between jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask
+
+logger = logging.getLogger(__name__)
+
+
+def _child_main(conn: Connection, settings: Any, log_level: int) -> None:
+    """Entry point of the worker process: serve tasks until the pipe closes."""
+    import signal
+
+    logging.basicConfig(level=log_level, format="%(levelname)s worker %(name)s: %(message)s")
+    # The parent owns shutdown: a Ctrl-C in a terminal must not kill a job half-way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from dicom_node.scheduler.pipeline import run_infer
+    from dicom_node.spool import Spool
+    from inference.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.models, max_warm=settings.workers.max_warm_models)
+    spool = Spool(settings.storage.path)
+    conn.send(("ready", None))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        outcome = run_infer(task, registry, spool, settings.outputs)
+        conn.send(("done", outcome))
+
+
+class WorkerProcess:
+    """Parent-side handle of one worker process.
+
+    Parameters
+    ----------
+    settings:
+        The node's settings (pickled to the child at start).
+    """
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self._ctx = mp.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child_main, name="dicom-node-worker",
+                                       args=(child, self.settings, logging.getLogger().level or logging.INFO),
+                                       daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        logger.info("Worker process %d started", self._proc.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
+        """Run ``task`` in the worker; never raises for a model's failure.
+
+        On timeout the worker is killed and restarted; if it died the job
+        fails with its exit code.
+        """
+        with self._lock:
+            if not self.alive:
+                self.start()
+            assert self._conn is not None
+            try:
+                self._conn.send(task)
+                while True:
+                    if not self._conn.poll(timeout_s):
+                        self._restart(f"timeout after {timeout_s:.0f} s")
+                        return InferOutcome(ok=False, error=f"model {task.model} timed out after "
+                                                             f"{timeout_s:.0f} s; worker restarted")
+                    kind, value = self._conn.recv()
+                    if kind == "done":
+                        return value
+            except (EOFError, OSError, BrokenPipeError):
+                code = self._proc.exitcode if self._proc is not None else None
+                if self._proc is not None:
+                    self._proc.join(5)
+                    code = self._proc.exitcode
+                self._restart(f"worker died (exit code {code})")
+                return InferOutcome(ok=False, error=f"worker process died during model {task.model} "
+                                                    f"(exit code {code}); worker restarted")
+
+    def _restart(self, why: str) -> None:
+        logger.error("Worker process: %s; starting a new one", why)
+        self.stop(force=True)
+        self.start()
+
+    def stop(self, force: bool = False) -> None:
+        if self._proc is None:
+            return
+        if not force and self._conn is not None:
+            try:
+                self._conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+            self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = None
+        self._conn = None

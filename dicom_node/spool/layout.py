@@ -1,0 +1,151 @@
+"""Spool paths built from validated UIDs, and the atomic writer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from dicom_node.errors import InvalidUIDError
+
+logger = logging.getLogger(__name__)
+
+# PS3.5 9.1: components of digits separated by '.', no leading zero in a
+# multi-digit component, at most 64 characters.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_uid(value: object, what: str = "UID") -> str:
+    """Return ``value`` as a UID string if it is a valid DICOM UID.
+
+    Raises
+    ------
+    InvalidUIDError
+        If the value is missing, empty, longer than 64 characters or not of
+        the form ``1.2.840...`` (digits and dots).  The message never repeats
+        more than the first 80 characters of the offending value.
+    """
+    if value is None:
+        raise InvalidUIDError(f"{what} is missing")
+    text = str(value).rstrip("\x00").strip()
+    if not text:
+        raise InvalidUIDError(f"{what} is empty")
+    if len(text) > 64:
+        raise InvalidUIDError(f"{what} is longer than 64 characters ({len(text)})")
+    if not _UID_RE.match(text):
+        raise InvalidUIDError(f"{what} {text[:80]!r} is not a valid DICOM UID (digits and dots only)")
+    return text
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """A model or output name used as a path component: ``[A-Za-z0-9_.-]``, no leading dot."""
+    if not _NAME_RE.match(value) or value in {".", ".."}:
+        raise InvalidUIDError(f"{what} {value[:80]!r} is not usable in a path")
+    return value
+
+
+class Spool:
+    """Filesystem layout of received instances and results.
+
+    Parameters
+    ----------
+    root:
+        The state directory (``storage.path``); ``spool/`` is created inside.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "spool"
+        self.incoming = self.root / "incoming"
+        self.results = self.root / "results"
+        self.tmp = self.root / "tmp"
+        for d in (self.incoming, self.results, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Where a received instance lives; every component validated."""
+        return (
+            self.incoming
+            / validate_uid(study_uid, "StudyInstanceUID")
+            / validate_uid(series_uid, "SeriesInstanceUID")
+            / f"{validate_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+        )
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return (
+            self.incoming
+            / validate_uid(study_uid, "StudyInstanceUID")
+            / validate_uid(series_uid, "SeriesInstanceUID")
+        )
+
+    def result_path(self, source_series_uid: str, model: str, kind: str) -> Path:
+        return (
+            self.results
+            / validate_uid(source_series_uid, "SeriesInstanceUID")
+            / validate_name(model, "model name")
+            / f"{validate_name(kind, 'output kind')}.dcm"
+        )
+
+    def relative(self, path: Path) -> str:
+        """Path relative to the spool root, as stored in the database."""
+        return str(path.relative_to(self.root))
+
+    def absolute(self, relative: str) -> Path:
+        path = (self.root / relative).resolve()
+        if self.root.resolve() not in path.parents:
+            raise InvalidUIDError(f"stored path {relative[:80]!r} is outside the spool")
+        return path
+
+    # -- writing -----------------------------------------------------------
+    def write_atomic(self, path: Path, data: bytes | memoryview) -> None:
+        """Write ``data`` to ``path`` so that a crash leaves either nothing or the whole file.
+
+        Temp file in ``spool/tmp`` (same filesystem), ``fsync``, ``rename``,
+        then ``fsync`` of the target directory so the rename itself is durable.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def clean_tmp(self) -> int:
+        """Remove half-written temp files left by a crash; returns how many."""
+        count = 0
+        for leftover in self.tmp.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            count += 1
+        if count:
+            logger.warning("Spool: removed %d half-written temp file(s) left by an earlier crash", count)
+        return count
+
+    def free_mb(self) -> float:
+        """Free space on the spool filesystem in MiB."""
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def remove_series(self, study_uid: str, series_uid: str) -> None:
+        shutil.rmtree(self.series_dir(study_uid, series_uid), ignore_errors=True)
+
+
+def digest(data: bytes | memoryview) -> str:
+    """SHA-256 of received bytes (identifies duplicates of the same SOP instance)."""
+    return hashlib.sha256(data).hexdigest()

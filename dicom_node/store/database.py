@@ -1,0 +1,144 @@
+"""SQLite state database: connection, schema, migrations.
+
+One connection shared by the node's threads behind a lock; WAL journal with
+``synchronous=FULL`` so that a committed row survives a power cut, which is
+what lets the C-STORE handler answer success only after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Each entry migrates the schema from version i to i+1.  Never edit a
+# released entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE series (
+        series_uid       TEXT PRIMARY KEY,
+        study_uid        TEXT NOT NULL,
+        state            TEXT NOT NULL,
+        modality         TEXT NOT NULL DEFAULT '',
+        calling_ae       TEXT NOT NULL DEFAULT '',
+        called_ae        TEXT NOT NULL DEFAULT '',
+        source_host      TEXT NOT NULL DEFAULT '',
+        instance_count   INTEGER NOT NULL DEFAULT 0,
+        first_received   REAL NOT NULL,
+        last_received    REAL NOT NULL,
+        completed_at     REAL,
+        reason           TEXT NOT NULL DEFAULT '',
+        updated_at       REAL NOT NULL
+    );
+    CREATE INDEX series_state ON series(state, last_received);
+    CREATE TABLE instances (
+        sop_uid          TEXT PRIMARY KEY,
+        series_uid       TEXT NOT NULL REFERENCES series(series_uid),
+        sop_class_uid    TEXT NOT NULL,
+        transfer_syntax  TEXT NOT NULL,
+        path             TEXT NOT NULL,
+        size             INTEGER NOT NULL,
+        sha256           TEXT NOT NULL,
+        received_at      REAL NOT NULL
+    );
+    CREATE INDEX instances_series ON instances(series_uid);
+    CREATE TABLE jobs (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind             TEXT NOT NULL,
+        state            TEXT NOT NULL,
+        series_uid       TEXT NOT NULL REFERENCES series(series_uid),
+        rule             TEXT NOT NULL DEFAULT '',
+        model            TEXT NOT NULL DEFAULT '',
+        destination      TEXT NOT NULL DEFAULT '',
+        payload          TEXT NOT NULL DEFAULT '{}',
+        priority         INTEGER NOT NULL DEFAULT 0,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL NOT NULL DEFAULT 0,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        reason           TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX jobs_due ON jobs(kind, state, next_attempt_at);
+    CREATE INDEX jobs_series ON jobs(series_uid);
+    CREATE TABLE results (
+        sop_uid          TEXT PRIMARY KEY,
+        source_series    TEXT NOT NULL REFERENCES series(series_uid),
+        model            TEXT NOT NULL,
+        kind             TEXT NOT NULL,
+        series_uid       TEXT NOT NULL,
+        path             TEXT NOT NULL,
+        created_at       REAL NOT NULL
+    );
+    CREATE INDEX results_source ON results(source_series);
+    """,
+)
+
+
+class Database:
+    """The node's SQLite database.
+
+    Parameters
+    ----------
+    path:
+        Database file; created with the schema when missing.  ``":memory:"``
+        is accepted for tests of pure logic.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"State database {self.path} has schema version {version}, newer than this "
+                f"dicom-node ({len(MIGRATIONS)}); upgrade dicom-node or use another storage.path"
+            )
+        for i in range(version, len(MIGRATIONS)):
+            logger.info("Database: migrating schema %d -> %d", i, i + 1)
+            self._conn.executescript("BEGIN;" + MIGRATIONS[i] + f"; PRAGMA user_version={i + 1}; COMMIT;")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE transaction holding the node-wide lock; committed on exit."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        """Read-only query outside a transaction."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def ping(self) -> bool:
+        try:
+            self.query("SELECT 1")
+            return True
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

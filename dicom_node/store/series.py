@@ -1,0 +1,129 @@
+"""Series and instances: what was received, and the completion policy's view of it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dicom_node.domain import SeriesState
+from dicom_node.store.database import Database
+
+logger = logging.getLogger(__name__)
+
+# States from which a new instance re-opens the series (late arrival).
+_SETTLED = (SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.RUNNING,
+            SeriesState.SENDING, SeriesState.DONE, SeriesState.IGNORED, SeriesState.FAILED)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance as recorded by the C-STORE handler (no patient data)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    modality: str
+    path: str
+    size: int
+    sha256: str
+    calling_ae: str
+    called_ae: str
+    source_host: str
+
+
+class InstanceOutcome:
+    NEW = "new"
+    DUPLICATE = "duplicate"        # same bytes again: nothing to do
+    REPLACED = "replaced"          # same SOP Instance UID, different bytes
+
+
+class SeriesStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def record_instance(self, inst: ReceivedInstance, now: float) -> str:
+        """Record a received instance durably; returns an :class:`InstanceOutcome` value.
+
+        A new (or changed) instance for a series that was already complete
+        re-opens it: the series goes back to ``receiving`` and is processed
+        again once quiet (results have deterministic UIDs, so they replace
+        the earlier ones in the PACS).
+        """
+        with self.db.transaction() as c:
+            old = c.execute("SELECT sha256, series_uid FROM instances WHERE sop_uid=?",
+                            (inst.sop_uid,)).fetchone()
+            if old is not None and old["sha256"] == inst.sha256:
+                return InstanceOutcome.DUPLICATE
+            row = c.execute("SELECT state FROM series WHERE series_uid=?", (inst.series_uid,)).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO series (series_uid, study_uid, state, modality, calling_ae, called_ae,"
+                    " source_host, first_received, last_received, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (inst.series_uid, inst.study_uid, SeriesState.RECEIVING, inst.modality,
+                     inst.calling_ae, inst.called_ae, inst.source_host, now, now, now),
+                )
+            elif row["state"] in _SETTLED:
+                logger.info("Series %s: new instance after state %s; re-opening", inst.series_uid, row["state"])
+                c.execute("UPDATE series SET state=?, reason='', completed_at=NULL WHERE series_uid=?",
+                          (SeriesState.RECEIVING, inst.series_uid))
+            c.execute(
+                "INSERT INTO instances (sop_uid, series_uid, sop_class_uid, transfer_syntax, path, size,"
+                " sha256, received_at) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                " sop_class_uid=excluded.sop_class_uid, transfer_syntax=excluded.transfer_syntax,"
+                " path=excluded.path, size=excluded.size, sha256=excluded.sha256,"
+                " received_at=excluded.received_at",
+                (inst.sop_uid, inst.series_uid, inst.sop_class_uid, inst.transfer_syntax,
+                 inst.path, inst.size, inst.sha256, now),
+            )
+            c.execute(
+                "UPDATE series SET last_received=?, updated_at=?,"
+                " instance_count=(SELECT COUNT(*) FROM instances WHERE series_uid=?) WHERE series_uid=?",
+                (now, now, inst.series_uid, inst.series_uid),
+            )
+        if old is not None:
+            logger.warning("Instance %s received again with different content; replaced", inst.sop_uid)
+            return InstanceOutcome.REPLACED
+        return InstanceOutcome.NEW
+
+    def complete_quiet(self, now: float, quiet_seconds: float) -> list[str]:
+        """Mark every receiving series with no instance for ``quiet_seconds`` complete.
+
+        Returns the series UIDs that became complete.  Time is a parameter so
+        that tests need no sleeps.
+        """
+        with self.db.transaction() as c:
+            rows = c.execute(
+                "SELECT series_uid, instance_count FROM series WHERE state=? AND last_received <= ?",
+                (SeriesState.RECEIVING, now - quiet_seconds),
+            ).fetchall()
+            for r in rows:
+                c.execute("UPDATE series SET state=?, completed_at=?, updated_at=? WHERE series_uid=?",
+                          (SeriesState.COMPLETE, now, now, r["series_uid"]))
+        for r in rows:
+            logger.info("Series %s: complete after %d instance(s)", r["series_uid"], r["instance_count"])
+        return [r["series_uid"] for r in rows]
+
+    def get(self, series_uid: str) -> dict | None:
+        rows = self.db.query("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+        return dict(rows[0]) if rows else None
+
+    def in_state(self, state: SeriesState) -> list[dict]:
+        return [dict(r) for r in self.db.query("SELECT * FROM series WHERE state=? ORDER BY last_received",
+                                               (state,))]
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        rows = self.db.query("SELECT path FROM instances WHERE series_uid=? ORDER BY received_at", (series_uid,))
+        return [r["path"] for r in rows]
+
+    def set_state(self, series_uid: str, state: SeriesState, now: float, reason: str = "") -> None:
+        with self.db.transaction() as c:
+            c.execute("UPDATE series SET state=?, reason=?, updated_at=? WHERE series_uid=?",
+                      (state, reason, now, series_uid))
+
+    def recent(self, limit: int = 50) -> list[dict]:
+        return [dict(r) for r in self.db.query(
+            "SELECT * FROM series ORDER BY last_received DESC LIMIT ?", (limit,))]

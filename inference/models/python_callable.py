@@ -1,0 +1,109 @@
+"""``type: python`` models: a plain function ``module:function``.
+
+The function receives ``(array, geometry)``: a numpy array shaped
+``(z, y, x)`` in modality units (HU for CT) and a dict with ``spacing``
+``(dz, dy, dx)``, ``origin`` and ``direction`` (see :class:`inference.types.Volume`).
+It returns a label map of the same shape (segmentation) or a mapping
+``class name -> probability`` (classification).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from inference.types import (
+    SCT_VOLUME,
+    UCUM_ML,
+    Classification,
+    Measurement,
+    Model,
+    ModelCard,
+    Prediction,
+    Task,
+    Volume,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_callable(spec: str, path: str | None = None) -> Callable[..., Any]:
+    """Import ``"package.module:function"``; ``path`` is prepended to ``sys.path`` first.
+
+    Raises
+    ------
+    ValueError
+        If the spec is not ``module:function`` or the attribute is not callable.
+    ImportError
+        If the module cannot be imported.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"callable {spec!r} must look like 'package.module:function'")
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    module = importlib.import_module(module_name)
+    func = module
+    for part in attr.split("."):
+        func = getattr(func, part)
+    if not callable(func):
+        raise ValueError(f"{spec!r} is not callable")
+    return func  # type: ignore[return-value]
+
+
+class PythonModel(Model):
+    """Adapter from a plain function to the :class:`~inference.types.Model` interface.
+
+    Parameters
+    ----------
+    card:
+        Model card built from the config (labels or classes, version).
+    func:
+        The user's function.
+    threshold:
+        For classification: a class is positive when its probability >= threshold.
+    """
+
+    def __init__(self, card: ModelCard, func: Callable[..., Any], threshold: float = 0.5) -> None:
+        self.card = card
+        self.func = func
+        self.threshold = threshold
+
+    def predict(self, volume: Volume) -> Prediction:
+        out = self.func(volume.array, volume.geometry())
+        if self.card.task is Task.CLASSIFICATION:
+            if not isinstance(out, Mapping):
+                raise TypeError(f"classification model {self.card.name} must return a dict "
+                                f"class -> probability, got {type(out).__name__}")
+            return Prediction(card=self.card, classifications=tuple(
+                Classification(str(k), float(v), float(v) >= self.threshold) for k, v in out.items()))
+        labelmap = np.asarray(out)
+        if labelmap.shape != volume.array.shape:
+            raise ValueError(f"model {self.card.name} returned shape {labelmap.shape}, "
+                             f"expected {volume.array.shape} (z, y, x)")
+        known = {s.label for s in self.card.segments}
+        unknown = set(np.unique(labelmap).tolist()) - known - {0}
+        if unknown:
+            raise ValueError(f"model {self.card.name} returned labels {sorted(unknown)} "
+                             f"not declared in its labels")
+        labelmap = labelmap.astype(np.uint16 if max(known, default=0) > 255 else np.uint8)
+        return Prediction(card=self.card, labelmap=labelmap,
+                          measurements=segment_volumes(labelmap, self.card, volume))
+
+
+def segment_volumes(labelmap: np.ndarray, card: ModelCard, volume: Volume) -> dict[int, tuple[Measurement, ...]]:
+    """Volume in ml of every present segment (true voxel volume, sheared grids included)."""
+    steps = np.asarray(volume.direction, dtype=float) * np.asarray(volume.spacing, dtype=float)[:, None]
+    voxel_ml = abs(float(np.linalg.det(steps))) / 1000.0
+    counts = np.bincount(labelmap.ravel().astype(np.int64))
+    out: dict[int, tuple[Measurement, ...]] = {}
+    for seg in card.segments:
+        n = int(counts[seg.label]) if seg.label < len(counts) else 0
+        if n:
+            out[seg.label] = (Measurement(SCT_VOLUME, n * voxel_ml, UCUM_ML),)
+    return out
