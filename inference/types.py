@@ -43,9 +43,11 @@ class Volume:
         Patient coordinates (LPS, mm) of the centre of voxel ``[0, 0, 0]``.
     direction:
         3x3 matrix whose *rows* are unit vectors (LPS) of the array axes in
-        the order ``z, y, x``: row 0 is the slice normal direction of
-        increasing ``z``, row 1 the column direction (down the rows), row 2
-        the row direction (along a row).
+        the order ``z, y, x``: row 0 is the direction of increasing ``z``
+        (the slice normal, or for a gantry-tilted stack the actual step
+        between slices: the grid is then sheared, not orthogonal), row 1
+        the column direction (down the rows), row 2 the row direction
+        (along a row).
     modality:
         DICOM Modality of the source (``"CT"``, ``"MR"``...), so a model can
         check its intended input.
@@ -67,9 +69,13 @@ class Volume:
 
     @property
     def voxel_volume_ml(self) -> float:
-        """Volume of one voxel in millilitres (1 ml = 1000 mm^3)."""
-        dz, dy, dx = self.spacing
-        return dz * dy * dx / 1000.0
+        """Volume of one voxel in millilitres (1 ml = 1000 mm^3).
+
+        The determinant of the three axis steps, so a sheared (tilted) grid
+        gives its true voxel volume, not ``dz * dy * dx``.
+        """
+        steps = np.asarray(self.direction, dtype=float) * np.asarray(self.spacing, dtype=float)[:, None]
+        return abs(float(np.linalg.det(steps))) / 1000.0
 
     def geometry(self) -> dict[str, Any]:
         """Geometry as plain Python values (what ``python`` models receive)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import Dataset
 
 from dicom_node.domain import OutputKind
@@ -81,7 +82,8 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         prediction = model.predict(sv.volume)
         times["model"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        objects = _encode(task, prediction, list(sv.sources), spool, outputs)
+        objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), list(sv.sources), spool,
+                          outputs)
         times["encode"] = time.perf_counter() - t2
     except DicomNodeError as exc:
         return InferOutcome(ok=False, error=str(exc), seconds=times)
@@ -91,6 +93,21 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
                             seconds=times)
     return InferOutcome(ok=True, objects=objects, findings=list(prediction.findings), notes=list(sv.notes),
                         model_version=prediction.card.version, seconds=times)
+
+
+def _in_source_order(prediction: Prediction, frame_of_source: tuple[tuple[int, int], ...]) -> Prediction:
+    """Put a multi-frame source's label map back into the object's frame order.
+
+    The volume's slices are sorted by position; an Enhanced CT/MR object may
+    store its frames in any order, and its SEG must reference each frame.
+    """
+    lm = prediction.labelmap
+    if lm is None or not frame_of_source or frame_of_source[0][1] == 0:
+        return prediction
+    reordered = np.zeros_like(lm)
+    for z, (_, frame) in enumerate(frame_of_source):
+        reordered[frame - 1] = lm[z]
+    return replace(prediction, labelmap=reordered)
 
 
 def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spool: Spool,

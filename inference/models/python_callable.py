@@ -98,8 +98,7 @@ class PythonModel(Model):
 
 def segment_volumes(labelmap: np.ndarray, card: ModelCard, volume: Volume) -> dict[int, tuple[Measurement, ...]]:
     """Volume in ml of every present segment (true voxel volume, sheared grids included)."""
-    steps = np.asarray(volume.direction, dtype=float) * np.asarray(volume.spacing, dtype=float)[:, None]
-    voxel_ml = abs(float(np.linalg.det(steps))) / 1000.0
+    voxel_ml = volume.voxel_volume_ml
     counts = np.bincount(labelmap.ravel().astype(np.int64))
     out: dict[int, tuple[Measurement, ...]] = {}
     for seg in card.segments:
