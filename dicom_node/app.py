@@ -46,7 +46,7 @@ class ForcedShutdown(Exception):
 
 def state_paths(settings: Any) -> tuple[Path, Path]:
     """(state directory, database file) for a configuration."""
-    root = Path(settings.storage.path)
+    root = settings.storage.resolved_path()
     return root, root / "dicom-node.sqlite3"
 
 
@@ -72,10 +72,10 @@ class Node:
         self.store_handler = StoreHandler(self.spool, self._series_store(), settings.storage.min_free_mb,
                                           clock=clock, on_stored=self.metrics.on_stored)
         self.receiver = Receiver(settings.node, self.store_handler)
-        self.worker = WorkerProcess(settings)
-        self.pipeline = Pipeline(settings, self.db, self.spool, self.worker, send_files,
+        self.workers = [WorkerProcess(settings) for _ in range(settings.workers.infer)]
+        self.pipeline = Pipeline(settings, self.db, self.spool, self.workers[0], send_files,
                                  on_event=self.metrics.on_event)
-        self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(4)},
+        self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(len(self.workers) + 3)},
                                              job_defaults={"coalesce": True, "max_instances": 1})
         self.http: HttpServer | None = None
         if settings.http.enabled:
@@ -94,10 +94,12 @@ class Node:
     def start(self) -> None:
         """Recover from an earlier stop, then start worker, scheduler, HTTP and the DICOM listener."""
         self.pipeline.recover(self.clock())
-        self.worker.start()
+        for w in self.workers:
+            w.start()
         tick = self.settings.completion.tick_seconds
         self.scheduler.add_job(self._tick, "interval", seconds=tick, id="tick", next_run_time=_now_dt())
-        self.scheduler.add_job(self._drain_infer, "interval", seconds=1, id="infer")
+        for i, w in enumerate(self.workers):
+            self.scheduler.add_job(self._drain_infer, "interval", seconds=1, id=f"infer-{i}", args=[w])
         self.scheduler.add_job(self._drain_send, "interval", seconds=1, id="send")
         self.scheduler.start()
         if self.http is not None:
@@ -110,9 +112,9 @@ class Node:
         except Exception:
             logger.exception("Completion tick failed; will try again at the next tick")
 
-    def _drain_infer(self) -> None:
+    def _drain_infer(self, worker: WorkerProcess) -> None:
         try:
-            self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set)
+            self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set, runner=worker)
         except Exception:
             logger.exception("INFER loop failed; will try again")
 
@@ -123,14 +125,25 @@ class Node:
             logger.exception("SEND loop failed; will try again")
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Graceful stop: intake first, then let the running job finish, then everything else."""
+        """Graceful stop: intake first, then let running jobs finish (up to the grace period).
+
+        A job still running after ``workers.shutdown_grace_s`` is abandoned
+        with its worker; it stays ``running`` in the database and is queued
+        again at the next start.
+        """
         if self._stopped.is_set():
             return
+        grace = self.settings.workers.shutdown_grace_s if grace_s is None else grace_s
         self._stopping.set()
-        logger.info("Stopping: closing the DICOM listener; running work may finish")
+        logger.info("Stopping: DICOM listener closed; running work may finish (up to %.0f s)", grace)
         self.receiver.stop()
-        self.scheduler.shutdown(wait=True)
-        self.worker.stop()
+        waiter = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
+        waiter.start()
+        waiter.join(grace)
+        if waiter.is_alive():
+            logger.warning("Running work did not finish within %.0f s; it will be re-queued at next start", grace)
+        for w in self.workers:
+            w.stop(force=waiter.is_alive())
         if self.http is not None:
             self.http.stop()
         self.db.close()
@@ -161,7 +174,8 @@ class Node:
             while stopper.is_alive():
                 stopper.join(0.2)
         except ForcedShutdown:
-            self.worker.stop(force=True)
+            for w in self.workers:
+                w.stop(force=True)
             raise
         finally:
             for s, h in previous.items():
@@ -183,8 +197,9 @@ class Node:
         if free < self.settings.storage.min_free_mb:
             ok = False
         checks["free_mb"] = f"{free:.0f}"
-        checks["worker"] = "alive" if self.worker.alive else "down"
-        ok = ok and self.worker.alive and not self._stopping.is_set()
+        alive = sum(w.alive for w in self.workers)
+        checks["workers"] = f"{alive}/{len(self.workers)} alive"
+        ok = ok and alive == len(self.workers) and not self._stopping.is_set()
         return ok, checks
 
     def refresh_gauges(self) -> None:

@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         code = 2
-    except DicomNodeError as exc:
+    except (DicomNodeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

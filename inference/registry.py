@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, Model, ModelCard, SegmentSpec, Task
+from inference.types import Code, Model, ModelCard, SegmentSpec, Task
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,8 @@ def _python(name: str, spec: Any) -> Model:
     segments = tuple(
         SegmentSpec(
             label=int(lbl.value), name=lbl.name,
-            category=SCT_ANATOMICAL_STRUCTURE,
-            type=Code(lbl.snomed.value, "SCT", lbl.snomed.meaning) if lbl.snomed else
-            Code(f"L{lbl.value}", "99DCMNODE", lbl.name),
+            category=Code(lbl.category.value, lbl.category.scheme, lbl.category.meaning),
+            type=Code(lbl.snomed.value, lbl.snomed.scheme, lbl.snomed.meaning),
             color=tuple(lbl.color),
         )
         for lbl in (spec.labels or ())

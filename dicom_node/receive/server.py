@@ -85,7 +85,10 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         aet = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         host = str(event.assoc.requestor.address)
+        if self.ae.require_calling_aet and aet not in self.ae.require_calling_aet:
+            return  # pynetdicom rejects it (A-ASSOCIATE-RJ, calling AE title not recognised)
         if not self.policy.allowed(aet, host):
+            # A known title from a host not allowed for it: no RJ reason fits, so abort.
             logger.warning("Audit: association from %s@%s refused: not in node.allowed_peers", aet, host)
             event.assoc.abort()
 

@@ -118,7 +118,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     def identity(kind: OutputKind) -> Any:
         conf = getattr(outputs, kind.value)
         return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind.value,
-                               conf.series_number, conf.series_description.format(model=task.model))
+                               conf.series_number, conf.description_for(task.model))
 
     def write(kind: OutputKind, ds: Dataset) -> None:
         path = spool.result_path(task.series_uid, task.model, kind.value)

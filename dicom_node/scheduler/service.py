@@ -104,23 +104,27 @@ class Pipeline:
 
     # -- INFER ---------------------------------------------------------------
     def drain_infer(self, now_fn: Callable[[], float] = time.time, *, max_jobs: int | None = None,
-                    should_stop: Callable[[], bool] = lambda: False) -> int:
-        """Run due INFER jobs one after another until none is left (or ``should_stop``)."""
+                    should_stop: Callable[[], bool] = lambda: False, runner: InferRunner | None = None) -> int:
+        """Run due INFER jobs one after another until none is left (or ``should_stop``).
+
+        Several drains may run at once, each with its own ``runner`` (worker
+        process): claiming a job is one database transaction.
+        """
         done = 0
         while not should_stop() and (max_jobs is None or done < max_jobs):
             job = self.jobs.claim(JobKind.INFER, now_fn())
             if job is None:
                 break
-            self._run_infer(job, now_fn)
+            self._run_infer(job, now_fn, runner or self.runner)
             done += 1
         return done
 
-    def _run_infer(self, job: Job, now_fn: Callable[[], float]) -> None:
+    def _run_infer(self, job: Job, now_fn: Callable[[], float], runner: InferRunner) -> None:
         paths = tuple(self.series.instance_paths(job.series_uid))
         task = InferTask(job.id, job.series_uid, job.model, paths, tuple(job.payload.get("outputs", ())))
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
-        outcome = self.runner.run(task, self.settings.workers.infer_timeout_s)
+        outcome = runner.run(task, self.settings.workers.infer_timeout_s)
         now = now_fn()
         self.on_event("infer_finished", {"model": job.model, "ok": outcome.ok, "seconds": outcome.seconds})
         if not outcome.ok:

@@ -33,7 +33,7 @@ def _child_main(conn: Connection, settings: Any, log_level: int) -> None:
     from inference.registry import ModelRegistry
 
     registry = ModelRegistry(settings.models, max_warm=settings.workers.max_warm_models)
-    spool = Spool(settings.storage.path)
+    spool = Spool(settings.storage.resolved_path())
     conn.send(("ready", None))
     while True:
         try:

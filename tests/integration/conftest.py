@@ -141,9 +141,9 @@ def start_orthanc(workdir: Path, node_port: int, *, lua: str = ROUTE_CT_LUA, sta
     config = {k: v for k, v in config.items() if v is not None}
     config.update(extra or {})
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
-    log = open(workdir / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    with open(workdir / "orthanc.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([exe, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
     orthanc = Orthanc(http_port, dicom_port, proc, workdir)
 
     def up() -> bool:
@@ -218,9 +218,9 @@ def start_node(tmp: Path, config: dict[str, Any]) -> NodeProcess:
     path = tmp / "node.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = tmp / "node.log"
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([str(REPO / ".venv/bin/dicom-node"), "serve", "--config", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp)
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(REPO / ".venv/bin/dicom-node"), "serve", "--config", str(path)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp)
     node = NodeProcess(path, config, proc, log_path)
     port = node.port
 

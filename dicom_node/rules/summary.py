@@ -1,0 +1,278 @@
+"""What the rules see of a series: attributes of its first instance, and loop protection.
+
+:func:`attributes_from_dataset` turns a pydicom dataset into the plain values of
+:attr:`~dicom_node.domain.SeriesSummary.attributes`; :func:`scan_paths` builds
+summaries from files on disk (``dicom-node rules test PATH...``);
+:func:`never_process_reason` says when a series must never be processed at all
+(results of ours or of another AI, presentation states, reports), whatever the rules say.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.valuerep import PersonName
+
+from dicom_node.domain import SeriesSummary
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DERIVED_MODALITIES",
+    "OWN_MANUFACTURER",
+    "attributes_from_dataset",
+    "never_process_reason",
+    "scan_paths",
+]
+
+#: The Manufacturer (0008,0070) the node writes into its results.
+OWN_MANUFACTURER = "dicom-node project"
+
+#: Modalities of objects derived from images (results, annotations): never processed.
+DERIVED_MODALITIES: frozenset[str] = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "REG"})
+
+# SOP Class UIDs (PS3.4 Annex B) of objects that are never processed: a UID ending in "."
+# is a prefix of a family of storage classes, any other must match exactly.
+_DERIVED_SOP_CLASSES: tuple[tuple[str, str], ...] = (
+    # 66.1-66.3 registration and fiducials, 66.4 SEG, 66.5 surface SEG, 66.6 tractography, 66.7+ newer SEG
+    ("1.2.840.10008.5.1.4.1.1.66.", "a segmentation, registration or other derived object"),
+    ("1.2.840.10008.5.1.4.1.1.88.", "a structured report or key object selection"),  # all SR, KO is 88.59
+    ("1.2.840.10008.5.1.4.1.1.11.", "a presentation state"),  # every softcopy/volumetric PR class
+    ("1.2.840.10008.5.1.4.1.1.481.3", "an RT structure set"),
+)
+
+# VRs whose values are bytes or nested datasets.
+_SKIPPED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"})
+
+
+def attributes_from_dataset(ds: Dataset) -> dict[str, Any]:
+    """Top-level public attributes of ``ds`` by keyword, as JSON-serialisable values.
+
+    Strings (including person names, UIDs, dates and times) become ``str``, IS
+    ``int``, DS and binary numbers ``float``/``int``, AT a ``"GGGGEEEE"`` hex
+    string, and multi-valued elements a ``list`` of those.  An empty element
+    becomes ``""`` (text VRs) or ``None`` (numeric VRs).  Skipped: sequences,
+    bulk data (OB/OW/... VRs, so Pixel Data), the overlay and curve repeating
+    groups (50xx, 60xx), private and unknown tags, group lengths, numeric VRs
+    whose text is not a number, and any element whose value cannot be decoded
+    (each logged at DEBUG; the rest still comes back).
+
+    Parameters
+    ----------
+    ds:
+        A dataset, typically read with ``stop_before_pixels=True``.  File meta
+        information is not included.
+
+    Returns
+    -------
+    dict[str, Any]
+        Keyword -> value, in tag order.
+    """
+    attributes: dict[str, Any] = {}
+    for tag in sorted(ds.keys()):
+        tag = BaseTag(tag)
+        if tag.is_private or tag.element == 0 or tag.group in (0x0000, 0x0002) or 0x5000 <= tag.group <= 0x60FF:
+            continue
+        try:
+            # Decoding a raw element can fail (or warn, which a warnings filter may make an error)
+            # on malformed values; one bad element must not hide the others.
+            elem = ds[tag]
+            keyword = elem.keyword
+            if not keyword or elem.VR in _SKIPPED_VRS:
+                continue
+            value = _plain(elem.value)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means "skip this element"
+            logger.debug("Attribute %s skipped: %s: %s", tag, type(exc).__name__, exc)
+            continue
+        if value is _SKIP or (elem.VR in _NUMERIC_VRS and not _all_numbers(value)):
+            logger.debug("Attribute %s skipped: value not representable as %s", tag, elem.VR)
+            continue
+        if value is None and elem.VR not in _NUMERIC_VRS:
+            value = ""
+        attributes[keyword] = value
+    return attributes
+
+
+_SKIP = object()
+_NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "US or SS"})
+
+
+def _all_numbers(value: Any) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return all(item is None or (isinstance(item, (int, float)) and not isinstance(item, bool)) for item in items)
+
+
+def _plain(value: Any) -> Any:
+    """One element value as a plain Python value, ``None`` when empty, or ``_SKIP``."""
+    if value is None:
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        items = [_plain(v) for v in value]
+        if any(item is _SKIP for item in items):
+            return _SKIP
+        return items
+    if isinstance(value, (bytes, bytearray, Dataset)):
+        return _SKIP
+    if isinstance(value, BaseTag):
+        return f"{int(value):08X}"
+    if isinstance(value, int):
+        return int(value)  # IS and other int subclasses -> plain int
+    if isinstance(value, float):
+        number = float(value)  # DSfloat -> plain float
+        return number if math.isfinite(number) else _SKIP
+    if isinstance(value, (PersonName, str)):
+        return str(value)
+    if isinstance(value, (datetime.date, datetime.time, datetime.datetime)):
+        original = getattr(value, "original_string", None)
+        return original if isinstance(original, str) else value.isoformat()
+    try:
+        number = float(value)  # DSdecimal and other numeric types
+    except (TypeError, ValueError):
+        return _SKIP
+    return number if math.isfinite(number) else _SKIP
+
+
+@dataclass
+class _SeriesScan:
+    study_uid: str
+    first_key: tuple[float, str]
+    first: Dataset
+    files: list[tuple[tuple[float, str], Path]] = field(default_factory=list)
+
+
+def scan_paths(paths: Sequence[Path]) -> list[tuple[SeriesSummary, list[Path]]]:
+    """Read DICOM files under ``paths`` and summarise each series found.
+
+    Folders are walked recursively (symbolic links to folders are not followed);
+    files that are not DICOM (no ``DICM`` preamble marker), cannot be read, or
+    lack Study/Series Instance UID are skipped with a DEBUG log.
+
+    Parameters
+    ----------
+    paths:
+        Files and/or folders.
+
+    Returns
+    -------
+    list[tuple[SeriesSummary, list[Path]]]
+        One entry per SeriesInstanceUID, in the order the series were first met
+        (folders are walked in sorted order).  The summary's attributes are those
+        of the instance with the lowest InstanceNumber (instances without one
+        sort last, ties by path); its facts are ``{"instance_count": n}``.  The
+        paths are sorted the same way.
+
+    Raises
+    ------
+    FileNotFoundError
+        A path does not exist.
+    """
+    series: dict[str, _SeriesScan] = {}
+    for file in _walk(paths):
+        ds = _read_header(file)
+        if ds is None:
+            continue
+        study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        if not study_uid or not series_uid:
+            logger.debug("File %s skipped: no StudyInstanceUID or SeriesInstanceUID", file)
+            continue
+        key = (_instance_number(ds), str(file))
+        scan = series.get(series_uid)
+        if scan is None:
+            scan = series[series_uid] = _SeriesScan(study_uid, key, ds)
+        elif key < scan.first_key:
+            scan.first_key, scan.first = key, ds
+        scan.files.append((key, file))
+    results: list[tuple[SeriesSummary, list[Path]]] = []
+    for series_uid, scan in series.items():
+        files = [path for _, path in sorted(scan.files)]
+        summary = SeriesSummary(
+            study_uid=scan.study_uid,
+            series_uid=series_uid,
+            attributes=attributes_from_dataset(scan.first),
+            facts={"instance_count": len(files)},
+        )
+        logger.debug("Series %s: %d instances found", series_uid, len(files))
+        results.append((summary, files))
+    return results
+
+
+def _walk(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for folder, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    yield Path(folder, name)
+        elif path.exists():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+def _read_header(file: Path) -> Dataset | None:
+    try:
+        return pydicom.dcmread(file, stop_before_pixels=True)
+    except InvalidDicomError:
+        logger.debug("File %s skipped: not a DICOM file", file)
+    except Exception as exc:  # noqa: BLE001 - truncated or malformed files are skipped, the scan goes on
+        logger.debug("File %s skipped: unreadable (%s: %s)", file, type(exc).__name__, exc)
+    return None
+
+
+def _instance_number(ds: Dataset) -> float:
+    try:
+        return float(ds.InstanceNumber)
+    except Exception:  # noqa: BLE001 - absent, empty or malformed: sort last
+        return math.inf
+
+
+def never_process_reason(summary: SeriesSummary, *, manufacturer: str = OWN_MANUFACTURER) -> str | None:
+    """Why a series must never be processed, or ``None`` when rules may decide.
+
+    Protects against loops (our results routed back to us by the PACS) and
+    against running image models on non-image objects.
+
+    Parameters
+    ----------
+    summary:
+        The series.
+    manufacturer:
+        The Manufacturer the node writes into its own results; compared
+        case-insensitively after stripping.
+
+    Returns
+    -------
+    str | None
+        A reason such as ``"Modality SEG is a derived object"``, or ``None``.
+    """
+    modality = _text(summary.attributes.get("Modality"))
+    if modality in DERIVED_MODALITIES:
+        return f"Modality {modality} is a derived object (segmentation, report or annotation), never processed"
+    sop_class = _text(summary.attributes.get("SOPClassUID"))
+    for uid, what in _DERIVED_SOP_CLASSES:
+        if sop_class.startswith(uid) if uid.endswith(".") else sop_class == uid:
+            return f"SOP Class {sop_class} is {what}, never processed"
+    own = _text(summary.attributes.get("Manufacturer"))
+    if own and own.casefold() == manufacturer.strip().casefold():
+        return f"Manufacturer {own!r} is this node: its own results are never processed"
+    return None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value).strip() if value is not None else ""

@@ -1,0 +1,161 @@
+"""The receiver over real associations: statuses for good, bad and hostile input; it keeps serving."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import pydicom.data
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from tests.integration.conftest import node_config, storescu
+from tests.phantoms import make_chest_phantom, write_ct_series
+
+pytestmark = pytest.mark.integration
+
+
+def _assoc(port: int, contexts: Any = None, ae_title: str = "TESTSCU") -> Any:
+    ae = AE(ae_title=ae_title)
+    ae.requested_contexts = contexts or StoragePresentationContexts[:127]
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established, "association with the node failed"
+    return assoc
+
+
+@pytest.fixture()
+def node(tmp_path: Path, node_factory: Any) -> Any:
+    return node_factory(node_config(tmp_path, rules=[]))
+
+
+@pytest.fixture()
+def slices(tmp_path: Path) -> list[Path]:
+    hu, _ = make_chest_phantom(shape=(16, 48, 48), spacing=(2.0, 2.0, 2.0))
+    return write_ct_series(hu[:4], (2.0, 2.0, 2.0), tmp_path / "ct")
+
+
+def test_echo_and_store_are_recorded_before_success(node: Any, slices: list[Path]) -> None:
+    assoc = _assoc(node.port)
+    assert assoc.send_c_echo().Status == 0x0000
+    for f in slices:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0x0000
+    assoc.release()
+    rows = node.status_json()
+    assert len(rows) == 1 and rows[0]["instance_count"] == len(slices)
+    spooled = sorted((node.state / "spool" / "incoming").rglob("*.dcm"))
+    assert len(spooled) == len(slices)
+    # Stored bit for bit as received (same pixel bytes, same UIDs).
+    original = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f).PixelData for f in slices}
+    for p in spooled:
+        ds = pydicom.dcmread(p)
+        assert original[ds.SOPInstanceUID] == ds.PixelData
+
+
+def test_dcmtk_storescu_can_send(node: Any, slices: list[Path]) -> None:
+    out = storescu(node.port, slices, aec="DICOMNODE")
+    assert out.returncode == 0, out.stderr
+    assert node.status_json()[0]["instance_count"] == len(slices)
+
+
+@pytest.mark.parametrize("field,value,status", [
+    ("SeriesInstanceUID", "../../etc", 0xC001),
+    ("StudyInstanceUID", "", 0xC001),
+    ("SOPInstanceUID", "1.2.3.abc", 0xC001),
+])
+def test_hostile_or_missing_uids_are_refused(node: Any, slices: list[Path], field: str, value: str,
+                                             status: int) -> None:
+    ds = pydicom.dcmread(slices[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UI value we set on purpose
+        setattr(ds, field, value)
+    assoc = _assoc(node.port)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rsp = assoc.send_c_store(ds)
+    # pynetdicom sends the dataset's SOP Instance UID as the affected one; either way it is refused.
+    assert rsp.Status in (status, 0xA900)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert not list((node.state / "spool" / "incoming").rglob("*etc*"))
+    assert node.status_json() == []
+
+
+def test_low_disk_answers_out_of_resources(tmp_path: Path, node_factory: Any, slices: list[Path]) -> None:
+    config = node_config(tmp_path, rules=[])
+    config["storage"]["min_free_mb"] = 10**9  # more than any disk has
+    node = node_factory(config)
+    assoc = _assoc(node.port)
+    assert assoc.send_c_store(pydicom.dcmread(slices[0])).Status == 0xA700
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert "Intake paused" in node.log()
+
+
+def test_pydicom_odd_files_get_a_status_and_the_node_keeps_serving(node: Any) -> None:
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) > 50, f"pydicom's test files not found under {folder}"
+    statuses: dict[str, int] = {}
+    for path in files:
+        name = path.name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, force=True)
+                sop_class = str(ds.get("SOPClassUID", ""))
+                sop_uid = str(ds.get("SOPInstanceUID", ""))
+        except Exception:
+            continue  # not even readable on the sending side: no SCU could send it
+        if not sop_class or not sop_uid or "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            continue
+        ae = AE(ae_title="TESTSCU")
+        ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) \
+            else ExplicitVRLittleEndian
+        ae.add_requested_context(ds.SOPClassUID, [ts])
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert assoc.is_established, name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rsp = assoc.send_c_store(ds)
+        except Exception:
+            assoc.abort()  # the SCU could not encode it: nothing reached the node
+            continue
+        statuses[name] = int(rsp.Status) if "Status" in rsp else -1
+        assert assoc.send_c_echo().Status == 0x0000, f"node stopped answering after {name}"
+        assoc.release()
+    assert len(statuses) > 40, statuses
+    for good in ("CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+                 "image_dfl.dcm"):
+        assert statuses[good] == 0x0000, (good, statuses[good])
+    assert all(s == 0x0000 or s >= 0xA000 for s in statuses.values()), statuses
+
+
+def test_unknown_called_ae_title_is_rejected(node: Any) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SOMEONEELSE")
+    assert assoc.is_rejected
+
+
+def test_allowed_peers_refuse_unknown_calling_ae(tmp_path: Path, node_factory: Any) -> None:
+    config = node_config(tmp_path, rules=[])
+    config["node"]["allowed_peers"] = [{"ae_title": "PACS", "host": "127.0.0.1"}]
+    node = node_factory(config)
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    ae2 = AE(ae_title="PACS")
+    ae2.add_requested_context(Verification)
+    assoc2 = ae2.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc2.is_established
+    assoc2.release()
+    assert "INTRUDER" in node.log()
+
