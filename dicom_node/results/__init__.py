@@ -1,0 +1,28 @@
+"""Encode predictions as DICOM result objects (SEG, TID 1500 SR) in the source study.
+
+``build_seg`` and ``build_sr`` are pure functions: datasets and arrays in, a
+dataset out; writing and sending are other modules' work.
+"""
+
+from dicom_node.results.identity import (
+    DEFAULT_UID_ROOT,
+    MANUFACTURER,
+    SOFTWARE_NAME,
+    SOFTWARE_VERSION,
+    OutputIdentity,
+    derive_identity,
+)
+from dicom_node.results.seg import SegResult, build_seg
+from dicom_node.results.sr import build_sr
+
+__all__ = [
+    "DEFAULT_UID_ROOT",
+    "MANUFACTURER",
+    "SOFTWARE_NAME",
+    "SOFTWARE_VERSION",
+    "OutputIdentity",
+    "SegResult",
+    "build_seg",
+    "build_sr",
+    "derive_identity",
+]

@@ -16,7 +16,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.domain import OutputKind
-from dicom_node.errors import DicomNodeError, ResultError
+from dicom_node.errors import DicomNodeError
 from dicom_node.imaging import load_series
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.seg import build_seg
@@ -133,13 +133,12 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     seg_ds: Dataset | None = None
     segment_numbers: dict[int, int] | None = None
     if OutputKind.SEG in task.outputs and card.task is Task.SEGMENTATION:
-        try:
+        if prediction.present_segments():
             seg = build_seg(prediction, sources, identity(OutputKind.SEG))
-        except ResultError as exc:
-            logger.info("Job %d: no SEG: %s", task.job_id, exc)
-        else:
             seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
             write(OutputKind.SEG, seg_ds)
+        else:
+            logger.info("Job %d: no segment present; no SEG produced", task.job_id)
     if OutputKind.SR in task.outputs:
         sr = build_sr(prediction, sources, identity(OutputKind.SR), seg=seg_ds, segment_numbers=segment_numbers)
         write(OutputKind.SR, sr)

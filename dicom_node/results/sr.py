@@ -1,0 +1,403 @@
+"""Prediction -> TID 1500 Measurement Report (Comprehensive 3D SR) in the source study.
+
+Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
+
+- observation context: a *device* observer that is the model (Device Observer
+  UID derived from the model name and version, name = card name,
+  manufacturer = :data:`~dicom_node.results.identity.MANUFACTURER`, model name
+  = card name and version); procedure reported = the first item of the
+  source's Procedure Code Sequence, else SCT 363679005 "Imaging procedure";
+- per SEG segment, a TID 1411 *Volumetric ROI* group: tracking identifier and
+  UID (the segment's Tracking ID/UID in the SEG), the referenced segment (SEG
+  SOP Instance UID, Segment Number, source series), finding type = the
+  segment's Segmented Property Type, algorithm identification (TID 4019), and
+  the prediction's measurements for that label;
+- per label that has measurements but no SEG segment (no SEG was made, or the
+  segment was empty), a TID 1501 group with the same content minus the
+  segment reference;
+- per classification, a TID 1501 group: qualitative evaluation class ->
+  SCT Yes/No, and the probability (DCM 122157 "Probability", UCUM ``1``);
+- a TID 1501 "Findings" group holding each free-text finding as a TEXT
+  qualitative evaluation (DCM 121071 "Finding"); it also says when the model
+  found no segment (and therefore no SEG exists) or reported nothing at all.
+
+Evidence lists the source instances and the SEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeAlias
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.errors import ResultError
+from dicom_node.results.identity import (
+    DEFAULT_DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    SOFTWARE_NAME,
+    SOFTWARE_VERSION,
+    OutputIdentity,
+    derive_uid,
+)
+from dicom_node.results.seg import (
+    algorithm_family_code,
+    character_set,
+    complete_source,
+    drop_invalid_copied,
+    to_coded_concept,
+)
+from inference.types import Classification, Code, Measurement, ModelCard, Prediction, SegmentSpec
+
+logger = logging.getLogger(__name__)
+
+PRIVATE_SCHEME: Final[str] = "99DCMNODE"
+"""Private coding scheme of concepts the node makes up (classifier class names)."""
+
+IMAGING_PROCEDURE: Final[Code] = Code("363679005", "SCT", "Imaging procedure")
+"""Procedure reported when the source names none."""
+
+NO_SEGMENT_FINDING: Final[str] = (
+    "No segment present in the model output; no segmentation object was produced."
+)
+NO_RESULT_FINDING: Final[str] = "The model reported no segment, measurement, classification or finding."
+
+_Group: TypeAlias = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+_YES: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("373066001", "SCT", "Yes")
+_NO: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("373067005", "SCT", "No")
+_UCUM_NO_UNITS: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("1", "UCUM", "no units")
+_CODE_VALUE_PATTERN: Final[re.Pattern[str]] = re.compile(r"[^A-Z0-9_]+")
+_MAX_SH_LENGTH: Final[int] = 16
+
+
+def class_concept(name: str) -> hd.sr.CodedConcept:
+    """Coded concept of a classifier class, in the private scheme :data:`PRIVATE_SCHEME`.
+
+    Parameters
+    ----------
+    name:
+        Class name from the model card, e.g. ``"pneumothorax"``.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+        Code value = the name in upper case with other characters than A-Z,
+        0-9 replaced by ``_`` when that fits 16 characters, else its first 7
+        characters, ``_`` and 8 hex digits of its SHA-256; meaning = the name.
+
+    Raises
+    ------
+    ResultError
+        If the name is empty.
+    """
+    if not name.strip():
+        raise ResultError("Classification without a class name: fix the model card's classes")
+    value = _CODE_VALUE_PATTERN.sub("_", name.strip().upper()).strip("_") or "CLASS"
+    if len(value) > _MAX_SH_LENGTH:
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8].upper()
+        value = f"{value[:7]}_{digest}"
+    return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=name.strip()[:64])
+
+
+def _private_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+    """Coding Scheme Identification of :data:`PRIVATE_SCHEME` (PS3.3 C.12.1.1.5)."""
+    return hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="dicom-node classifier classes",
+        responsible_organization=MANUFACTURER,
+    )
+
+
+def _procedure_reported(source: Dataset) -> hd.sr.CodedConcept:
+    for item in source.get("ProcedureCodeSequence", []):
+        try:
+            return hd.sr.CodedConcept.from_dataset(item)
+        except (AttributeError, ValueError, TypeError):
+            logger.debug("Procedure Code Sequence item not usable; falling back to %s", IMAGING_PROCEDURE)
+    return to_coded_concept(IMAGING_PROCEDURE)
+
+
+def _observation_context(card: ModelCard, identity: OutputIdentity) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid(identity.uid_root, "device", card.name, card.version),
+        name=card.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{card.name} {card.version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _measurements(card: ModelCard, label: int, items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
+    out = []
+    for item in items:
+        if not math.isfinite(item.value):
+            raise ResultError(
+                f"Model {card.name!r} reported a non-finite {item.concept.meaning} for label {label}"
+            )
+        out.append(
+            hd.sr.Measurement(
+                name=to_coded_concept(item.concept),
+                value=float(item.value),
+                unit=to_coded_concept(item.unit),
+            )
+        )
+    return out
+
+
+def _segment_tracking(seg: Dataset, segment_number: int) -> tuple[str | None, str | None]:
+    """Tracking UID and ID recorded for a segment in the SEG, if any."""
+    for item in seg.get("SegmentSequence", []):
+        if int(item.SegmentNumber) == segment_number:
+            return item.get("TrackingUID"), item.get("TrackingID")
+    raise ResultError(f"SEG {seg.SOPInstanceUID} has no segment number {segment_number}")
+
+
+def _segment_groups(
+    prediction: Prediction,
+    specs: Mapping[int, SegmentSpec],
+    identity: OutputIdentity,
+    seg: Dataset,
+    segment_numbers: Mapping[int, int],
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    groups = []
+    source_series = hd.sr.SourceSeriesForSegmentation(_source_series_uid(seg))
+    for label, number in sorted(segment_numbers.items(), key=lambda item: item[1]):
+        spec = specs[label]
+        uid, tracking_id = _segment_tracking(seg, number)
+        tracking = hd.sr.TrackingIdentifier(
+            uid=uid or identity.derive("tracking", str(label)),
+            identifier=tracking_id or spec.name,
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=number,
+                    source_series=source_series,
+                ),
+                finding_type=to_coded_concept(spec.type),
+                algorithm_id=algorithm,
+                measurements=_measurements(prediction.card, label, prediction.measurements.get(label, ())),
+            )
+        )
+    return groups
+
+
+def _source_series_uid(seg: Dataset) -> str:
+    referenced = seg.get("ReferencedSeriesSequence", [])
+    if not referenced:
+        raise ResultError(f"SEG {seg.SOPInstanceUID} references no source series")
+    return str(referenced[0].SeriesInstanceUID)
+
+
+def _unreferenced_groups(
+    prediction: Prediction,
+    specs: Mapping[int, SegmentSpec],
+    identity: OutputIdentity,
+    labels: Sequence[int],
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    groups = []
+    for label in labels:
+        spec = specs[label]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=identity.derive("tracking", str(label)), identifier=spec.name
+                ),
+                finding_type=to_coded_concept(spec.type),
+                algorithm_id=algorithm,
+                measurements=_measurements(prediction.card, label, prediction.measurements[label]),
+            )
+        )
+    return groups
+
+
+def _classification_group(
+    index: int, item: Classification, identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    if not 0.0 <= item.probability <= 1.0:
+        raise ResultError(f"Probability of class {item.name!r} is {item.probability}, not in [0, 1]")
+    concept = class_concept(item.name)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=identity.derive("classification", str(index), item.name), identifier=item.name[:64]
+        ),
+        finding_type=concept,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=concept, value=_YES if item.positive else _NO)
+        ],
+        measurements=[
+            hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.probability), unit=_UCUM_NO_UNITS)
+        ],
+    )
+
+
+def _findings_group(
+    texts: Sequence[str], identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.derive("findings"), identifier="Findings"),
+        algorithm_id=algorithm,
+    )
+    # TID 1501 allows TEXT qualitative evaluations; highdicom builds only CODE ones.
+    container = group[0]
+    for text in texts:
+        container.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Finding,
+                value=text,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
+
+
+def _check_seg(
+    seg: Dataset | None,
+    segment_numbers: Mapping[int, int] | None,
+    source: Dataset,
+    specs: Mapping[int, SegmentSpec],
+) -> None:
+    if (seg is None) != (segment_numbers is None):
+        raise ResultError("Pass both the SEG and its segment numbers, or neither")
+    if seg is None or segment_numbers is None:
+        return
+    if seg.StudyInstanceUID != source.StudyInstanceUID:
+        raise ResultError("The SEG belongs to another study than the source images")
+    unknown = sorted(set(segment_numbers) - set(specs))
+    if unknown:
+        raise ResultError(f"Segment numbers given for labels {unknown} that the model card does not declare")
+
+
+def build_sr(
+    prediction: Prediction,
+    source_images: Sequence[Dataset],
+    identity: OutputIdentity,
+    *,
+    seg: Dataset | None,
+    segment_numbers: Mapping[int, int] | None,
+    device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+) -> hd.sr.Comprehensive3DSR:
+    """Encode a prediction as a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+    Parameters
+    ----------
+    prediction:
+        Model output: measurements per label, classifications, findings.
+    source_images:
+        The source instances (complete datasets); listed as evidence, their
+        patient and study attributes are copied.
+    identity:
+        Series/SOP Instance UIDs, Series Number and Series Description of the SR.
+    seg:
+        The SEG made from the same prediction (see
+        :func:`~dicom_node.results.seg.build_seg`), or ``None`` when there is
+        none (no segment present, or the rule asked for an SR only).
+    segment_numbers:
+        Label -> Segment Number in ``seg`` (``SegResult.segment_numbers``);
+        ``None`` exactly when ``seg`` is ``None``.
+    device_serial_number:
+        Device Serial Number (0018,1000) naming this node instance.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR dataset, ready to be written with ``save_as``.
+
+    Raises
+    ------
+    ResultError
+        If the inputs are inconsistent (SEG without segment numbers, labels
+        the card does not declare, probabilities outside [0, 1], non-finite
+        values) or highdicom rejects them.
+    """
+    if not source_images:
+        raise ResultError("No source images given: an SR must reference the images it reports on")
+    card = prediction.card
+    source = source_images[0]
+    specs = {spec.label: spec for spec in card.segments}
+    _check_seg(seg, segment_numbers, source, specs)
+    undeclared = sorted(set(prediction.measurements) - set(specs))
+    if undeclared:
+        raise ResultError(
+            f"Measurements given for labels {undeclared} that model {card.name!r} does not declare"
+        )
+
+    try:
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=card.name, version=card.version, family=algorithm_family_code(card.family)
+        )
+        groups: list[_Group] = []
+        referenced: Mapping[int, int] = {}
+        if seg is not None and segment_numbers is not None:
+            referenced = segment_numbers
+            groups.extend(_segment_groups(prediction, specs, identity, seg, segment_numbers, algorithm))
+        others = sorted(
+            label for label, items in prediction.measurements.items() if items and label not in referenced
+        )
+        groups.extend(_unreferenced_groups(prediction, specs, identity, others, algorithm))
+        groups.extend(
+            _classification_group(index, item, identity, algorithm)
+            for index, item in enumerate(prediction.classifications)
+        )
+
+        texts = [text for text in prediction.findings if text.strip()]
+        if card.segments and prediction.labelmap is not None and not prediction.present_segments():
+            texts.append(NO_SEGMENT_FINDING)
+        if not groups and not texts:
+            texts.append(NO_RESULT_FINDING)
+        if texts:
+            groups.append(_findings_group(texts, identity, algorithm))
+
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(card, identity),
+            procedure_reported=_procedure_reported(source),
+            imaging_measurements=groups,
+        )
+        evidence = [complete_source(source), *source_images[1:], *([seg] if seg is not None else [])]
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=identity.series_instance_uid,
+            series_number=identity.series_number,
+            sop_instance_uid=identity.sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=identity.series_description,
+            manufacturer_model_name=SOFTWARE_NAME,
+            software_versions=SOFTWARE_VERSION,
+            device_serial_number=device_serial_number,
+            specific_character_set=character_set(source),
+            coding_schemes=[_private_scheme()] if prediction.classifications else None,
+        )
+    except ValueError as exc:
+        raise ResultError(f"SR for model {card.name!r} could not be encoded: {exc}") from exc
+    drop_invalid_copied(sr, source)
+    logger.info(
+        "SR %s: %d measurement groups, SEG %s (model %s %s)",
+        identity.sop_instance_uid,
+        len(groups),
+        seg.SOPInstanceUID if seg is not None else "none",
+        card.name,
+        card.version,
+    )
+    return sr
