@@ -21,23 +21,28 @@ every connectivity decision and writes the final mask at full resolution:
    removed with a one-voxel margin.  If no threshold gives a plausible airway
    it is left in place; step 5 then still separates the lungs and the
    trachea's few tens of ml stay with one lung.
-4. *Lung candidates*: remaining air regions of at least 50 ml whose median
-   is not pure gas (>= -970 HU, which rejects stomach/bowel gas and the
+4. *Lung candidates*: remaining air regions of at least 50 ml, at least
+   15 mm thick along the body axis, whose median is not pure gas
+   (>= -970 HU, which rejects stomach/bowel gas, a hollow phantom and the
    hollow parts of a couch).
 5. *Right/left*: if the two largest candidates lie on opposite sides of the
-   body's mid-sagittal plane they are the two lungs; otherwise the largest
-   is eroded in-plane (distance transform, up to 20 mm) until it falls apart
-   into two parts on opposite sides of the midline, and every voxel goes to
-   the nearest part.  The side is decided in *patient* coordinates (LPS:
-   +x is patient left), never from the image orientation.
+   body's mid-sagittal plane (x of the body's centroid) and the smaller is
+   at least a fifth of the larger, they are the two lungs.  Otherwise the
+   largest is eroded in-plane (distance transform, up to 20 mm) until it
+   falls apart into two comparable parts on opposite sides of the midline,
+   and every voxel goes to the nearest part; if it never does, it is one
+   lung (a second, smaller candidate on the other side becomes the other
+   lung), unless a quarter or more of it lies on each side of the midline,
+   in which case it is cut at the midline.  Sides are decided in *patient*
+   coordinates (LPS: +x is patient left), never from the image orientation.
 6. *Full resolution*: the coarse labels (grown by one coarse voxel) select
    full-resolution voxels below -320 HU; each lung is closed in-plane
    (2 mm) and its holes filled slice by slice, so vessels and small nodules
    count as lung.
 
-Volumes use the true voxel volume, ``|det|`` of the three axis step vectors
-(direction rows scaled by spacing), which is right for sheared (gantry tilt)
-grids too.
+Volumes use :attr:`Volume.voxel_volume_ml`, ``|det|`` of the three axis step
+vectors (direction rows scaled by spacing), which is right for sheared
+(gantry tilt) grids too.
 """
 
 from __future__ import annotations
@@ -112,10 +117,6 @@ LUNGS_CT_CARD = ModelCard(
     ),
 )
 
-# In-plane 4-neighbourhood (no z neighbours) for slice-by-slice operations.
-_INPLANE_CROSS = np.zeros((3, 3, 3), dtype=bool)
-_INPLANE_CROSS[1, 1, :] = True
-_INPLANE_CROSS[1, :, 1] = True
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,38 @@ class LungsCTParameters:
     """Tunable thresholds of :class:`LungsCT` (HU, ml, mm).
 
     The defaults suit adult chest CT; change them only with validation data.
+
+    Attributes
+    ----------
+    body_threshold_hu:
+        Body = largest region above this.
+    air_threshold_hu:
+        Lung (and any air) = below this.
+    airway_thresholds_hu:
+        Trachea growth thresholds, tried in order until the airway is at most
+        ``max_airway_ml``.
+    laa_threshold_hu:
+        Threshold of the %LAA measurement.
+    gas_median_hu:
+        A candidate whose median is below this is gas, not lung.
+    min_lung_ml, min_lung_extent_mm:
+        Smallest lung volume and thickness along the body axis.
+    keep_touching_ml:
+        Air regions touching the outside air are kept only from this size.
+    max_airway_ml:
+        Largest plausible trachea + bronchi volume (bigger = leak into lung).
+    min_airway_area_cm2, max_airway_area_cm2:
+        Cross-section of a trachea seed in an axial slice.
+    airway_midline_mm:
+        Largest distance of the trachea seed from the body's midline.
+    airway_search_mm:
+        How far below the top of the air regions to look for the trachea.
+    coarse_voxel_mm:
+        Target voxel size of the coarse grid.
+    max_split_erosion_mm:
+        Deepest in-plane erosion tried to separate joined lungs.
+    closing_mm:
+        In-plane closing radius of the final masks.
     """
 
     body_threshold_hu: float = -500.0
@@ -131,8 +164,10 @@ class LungsCTParameters:
     laa_threshold_hu: float = -950.0
     gas_median_hu: float = -970.0
     min_lung_ml: float = 50.0
+    min_lung_extent_mm: float = 15.0
     keep_touching_ml: float = 200.0
     max_airway_ml: float = 200.0
+    min_airway_area_cm2: float = 0.2
     max_airway_area_cm2: float = 10.0
     airway_midline_mm: float = 35.0
     airway_search_mm: float = 100.0
@@ -165,12 +200,6 @@ class _Grid:
         return float(self.origin[0] + full @ self.steps[:, 0])
 
 
-def _voxel_volume_ml(volume: Volume) -> float:
-    """True voxel volume in ml: ``|det|`` of the axis step vectors (handles sheared grids)."""
-    steps = np.asarray(volume.direction, dtype=float) * np.asarray(volume.spacing, dtype=float)[:, None]
-    return abs(float(np.linalg.det(steps))) / 1000.0
-
-
 def _block_mean(arr: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     """Mean over ``factors`` blocks (edge-padded to a multiple), as ``float32``."""
     if factors == (1, 1, 1):
@@ -193,10 +222,22 @@ def _upsample(labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[in
     return out[: shape[0], : shape[1], : shape[2]]
 
 
+def _inplane_cross() -> np.ndarray:
+    """4-neighbourhood within a slice (no neighbours along axis 0), shaped ``(3, 3, 3)``."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    return structure
+
+
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Fill holes of a 3D mask independently in each slice along axis 0."""
+    """Fill holes of a 3D mask independently in each slice along axis 0.
+
+    One empty slice is added at each end so that the first and last slices
+    are not taken for the array border (where the background is "outside").
+    """
     padded = np.pad(mask, ((1, 1), (0, 0), (0, 0)))
-    return ndimage.binary_fill_holes(padded, structure=_INPLANE_CROSS)[1:-1]
+    filled: np.ndarray = ndimage.binary_fill_holes(padded, structure=_inplane_cross())
+    return filled[1:-1]
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -217,8 +258,10 @@ def _disk(radius: int) -> np.ndarray:
 
 def _bbox(mask: np.ndarray, margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """Bounding box of ``mask`` grown by ``margin`` voxels in-plane (clipped to ``shape``)."""
-    sl = ndimage.find_objects(mask.astype(np.uint8))[0]
-    assert sl is not None
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    if not found or found[0] is None:
+        return tuple(slice(0, n) for n in shape)
+    sl = found[0]
     out = [slice(sl[0].start, sl[0].stop)]
     for axis in (1, 2):
         out.append(slice(max(sl[axis].start - margin, 0), min(sl[axis].stop + margin, shape[axis])))
@@ -285,7 +328,7 @@ class LungsCT(Model):
             arr = arr.astype(np.float32)
         direction = np.asarray(volume.direction, dtype=float)
         steps = direction * np.asarray(volume.spacing, dtype=float)[:, None]
-        voxel_ml = _voxel_volume_ml(volume)
+        voxel_ml = volume.voxel_volume_ml  # |det| of the axis steps: right for sheared grids
 
         # Working axes: axis 0 = the array axis closest to patient S-I.
         axial = int(np.argmax(np.abs(direction[:, 2])))
@@ -334,7 +377,6 @@ class LungsCT(Model):
             )
         if not measurements:
             findings: tuple[str, ...] = (NO_LUNGS_FOUND,)
-            labelmap[...] = 0
         elif len(measurements) == 1:
             missing = "left" if RIGHT_LUNG in measurements else "right"
             findings = (f"{missing} lung not found",)
@@ -396,7 +438,12 @@ class LungsCT(Model):
             if sizes_ml[i] < p.min_lung_ml:
                 continue
             sl = objects[i - 1]
-            assert sl is not None
+            if sl is None:
+                continue
+            extent_mm = (sl[0].stop - sl[0].start) * float(grid.coarse_spacing[0])
+            if extent_mm < p.min_lung_extent_mm:
+                logger.debug("lungs-ct: dropped a region %.0f mm thick (too thin for a lung)", extent_mm)
+                continue
             part = lab[sl] == i
             median = float(np.median(coarse[sl][part]))
             if median < p.gas_median_hu:
@@ -446,15 +493,17 @@ class LungsCT(Model):
         pixel_cm2 = float(spacing[1] * spacing[2]) / 100.0
         seed: tuple[int, np.ndarray] | None = None
         for z in order[:max_slices]:
-            blobs, nb = ndimage.label(candidates[z])
+            blobs, _ = ndimage.label(candidates[z])
             best: tuple[float, np.ndarray] | None = None
             for j, sl in enumerate(ndimage.find_objects(blobs), start=1):
                 if sl is None:
                     continue
                 blob = blobs[sl] == j
-                if np.count_nonzero(blob) * pixel_cm2 > p.max_airway_area_cm2:
+                area_cm2 = np.count_nonzero(blob) * pixel_cm2
+                if not p.min_airway_area_cm2 <= area_cm2 <= p.max_airway_area_cm2:
                     continue
-                if float(np.median(coarse[z][sl][blob])) >= p.airway_thresholds_hu[0]:
+                # Lower quartile: the lumen is pure air even when its rim is partial volume.
+                if float(np.percentile(coarse[z][sl][blob], 25)) >= p.airway_thresholds_hu[0]:
                     continue
                 cy, cx = np.array(ndimage.center_of_mass(blob)) + [sl[0].start, sl[1].start]
                 off = abs(grid.patient_x(np.array([z, cy, cx])) - midline_x)
@@ -494,10 +543,10 @@ class LungsCT(Model):
         """
         p = self.params
         spacing = grid.coarse_spacing
-        box = tuple(
-            slice(max(s.start - 1, 0), min(s.stop + 1, n))
-            for s, n in zip(ndimage.find_objects(mask.astype(np.uint8))[0], mask.shape)
-        )
+        found = ndimage.find_objects(mask.astype(np.uint8))
+        if not found or found[0] is None:
+            return False
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found[0], mask.shape))
         sub = np.pad(mask[box], ((0, 0), (1, 1), (1, 1)))
         offset = np.array([box[0].start, box[1].start - 1, box[2].start - 1])
         depth = ndimage.distance_transform_edt(sub, sampling=(1e6, spacing[1], spacing[2]))

@@ -60,7 +60,7 @@ ROUTE_CT_LUA = """
 function OnStableSeries(seriesId, tags, metadata)
   local series = ParseJson(RestApiGet('/series/' .. seriesId))
   if series['MainDicomTags']['Modality'] == 'CT' then
-    SendToModality(seriesId, 'dicomnode')
+    RestApiPost('/modalities/dicomnode/store', seriesId)
   end
 end
 """
