@@ -1,7 +1,7 @@
 # dicom-node: every target does its own set-up on a fresh Debian machine.
 #   make run    install into .venv and start the node on the embedded default
 #   make test   install test needs (Debian orthanc, dcmtk, dicom3tools when root) and run the suite
-#   make bench  run the benchmarks under bench/
+#   make bench  run the benchmarks under bench/ (one: make bench NAME=receive)
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -42,7 +42,7 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 bench: $(STAMP) system-deps
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(NAME) $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
