@@ -42,6 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(settings.logging.level, settings.logging.journald)
     if not args.config:
         logger.info("No --config given: running the embedded default (state in %s)", settings.storage.path)
+    for warning in settings.warnings():
+        logger.warning("Configuration: %s", warning)
     node = Node(settings)
     try:
         node.run_forever()
@@ -55,6 +57,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(Path(args.file))
+    for warning in settings.warnings():
+        print(f"warning: {warning}")
     print(f"{args.file}: OK ({len(settings.models)} model(s), {len(settings.rules)} rule(s), "
           f"{len(settings.destinations)} destination(s))")
     return 0
