@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test test-unit install system-deps bench clean
+.PHONY: run test test-unit install system-deps bench clean install-service
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
@@ -27,12 +27,12 @@ run: $(STAMP)
 
 # Real PACS, modality and validator used by the integration tests.
 system-deps:
-	@if command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null; then \
-	  echo "system test tools present (Orthanc, DCMTK, dciodvfy)"; \
+	@if command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v ojph_compress >/dev/null && command -v chromium >/dev/null && command -v systemd-analyze >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  echo "system test tools present (Orthanc, DCMTK, dciodvfy, OpenJPH, Chromium, systemd-analyze, Orthanc DICOMweb)"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openjph-tools chromium systemd; \
 	else \
-	  echo "not root: install the Debian packages orthanc dcmtk dicom3tools yourself"; \
+	  echo "not root: install the Debian packages orthanc orthanc-dicomweb dcmtk dicom3tools openjph-tools chromium systemd yourself"; \
 	fi
 
 test: $(STAMP) system-deps
@@ -43,6 +43,20 @@ test-unit: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench $(NAME) $(ARGS)
+
+# The systemd service (as root, from a clone in PREFIX): user, unit, example configuration.
+PREFIX ?= /opt/dicom-node
+install-service: $(STAMP)
+	@[ "$$(id -u)" = 0 ] || { echo "install-service needs root"; exit 1; }
+	@[ "$$(realpath .)" = "$$(realpath $(PREFIX))" ] || { echo "clone into $(PREFIX) first (or make install-service PREFIX=$$(pwd))"; exit 1; }
+	install -D -m 0644 systemd/dicom-node.sysusers.conf /usr/lib/sysusers.d/dicom-node.conf
+	systemd-sysusers /usr/lib/sysusers.d/dicom-node.conf
+	sed 's#/opt/dicom-node#$(PREFIX)#g' systemd/dicom-node.service > /etc/systemd/system/dicom-node.service
+	install -d -m 0750 -g dicom-node /etc/dicom-node
+	[ -e /etc/dicom-node/node.yaml ] || install -m 0640 -g dicom-node config/node.example.yaml /etc/dicom-node/node.yaml
+	systemd-analyze verify /etc/systemd/system/dicom-node.service
+	systemctl daemon-reload
+	@echo "edit /etc/dicom-node/node.yaml (storage.path: /var/lib/dicom-node), then: systemctl enable --now dicom-node"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

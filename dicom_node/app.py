@@ -26,16 +26,21 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.domain import JobKind, JobState
+from dicom_node.domain import JobKind, JobState, SeriesState
 from dicom_node.http.metrics import Metrics
 from dicom_node.http.server import HttpServer
+from dicom_node.http.status import render_status
+from dicom_node.http.thumbnail import get_thumbnail
 from dicom_node.receive.handlers import StoreHandler
 from dicom_node.receive.server import Receiver
+from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.scheduler.worker import WorkerProcess
-from dicom_node.send.dimse import send_files
+from dicom_node.send.deliver import deliver
 from dicom_node.spool import Spool
+from dicom_node.spool.reconcile import reconcile
 from dicom_node.store import Database
+from dicom_node.store.audit import AuditEvent, AuditLog
 
 logger = logging.getLogger(__name__)
 
@@ -59,41 +64,54 @@ class Node:
         Validated settings.
     clock:
         Current time in seconds since the epoch (a parameter for tests).
+    config_path:
+        The configuration file, re-read on SIGHUP to reload the rules.
     """
 
-    def __init__(self, settings: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Any, clock: Callable[[], float] = time.time,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.config_path = config_path
+        self._config_stamp = _file_stamp(config_path)
         root, db_path = state_paths(settings)
         root.mkdir(parents=True, exist_ok=True)
         self.db = Database(db_path)
         self.spool = Spool(root)
         self.metrics = Metrics()
+        self.audit = AuditLog(self.db, clock)
+        self._receiving: set[str] = set()  # series whose arrival is in the audit trail
         self.store_handler = StoreHandler(self.spool, self._series_store(), settings.storage.min_free_mb,
-                                          clock=clock, on_stored=self.metrics.on_stored)
-        self.receiver = Receiver(settings.node, self.store_handler)
+                                          clock=clock, on_stored=self.metrics.on_stored,
+                                          on_recorded=self._on_recorded)
+        self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
         self.workers = [WorkerProcess(settings) for _ in range(settings.workers.infer)]
-        self.pipeline = Pipeline(settings, self.db, self.spool, self.workers[0], send_files,
-                                 on_event=self.metrics.on_event)
-        self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(len(self.workers) + 3)},
+        self.pipeline = Pipeline(settings, self.db, self.spool, self.workers[0], deliver,
+                                 on_event=self._on_event)
+        self.retention = Retention(self.db, self.spool, settings.storage, on_purged=self._on_purged)
+        self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(len(self.workers) + 4)},
                                              job_defaults={"coalesce": True, "max_instances": 1})
         self.http: HttpServer | None = None
         if settings.http.enabled:
             self.http = HttpServer(settings.http.host, settings.http.port, self.metrics,
-                                   self.readiness, self.refresh_gauges)
+                                   self.readiness, self.refresh_gauges, status_page=self.status_page,
+                                   thumbnail=lambda series, model: get_thumbnail(self.db, self.spool, series, model),
+                                   token=settings.http.token)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._last_tick = clock()
         self.dicom_address: tuple[str, int] | None = None
 
     def _series_store(self) -> Any:
         from dicom_node.store import SeriesStore
 
-        return SeriesStore(self.db)
+        return SeriesStore(self.db, reopen_late=self.settings.completion.reprocess_late_arrivals)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         """Recover from an earlier stop, then start worker, scheduler, HTTP and the DICOM listener."""
         self.pipeline.recover(self.clock())
+        reconcile(self.spool, self.store_handler.series, self.clock())  # before the listener opens
         for w in self.workers:
             w.start()
         tick = self.settings.completion.tick_seconds
@@ -101,28 +119,143 @@ class Node:
         for i, w in enumerate(self.workers):
             self.scheduler.add_job(self._drain_infer, "interval", seconds=1, id=f"infer-{i}", args=[w])
         self.scheduler.add_job(self._drain_send, "interval", seconds=1, id="send")
+        self.scheduler.add_job(self._check_destinations, "interval", seconds=self.settings.send.health_check_s,
+                               id="destination-health")
+        self.scheduler.add_job(self._retention, "interval", seconds=self.settings.storage.cleanup_interval_s,
+                               id="retention", next_run_time=_now_dt())
         self.scheduler.start()
         if self.http is not None:
             self.http.start()
         self.dicom_address = self.receiver.start()
 
     def _tick(self) -> None:
+        self._last_tick = self.clock()
         try:
-            self.pipeline.tick(self.clock())
+            if self.pipeline.tick(self.clock()):
+                self._wake("infer-")  # new work: no need to wait for the next interval
         except Exception:
             logger.exception("Completion tick failed; will try again at the next tick")
 
+    def _wake(self, prefix: str) -> None:
+        """Run the interval jobs named ``prefix*`` now (they are skipped if already running)."""
+        if self._stopping.is_set():
+            return
+        now = _now_dt()
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith(prefix):
+                job.modify(next_run_time=now)
+
     def _drain_infer(self, worker: WorkerProcess) -> None:
         try:
-            self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set, runner=worker)
+            if self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set, runner=worker):
+                self._wake("send")  # results are waiting to go out
         except Exception:
             logger.exception("INFER loop failed; will try again")
+
+    def _retention(self) -> None:
+        if self._stopping.is_set():
+            return
+        try:
+            self.retention.run(self.clock())
+        except Exception:
+            logger.exception("Retention pass failed; will try again")
+
+    # -- audit trail and metrics hooks ------------------------------------------
+    def _on_event(self, name: str, data: dict[str, Any]) -> None:
+        """Pipeline events feed the metrics and the audit trail; neither may stop the pipeline."""
+        if name == "series_completed":
+            self._receiving.discard(str(data.get("series", "")))
+        for sink in (self.metrics.on_event, self.audit.on_pipeline_event):
+            try:
+                sink(name, data)
+            except Exception:
+                logger.exception("Event %s: a metrics/audit hook failed", name)
+
+    def _on_association(self, accepted: bool, ae_title: str, host: str, reason: str) -> None:
+        self.metrics.on_association(accepted, ae_title, host, reason)
+        self.audit.on_association(accepted, ae_title, host, reason)
+
+    def _on_recorded(self, record: Any, outcome: str) -> None:
+        if outcome == "duplicate" or record.series_uid in self._receiving:
+            return
+        self._receiving.add(record.series_uid)
+        self.audit.record(AuditEvent.SERIES_RECEIVED, study_uid=record.study_uid, series_uid=record.series_uid,
+                          peer_ae=record.calling_ae, peer_host=record.source_host, modality=record.modality)
+
+    def _on_purged(self, study_uid: str, series_uid: str, reason: str, size: int) -> None:
+        self.metrics.purged.labels(reason="expired" if "ago" in reason else "disk_pressure").inc()
+        self.metrics.purged_bytes.inc(size)
+        self.audit.record(AuditEvent.SERIES_PURGED, study_uid=study_uid, series_uid=series_uid, reason=reason,
+                          bytes=size)
+
+    def status_page(self) -> bytes:
+        return render_status(self.db, self.spool, studies=self.settings.http.status_studies,
+                             show_phi=self.settings.http.show_phi, node_title=self.settings.node.ae_title)
+
+    def reload_rules(self) -> bool:
+        """SIGHUP: re-read the configuration file and take its rules; other sections need a restart.
+
+        The new rules are taken only when the file is valid and every model
+        and destination they use is the one already running.
+        """
+        if self.config_path is None:
+            logger.warning("Rules reload: no configuration file (embedded default); nothing to reload")
+            return False
+        from dicom_node.errors import ConfigError
+        from dicom_node.settings import load_settings
+
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            logger.error("Rules reload: %s is invalid; keeping the current rules:\n%s", self.config_path, exc)
+            return False
+        for rule in new.rules:
+            changed = [m for m in rule.run if new.models.get(m) != self.settings.models.get(m)]
+            changed += [d for d in rule.send_to if new.destinations.get(d) != self.settings.destinations.get(d)]
+            if changed:
+                logger.error("Rules reload: rule %s uses new or changed models/destinations (%s), which need a "
+                             "restart; keeping the current rules", rule.name, ", ".join(changed))
+                return False
+        others = [k for k in type(new).model_fields if k != "rules" and getattr(new, k) != getattr(self.settings, k)]
+        self.settings = self.settings.model_copy(update={"rules": new.rules})
+        self.pipeline.settings = self.settings
+        logger.info("Rules reload: %d rule(s) loaded from %s%s", len(new.rules), self.config_path,
+                    f"; changes to {', '.join(others)} take effect at the next restart" if others else "")
+        return True
+
+    def reload_rules_if_changed(self) -> bool:
+        """Reload the rules (see :meth:`reload_rules`) when the configuration file changed on disk.
+
+        Called about every second while serving; a change is a new modification
+        time, size or inode (editors that replace the file).  An invalid new
+        file is logged once and the current rules stay.
+
+        Returns
+        -------
+        bool
+            Whether new rules were taken.
+        """
+        stamp = _file_stamp(self.config_path)
+        if stamp == self._config_stamp:
+            return False
+        self._config_stamp = stamp
+        logger.info("Configuration file %s changed on disk; reloading its rules", self.config_path)
+        return self.reload_rules()
 
     def _drain_send(self) -> None:
         try:
             self.pipeline.drain_send(self.clock, should_stop=self._stopping.is_set)
         except Exception:
             logger.exception("SEND loop failed; will try again")
+
+    def _check_destinations(self) -> None:
+        """Destination health: a destination with waiting jobs that answers again gets them now."""
+        if self._stopping.is_set():
+            return
+        try:
+            self.pipeline.check_destinations(self.clock())
+        except Exception:
+            logger.exception("Destination health check failed; will try again")
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: intake first, then let running jobs finish (up to the grace period).
@@ -135,6 +268,7 @@ class Node:
             return
         grace = self.settings.workers.shutdown_grace_s if grace_s is None else grace_s
         self._stopping.set()
+        sd_notify("STOPPING=1")
         logger.info("Stopping: DICOM listener closed; running work may finish (up to %.0f s)", grace)
         self.receiver.stop()
         waiter = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
@@ -153,8 +287,12 @@ class Node:
     def run_forever(self) -> None:
         """Serve until SIGTERM/SIGINT; a second signal raises :class:`ForcedShutdown`."""
         signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {s: signal.getsignal(s) for s in signals}
+        previous = {s: signal.getsignal(s) for s in (*signals, signal.SIGHUP)}
         stop_requested = threading.Event()
+        reload_requested = threading.Event()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            reload_requested.set()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if stop_requested.is_set():
@@ -165,14 +303,29 @@ class Node:
 
         for s in signals:
             signal.signal(s, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
+        watchdog_s = _watchdog_interval()
+        last_ping = time.monotonic()
         try:
             self.start()
-            while not stop_requested.wait(1.0):
-                pass
+            sd_notify("READY=1\nSTATUS=receiving")
+            while not stop_requested.wait(min(1.0, watchdog_s or 1.0)):
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    sd_notify("RELOADING=1")
+                    self.reload_rules()
+                    sd_notify("READY=1")
+                elif self.config_path is not None:
+                    self.reload_rules_if_changed()
+                if watchdog_s and self.alive():
+                    sd_notify("WATCHDOG=1")
             stopper = threading.Thread(target=self.stop, name="stop", daemon=True)
             stopper.start()
             while stopper.is_alive():
-                stopper.join(0.2)
+                stopper.join(min(0.2, watchdog_s or 0.2))
+                if watchdog_s and time.monotonic() - last_ping >= watchdog_s:
+                    sd_notify("WATCHDOG=1")  # a long graceful stop is not a hang
+                    last_ping = time.monotonic()
         except ForcedShutdown:
             for w in self.workers:
                 w.stop(force=True)
@@ -189,10 +342,11 @@ class Node:
             checks["database"] = "ok"
         else:
             ok, checks["database"] = False, "unreachable"
-        if os.access(self.spool.incoming, os.W_OK):
+        problem = _write_probe((self.spool.tmp, self.spool.incoming))
+        if problem is None:
             checks["spool"] = "writable"
         else:
-            ok, checks["spool"] = False, "not writable"
+            ok, checks["spool"] = False, f"not writable: {problem}"
         free = self.spool.free_mb()
         if free < self.settings.storage.min_free_mb:
             ok = False
@@ -208,6 +362,74 @@ class Node:
             for state in JobState:
                 self.metrics.jobs.labels(kind=kind, state=state).set(counts.get((kind, state), 0))
         self.metrics.spool_free.set(self.spool.free_mb() * 1024 * 1024)
+        for kind in JobKind:
+            self.metrics.queue.labels(kind=kind).set(counts.get((kind, JobState.QUEUED), 0)
+                                                     + counts.get((kind, JobState.RETRYING), 0))
+        by_state = {r["state"]: r["n"] for r in self.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
+        for series_state in SeriesState:
+            self.metrics.series.labels(state=series_state).set(by_state.get(series_state, 0))
+
+    def alive(self) -> bool:
+        """Liveness for the systemd watchdog: database answers, scheduler ticks."""
+        stale = 30 + 10 * self.settings.completion.tick_seconds
+        return self.db.ping() and self.scheduler.running and self.clock() - self._last_tick < stale
+
+
+def _write_probe(dirs: tuple[Path, ...]) -> str | None:
+    """Create and delete a file in each folder (``os.access`` says yes to root on a read-only mount)."""
+    import tempfile
+
+    for d in dirs:
+        try:
+            fd, name = tempfile.mkstemp(dir=d, prefix=".probe-")
+            os.close(fd)
+            os.unlink(name)
+        except OSError as exc:
+            return f"{d.name}: {exc.strerror or exc}"
+    return None
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` to systemd's ``NOTIFY_SOCKET`` (``Type=notify``); ``False`` when not under systemd."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+            sock.connect(address)
+            sock.send(state.encode())  # never blocks the caller, even if the manager does not read
+        return True
+    except OSError as exc:
+        logger.log(logging.DEBUG if state.startswith("WATCHDOG") else logging.WARNING,
+                   "sd_notify %s failed: %s", state.split("=", 1)[0], exc)
+        return False
+
+
+def _watchdog_interval() -> float | None:
+    """Half of systemd's ``WatchdogSec`` when it asks this process for keep-alives."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.5, int(usec) / 2e6)
+    except ValueError:
+        return None
+
+
+def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """(modification time, size, inode) of a file, ``None`` when there is none."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _now_dt() -> Any:

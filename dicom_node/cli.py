@@ -27,12 +27,9 @@ def _load(config: str | None) -> Any:
 
 
 def _setup_logging(level: str, journald: bool = False) -> None:
-    # Under journald the journal adds timestamps itself.
-    fmt = "%(levelname)s %(name)s: %(message)s" if journald else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stdout)
-    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dicom_node.logs import configure_logging
+
+    configure_logging(level, journald)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.info("No --config given: running the embedded default (state in %s)", settings.storage.path)
     for warning in settings.warnings():
         logger.warning("Configuration: %s", warning)
-    node = Node(settings)
+    node = Node(settings, config_path=Path(args.config) if args.config else None)
     try:
         node.run_forever()
     except ForcedShutdown as exc:
@@ -74,18 +71,71 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         print("no DICOM series found under " + ", ".join(args.paths))
         return 1
     for summary, files in found:
-        attrs = summary.attributes
-        print(f"Series {summary.series_uid}  {attrs.get('Modality', '?')}  "
-              f"\"{attrs.get('SeriesDescription', '')}\"  {len(files)} instance(s)")
-        reason = never_process_reason(summary)
-        if reason:
-            print(f"  never processed: {reason}")
+        _print_verdicts(settings, summary, f"{len(files)} instance(s)", explain, never_process_reason)
+    return 0
+
+
+def _print_verdicts(settings: Any, summary: Any, extra: str, explain: Any, never_process_reason: Any) -> None:
+    """One series and every rule's verdict: MATCH with what it runs, or the first failing condition."""
+    attrs, facts = summary.attributes, summary.facts
+    geometry = ", ".join(f"{k} {facts[k]}" for k in ("orientation", "slice_spacing") if facts.get(k) is not None)
+    print(f"Series {summary.series_uid}  {attrs.get('Modality', '?')}  "
+          f"\"{attrs.get('SeriesDescription', '')}\"  {extra}" + (f"  ({geometry})" if geometry else ""))
+    reason = never_process_reason(summary)
+    if reason:
+        print(f"  never processed: {reason}")
+        return
+    if not settings.rules:
+        print("  no rules configured: nothing is processed")
+    rules = {r.name: r for r in settings.rules}
+    for verdict in explain(settings.rules, summary):
+        rule = rules[verdict.rule]
+        if verdict.matched:
+            what = f"run {', '.join(rule.run)} (priority {rule.priority}" + (", stop" if rule.mode == "stop" else "")
+            print(f"  MATCH    {verdict.rule}: {what})" + (f"; {verdict.reason}" if verdict.reason else ""))
+        else:
+            print(f"  no match {verdict.rule}: {verdict.reason}")
+
+
+def cmd_rules_replay(args: argparse.Namespace) -> int:
+    from dicom_node.app import state_paths
+    from dicom_node.rules.matcher import explain
+    from dicom_node.rules.replay import parse_duration, replay
+    from dicom_node.rules.summary import never_process_reason
+    from dicom_node.spool import Spool
+    from dicom_node.store import Database
+
+    try:
+        since_s = parse_duration(args.since)
+    except ValueError as exc:
+        print(f"error: --since: {exc}", file=sys.stderr)
+        return 2
+    settings = _load(args.config)
+    root, db_path = state_paths(settings)
+    if not db_path.exists():
+        print(f"no state database at {db_path}: the node has not run with this configuration")
+        return 1
+    db = Database(db_path)
+    try:
+        items = replay(settings, db, Spool(root), time.time() - since_s, apply=args.apply, now=time.time())
+    finally:
+        db.close()
+    if not items:
+        print(f"no series received in the last {args.since}")
+    for item in items:
+        head = f"{item.row['instance_count']} instance(s), {item.row['state']}"
+        if item.summary is None:
+            print(f"Series {item.row['series_uid']}  {head}\n  cannot replay: {item.error}")
             continue
-        if not settings.rules:
-            print("  no rules configured: nothing is processed")
-        for verdict in explain(settings.rules, summary):
-            mark = "MATCH   " if verdict.matched else "no match"
-            print(f"  {mark} {verdict.rule}" + ("" if verdict.matched else f": {verdict.reason}"))
+        _print_verdicts(settings, item.summary, head, explain, never_process_reason)
+        if item.changed:
+            print(f"  CHANGED: ran {', '.join(item.before_rules) or 'nothing'}; "
+                  f"would now run {', '.join(item.now_rules) or 'nothing'}")
+    changed = sum(item.changed for item in items)
+    if args.apply:
+        print(f"{changed} series put back to 'complete': the running node re-evaluates them at its next tick")
+    else:
+        print(f"dry run: {changed} of {len(items)} series would change (add --apply to act)")
     return 0
 
 
@@ -96,6 +146,7 @@ def _fmt_time(t: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.app import state_paths
     from dicom_node.store import Database, JobStore, SeriesStore
+    from dicom_node.store.jobs import state_label
 
     settings = _load(args.config)
     _, db_path = state_paths(settings)
@@ -106,7 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     series, jobs = SeriesStore(db), JobStore(db)
     rows = series.recent(args.limit)
     if args.json:
-        out = [{**r, "jobs": [j.__dict__ | {"kind": str(j.kind), "state": str(j.state)}
+        out = [{**r, "jobs": [j.__dict__ | {"kind": str(j.kind), "state": str(j.state),
+                                            "label": state_label(j.kind, j.state)}
                               for j in jobs.for_series(r["series_uid"])]} for r in rows]
         print(json.dumps(out, indent=2, default=str))
         return 0
@@ -123,8 +175,48 @@ def cmd_status(args: argparse.Namespace) -> int:
                 extra = f": {j.reason}"
             elif j.kind == "infer" and j.payload.get("findings"):
                 extra = ": " + "; ".join(j.payload["findings"])
-            print(f"{'':22}job {j.id:<5} {j.kind:<5} {j.state:<8} {what} (attempts {j.attempts}){extra}")
+            if j.kind == "send" and j.state == "retrying":
+                extra += f" (next try {_fmt_time(j.next_attempt_at)})"
+            print(f"{'':22}job {j.id:<5} {j.kind:<5} {state_label(j.kind, j.state):<8} {what} "
+                  f"(attempts {j.attempts}){extra}")
+    dead = jobs.counts().get(("send", "dead"), 0)
+    if dead:
+        print(f"{dead} dead send job(s); once the cause is fixed: dicom-node jobs retry --dead")
     db.close()
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from dicom_node.app import state_paths
+    from dicom_node.store import Database
+    from dicom_node.store.audit import AuditLog, parse_duration
+
+    settings = _load(args.config)
+    _, db_path = state_paths(settings)
+    if not db_path.exists():
+        print(f"no state database at {db_path}: the node has not run with this configuration")
+        return 1
+    try:
+        since = time.time() - parse_duration(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"--since: {exc}", file=sys.stderr)
+        return 2
+    db = Database(db_path)
+    try:
+        records = AuditLog(db).query(since=since, series_uid=args.series, event=args.event, limit=args.limit)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in records], indent=2))
+        return 0
+    if not records:
+        print("no audit events" + (f" in the last {args.since}" if args.since else ""))
+    for r in records:
+        who = f" {r.peer_ae or '?'}@{r.peer_host}" if r.peer_host or r.peer_ae else ""
+        series = f" series {r.series_uid}" if r.series_uid else ""
+        detail = " ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+                          for k, v in r.detail.items() if v not in ("", None, [], {}))
+        print(f"{_fmt_time(r.at)}  {r.event:<20}{who}{series}  {detail}".rstrip())
     return 0
 
 
@@ -183,12 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.set_defaults(func=cmd_rules_test)
+    s = rsub.add_parser("replay", help="re-evaluate the rules over series already received (dry run by default)")
+    s.add_argument("--config")
+    s.add_argument("--since", default="24h", help="how far back: 24h, 30m, 2d, 90s (default 24h)")
+    s.add_argument("--apply", action="store_true",
+                   help="put series whose outcome changed back to 'complete' so the running node re-dispatches them")
+    s.set_defaults(func=cmd_rules_replay)
 
     s = sub.add_parser("status", help="series, jobs, their states and failures")
     s.add_argument("--config")
     s.add_argument("--limit", type=int, default=30)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("audit", help="the audit trail: associations, series, rules, model runs, sends")
+    s.add_argument("--config")
+    s.add_argument("--since", default="24h", help="how far back: 90s, 30m, 24h, 7d, 2w (default 24h; '' = all)")
+    s.add_argument("--series", metavar="UID", help="only events of this series")
+    from dicom_node.store.audit import AuditEvent
+
+    s.add_argument("--event", choices=[str(e) for e in AuditEvent])
+    s.add_argument("--limit", type=int, default=1000, help="at most this many (the newest), default 1000")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_audit)
 
     jobs = sub.add_parser("jobs", help="job operations")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)

@@ -41,6 +41,8 @@ class JobState(enum.StrEnum):
 class OutputKind(enum.StrEnum):
     SEG = "seg"
     SR = "sr"
+    SC = "sc"     # secondary-capture overlay series (one RGB image per slice with findings)
+    PDF = "pdf"   # encapsulated PDF summary
 
 
 @dataclass(frozen=True)

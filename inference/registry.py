@@ -28,23 +28,44 @@ def _builtin(spec: Any) -> Model:
         raise ValueError(f"unknown builtin model {spec.name!r}; available: {sorted(builtins)}") from None
 
 
-def _python(name: str, spec: Any) -> Model:
-    from inference.models.python_callable import PythonModel, load_callable
-
-    task = Task(spec.task)
-    segments = tuple(
+def segments_from_labels(labels: Any) -> tuple[SegmentSpec, ...]:
+    """Segment specs from config ``labels`` entries (value, name, snomed, category, color)."""
+    return tuple(
         SegmentSpec(
             label=int(lbl.value), name=lbl.name,
             category=Code(lbl.category.value, lbl.category.scheme, lbl.category.meaning),
             type=Code(lbl.snomed.value, lbl.snomed.scheme, lbl.snomed.meaning),
             color=tuple(lbl.color),
         )
-        for lbl in (spec.labels or ())
+        for lbl in (labels or ())
     )
-    card = ModelCard(name=name, version=str(spec.version), family="Artificial Intelligence", task=task,
-                     intended_use=getattr(spec, "intended_use", "") or "", segments=segments,
-                     classes=tuple(spec.classes or ()))
-    return PythonModel(card, load_callable(spec.callable, spec.path), threshold=float(spec.threshold))
+
+
+def _card(name: str, spec: Any) -> ModelCard:
+    """Model card of a ``python`` or ``torchscript`` entry (everything comes from the config)."""
+    return ModelCard(name=name, version=str(spec.version), family="Artificial Intelligence", task=Task(spec.task),
+                     intended_use=getattr(spec, "intended_use", "") or "",
+                     modality=getattr(spec, "modality", "") or "",
+                     segments=segments_from_labels(spec.labels), classes=tuple(spec.classes or ()))
+
+
+def _python(name: str, spec: Any) -> Model:
+    from inference.models.python_callable import PythonModel, load_callable
+
+    return PythonModel(_card(name, spec), load_callable(spec.callable, spec.path), threshold=float(spec.threshold))
+
+
+def _torchscript(name: str, spec: Any) -> Model:
+    from inference.models.torchscript import TorchscriptModel
+
+    return TorchscriptModel(_card(name, spec), spec.path, spec.preprocessing, device=spec.device, amp=spec.amp,
+                            activation=spec.activation, threshold=float(spec.threshold))
+
+
+def _monai_bundle(name: str, spec: Any) -> Model:
+    from inference.models.monai_bundle import MonaiBundleModel
+
+    return MonaiBundleModel(name, spec.path, spec, segments=segments_from_labels(spec.labels))
 
 
 class ModelRegistry:
@@ -62,7 +83,7 @@ class ModelRegistry:
         self.specs = dict(specs)
         self.max_warm = max_warm
         self._cache: OrderedDict[str, Model] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a chain loads its parts through get()
 
     def get(self, name: str) -> Model:
         """The loaded model ``name`` (loading it on first use)."""
@@ -74,14 +95,26 @@ class ModelRegistry:
             if spec is None:
                 raise KeyError(f"no model named {name!r} in the configuration")
             logger.info("Model %s: loading (%s)", name, spec.type)
-            if spec.type == "builtin":
-                model = _builtin(spec)
-            elif spec.type == "python":
-                model = _python(name, spec)
-            else:
-                raise ValueError(f"model {name!r}: type {spec.type!r} is not supported")
+            model = self._load(name, spec)
             self._cache[name] = model
             while len(self._cache) > self.max_warm:
                 evicted, _ = self._cache.popitem(last=False)
                 logger.info("Model %s: unloaded (warm cache holds %d)", evicted, self.max_warm)
             return model
+
+    def _load(self, name: str, spec: Any) -> Model:
+        if spec.type == "builtin":
+            return _builtin(spec)
+        if spec.type == "python":
+            return _python(name, spec)
+        if spec.type == "torchscript":
+            return _torchscript(name, spec)
+        if spec.type == "monai_bundle":
+            return _monai_bundle(name, spec)
+        if spec.type == "chain":
+            from inference.models.chain import ChainModel
+
+            return ChainModel(name, str(spec.version), self.get(spec.first), self.get(spec.then),
+                              regions=tuple(spec.regions), margin_mm=float(spec.margin_mm),
+                              intended_use=spec.intended_use)
+        raise ValueError(f"model {name!r}: type {spec.type!r} is not supported")

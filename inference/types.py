@@ -132,6 +132,10 @@ class ModelCard:
     modality: str = ""
     segments: tuple[SegmentSpec, ...] = ()
     classes: tuple[str, ...] = ()
+    model_hash: str = ""
+    """Digest of the weights or configuration that made the prediction, e.g.
+    ``"sha256:9f86d0..."``; recorded in every result object (provenance).
+    Empty when the model family cannot tell."""
 
 
 @dataclass(frozen=True)

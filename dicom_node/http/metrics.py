@@ -8,6 +8,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
+    """The node's counters, histograms and gauges, in a registry of their own.
+
+    Counters move from the places that do the work (:meth:`on_stored`,
+    :meth:`on_association`, :meth:`on_event`); gauges are refreshed from
+    the database just before each scrape.
+    """
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -23,13 +30,28 @@ class Metrics:
                                      registry=r)
         self.jobs = Gauge("dicomnode_jobs", "Jobs by kind and state", ["kind", "state"], registry=r)
         self.spool_free = Gauge("dicomnode_spool_free_bytes", "Free space on the spool filesystem", registry=r)
+        self.associations = Counter("dicomnode_associations", "DICOM associations by outcome", ["outcome"],
+                                    registry=r)
+        self.series_completed = Counter("dicomnode_series_completed", "Series found complete (quiet period over)",
+                                        registry=r)
+        self.queue = Gauge("dicomnode_queue_depth", "Jobs waiting to run (queued or retrying), by kind", ["kind"],
+                           registry=r)
+        self.series = Gauge("dicomnode_series", "Series in the state database, by state", ["state"], registry=r)
+        self.purged = Counter("dicomnode_retention_series_purged", "Finished series removed by retention",
+                              ["reason"], registry=r)
+        self.purged_bytes = Counter("dicomnode_retention_bytes_freed", "Spool bytes freed by retention", registry=r)
 
     def on_stored(self, size: int, outcome: str) -> None:
         self.instances.labels(outcome=outcome).inc()
         self.bytes.inc(size)
 
+    def on_association(self, accepted: bool, ae_title: str, host: str, reason: str) -> None:
+        self.associations.labels(outcome="accepted" if accepted else "refused").inc()
+
     def on_event(self, name: str, data: dict[str, Any]) -> None:
-        if name == "rule_matched":
+        if name == "series_completed":
+            self.series_completed.inc()
+        elif name == "rule_matched":
             self.rules.labels(rule=data["rule"]).inc()
         elif name == "infer_finished":
             if data["ok"]:

@@ -1,9 +1,26 @@
-"""HTTP endpoints: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus text format)."""
+"""HTTP endpoints: health, readiness, Prometheus metrics, the status page and its thumbnails.
+
+=====================================  ==================================================
+``/healthz``                           200 while the process runs (never needs the token)
+``/readyz``                            200 or 503 with the checks as JSON
+``/metrics``                           Prometheus text format
+``/`` and ``/status``                  the status page (HTML)
+``/thumbnails/<series-uid>/<model>.png``  overlay thumbnail of one result
+=====================================  ==================================================
+
+With ``http.token`` set, every endpoint but ``/healthz`` needs
+``Authorization: Bearer <token>`` (Prometheus' ``authorization`` setting) or
+HTTP Basic with the token as password (what a browser prompts for).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,9 +28,31 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dicom_node.errors import InvalidUIDError
 from dicom_node.http.metrics import Metrics
+from dicom_node.http.thumbnail import ThumbnailError
 
 logger = logging.getLogger(__name__)
+
+# Only the shape is matched here; the UID and the model name are validated again where paths are built.
+_THUMB_RE = re.compile(r"^/thumbnails/([0-9.]{1,64})/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.png$")
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (Bearer, or Basic password), in constant time."""
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.encode(), token.encode())
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(decoded.partition(":")[2].encode(), token.encode())
+    return False
 
 
 class HttpServer:
@@ -25,41 +64,87 @@ class HttpServer:
         Returns ``(ready, checks)``: whether the node can take work, and per check a short text.
     refresh:
         Called before ``/metrics`` is rendered (updates gauges from the database).
+    status_page:
+        Renders the status page (HTML bytes); ``None`` disables it.
+    thumbnail:
+        ``(series_uid, model) -> PNG bytes``; raises :class:`ThumbnailError` or
+        :class:`~dicom_node.errors.InvalidUIDError`.
+    token:
+        ``http.token``: required on every endpoint but ``/healthz`` when set.
     """
 
     def __init__(self, host: str, port: int, metrics: Metrics,
                  readiness: Callable[[], tuple[bool, dict[str, str]]],
-                 refresh: Callable[[], None]) -> None:
+                 refresh: Callable[[], None],
+                 status_page: Callable[[], bytes] | None = None,
+                 thumbnail: Callable[[str, str], bytes] | None = None,
+                 token: str | None = None) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            server_version = "dicom-node"
+
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("http: " + format, *args)
 
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
+            def _send(self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
+                self.do_GET()
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                path = self.path.split("?", 1)[0]
+                try:
+                    self._route(self.path.split("?", 1)[0])
+                except Exception:
+                    logger.exception("HTTP %s failed", self.path.split("?", 1)[0][:100])
+                    self._send(500, b"internal error (see the node's log)\n", "text/plain")
+
+            def _route(self, path: str) -> None:
                 if path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
-                elif path == "/readyz":
+                    return
+                if outer.token is not None and not token_matches(self.headers.get("Authorization"), outer.token):
+                    self._send(401, b"token required\n", "text/plain",
+                               {"WWW-Authenticate": 'Basic realm="dicom-node", charset="UTF-8"'})
+                    return
+                if path == "/readyz":
                     ready, checks = outer.readiness()
                     self._send(200 if ready else 503, json.dumps({"ready": ready, "checks": checks}).encode(),
                                "application/json")
                 elif path == "/metrics":
                     outer.refresh()
                     self._send(200, generate_latest(outer.metrics.registry), CONTENT_TYPE_LATEST)
+                elif path in ("/", "/status") and outer.status_page is not None:
+                    self._send(200, outer.status_page(), "text/html; charset=utf-8")
+                elif (m := _THUMB_RE.match(path)) and outer.thumbnail is not None:
+                    try:
+                        png = outer.thumbnail(m.group(1), m.group(2))
+                    except InvalidUIDError as exc:
+                        self._send(400, f"{exc}\n".encode(), "text/plain")
+                        return
+                    except ThumbnailError as exc:
+                        logger.info("Thumbnail: %s", exc)
+                        self._send(404, f"{exc}\n".encode(), "text/plain")
+                        return
+                    self._send(200, png, "image/png")
                 else:
                     self._send(404, b"not found\n", "text/plain")
 
         self.metrics = metrics
         self.readiness = readiness
         self.refresh = refresh
+        self.status_page = status_page
+        self.thumbnail = thumbnail
+        self.token = token
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
@@ -71,7 +156,8 @@ class HttpServer:
 
     def start(self) -> None:
         self._thread.start()
-        logger.info("HTTP on http://%s:%d (/healthz /readyz /metrics)", *self.address)
+        logger.info("HTTP on http://%s:%d (/healthz /readyz /metrics /status)%s", *self.address,
+                    "; token required" if self.token else "")
 
     def stop(self) -> None:
         self.httpd.shutdown()

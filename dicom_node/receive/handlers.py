@@ -54,20 +54,32 @@ class StoreHandler:
     on_stored:
         Called after each recorded instance with ``(size_bytes, outcome)``
         (metrics); must not raise.
+    on_recorded:
+        Called after each recorded instance with ``(record, outcome)``
+        (audit trail); must not raise.
+    free_mb:
+        Returns the free space of the spool filesystem in MiB; checked before
+        every C-STORE, so intake resumes by itself as soon as space returns.
+        Defaults to :meth:`Spool.free_mb`; a parameter for tests.
     """
 
     def __init__(self, spool: Spool, series: SeriesStore, min_free_mb: float,
                  clock: Callable[[], float] = time.time,
-                 on_stored: Callable[[int, str], None] | None = None) -> None:
+                 on_stored: Callable[[int, str], None] | None = None,
+                 on_recorded: Callable[[ReceivedInstance, str], None] | None = None,
+                 free_mb: Callable[[], float] | None = None) -> None:
+        self.on_recorded = on_recorded
         self.spool = spool
         self.series = series
         self.min_free_mb = min_free_mb
         self.clock = clock
         self.on_stored = on_stored
+        self.free_mb = free_mb if free_mb is not None else spool.free_mb
         self._low_space_logged = False
 
     def __call__(self, event: evt.Event) -> int:
-        free = self.spool.free_mb()
+        """Store one instance; returns the C-STORE status (see the module docstring)."""
+        free = self.free_mb()
         if free < self.min_free_mb:
             if not self._low_space_logged:
                 logger.error("Intake paused: %.0f MB free on the spool, below storage.min_free_mb=%d; "
@@ -125,6 +137,8 @@ class StoreHandler:
         logger.debug("Stored %s (%d bytes) series %s: %s", sop_uid, len(data), series_uid, outcome)
         if self.on_stored is not None:
             self.on_stored(len(data), outcome)
+        if self.on_recorded is not None:
+            self.on_recorded(record, outcome)
         return SUCCESS
 
 

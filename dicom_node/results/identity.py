@@ -34,6 +34,7 @@ from typing import Final
 from pydicom.uid import RE_VALID_UID
 
 from dicom_node.errors import InvalidUIDError, ResultError
+from inference.types import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,39 @@ def _software_version() -> str:
 
 SOFTWARE_VERSION: Final[str] = _software_version()
 """Written as Software Versions of every object the node produces."""
+
+
+def software_versions(card: ModelCard) -> list[str]:
+    """Software Versions (0018,1020) of an object made with the model of ``card``.
+
+    Parameters
+    ----------
+    card:
+        Card of the model that made the prediction.
+
+    Returns
+    -------
+    list of str
+        The node's version, ``"<model name> <model version>"`` and, when the
+        card has one, the model hash; each value cut to 63 characters (VR LO).
+        The complete hash is also written as an algorithm parameter of the SEG
+        and SR (see :func:`algorithm_parameters`).
+    """
+    values = [SOFTWARE_VERSION, f"{card.name} {card.version}"]
+    if card.model_hash:
+        values.append(card.model_hash)
+    return [_lo(value) for value in values]
+
+
+def algorithm_parameters(card: ModelCard) -> dict[str, str] | None:
+    """Algorithm Parameters (0066,0032) recording the model hash, or ``None`` without one."""
+    return {"model_hash": card.model_hash} if card.model_hash else None
+
+
+def _lo(value: str) -> str:
+    # 63, not 64: a multi-valued element of odd length is padded with a space,
+    # which readers then count as part of its last value.
+    return value.replace("\\", "/")[: _MAX_LO_LENGTH - 1]
 
 
 def normalize_uid_root(uid_root: str) -> str:

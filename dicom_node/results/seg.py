@@ -43,8 +43,9 @@ from dicom_node.results.identity import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     SOFTWARE_NAME,
-    SOFTWARE_VERSION,
     OutputIdentity,
+    algorithm_parameters,
+    software_versions,
 )
 from inference.types import Code, ModelCard, Prediction, SegmentSpec
 
@@ -317,6 +318,7 @@ def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSeque
         name=card.name,
         family=algorithm_family_code(card.family),
         version=card.version,
+        parameters=algorithm_parameters(card),
     )
 
 
@@ -465,8 +467,9 @@ def build_seg(
     content_label: str = "AI_SEG",
     omit_empty_segments: bool = True,
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    segmentation_type: str | hd.seg.SegmentationTypeValues = hd.seg.SegmentationTypeValues.BINARY,
 ) -> SegResult:
-    """Encode a prediction's label map as a BINARY DICOM Segmentation.
+    """Encode a prediction's label map as a DICOM Segmentation (BINARY or LABELMAP).
 
     Parameters
     ----------
@@ -488,6 +491,12 @@ def build_seg(
         got a segment.  If false, every card segment is described, empty or not.
     device_serial_number:
         Device Serial Number (0018,1000) naming this node instance.
+    segmentation_type:
+        ``"BINARY"`` (default: Segmentation Storage, one bit-packed frame per
+        segment and slice, shown by every SEG-capable viewer) or
+        ``"LABELMAP"`` (Label Map Segmentation Storage, 1.2.840.10008.5.1.4.1.1.66.7,
+        one 8/16-bit frame per slice holding segment numbers: much smaller with
+        many segments, but only recent viewers read it).
 
     Returns
     -------
@@ -503,6 +512,14 @@ def build_seg(
     """
     card = prediction.card
     labelmap = prediction.labelmap
+    try:
+        seg_type = hd.seg.SegmentationTypeValues(
+            segmentation_type.upper() if isinstance(segmentation_type, str) else segmentation_type
+        )
+    except ValueError:
+        raise ResultError(f"Segmentation type {segmentation_type!r} must be BINARY or LABELMAP") from None
+    if seg_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        raise ResultError("FRACTIONAL segmentations are not produced: model outputs are label maps")
     if labelmap is None:
         raise ResultError(f"Model {card.name!r} produced no label map; no SEG produced")
     if labelmap.ndim != 3:
@@ -526,7 +543,7 @@ def build_seg(
         seg = hd.seg.Segmentation(
             source_images=[complete_source(source_images[0]), *source_images[1:]],
             pixel_array=segments_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=seg_type,
             segment_descriptions=descriptions,
             series_instance_uid=identity.series_instance_uid,
             series_number=identity.series_number,
@@ -534,7 +551,7 @@ def build_seg(
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=SOFTWARE_NAME,
-            software_versions=SOFTWARE_VERSION,
+            software_versions=software_versions(card),
             device_serial_number=device_serial_number,
             content_description=f"{card.name} {card.version}"[:_MAX_LO_LENGTH],
             content_label=content_label,
@@ -546,8 +563,9 @@ def build_seg(
         raise ResultError(f"SEG for model {card.name!r} could not be encoded: {exc}") from exc
     drop_invalid_copied(seg, source_images[0])
     logger.info(
-        "SEG %s: %d segments, %d frames (model %s %s)",
+        "SEG %s (%s): %d segments, %d frames (model %s %s)",
         identity.sop_instance_uid,
+        seg_type.value,
         len(descriptions),
         int(seg.NumberOfFrames),
         card.name,

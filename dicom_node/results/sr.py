@@ -42,9 +42,9 @@ from dicom_node.results.identity import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     SOFTWARE_NAME,
-    SOFTWARE_VERSION,
     OutputIdentity,
     derive_uid,
+    software_versions,
 )
 from dicom_node.results.seg import (
     algorithm_family_code,
@@ -343,7 +343,10 @@ def build_sr(
 
     try:
         algorithm = hd.sr.AlgorithmIdentification(
-            name=card.name, version=card.version, family=algorithm_family_code(card.family)
+            name=card.name,
+            version=card.version,
+            family=algorithm_family_code(card.family),
+            parameters=[f"model_hash={card.model_hash}"] if card.model_hash else None,
         )
         groups: list[_Group] = []
         referenced: Mapping[int, int] = {}
@@ -384,7 +387,7 @@ def build_sr(
             is_complete=True,
             series_description=identity.series_description,
             manufacturer_model_name=SOFTWARE_NAME,
-            software_versions=SOFTWARE_VERSION,
+            software_versions=software_versions(card),
             device_serial_number=device_serial_number,
             specific_character_set=character_set(source),
             coding_schemes=[_private_scheme()] if prediction.classifications else None,

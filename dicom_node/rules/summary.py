@@ -1,8 +1,11 @@
-"""What the rules see of a series: attributes of its first instance, and loop protection.
+"""What the rules see of a series: attributes of its first instance, derived facts, loop protection.
 
 :func:`attributes_from_dataset` turns a pydicom dataset into the plain values of
-:attr:`~dicom_node.domain.SeriesSummary.attributes`; :func:`scan_paths` builds
-summaries from files on disk (``dicom-node rules test PATH...``);
+:attr:`~dicom_node.domain.SeriesSummary.attributes`; :func:`instance_geometry`
+and :func:`series_facts` derive ``slice_spacing``, ``orientation``, ``image_type``
+and ``frames`` from the headers of every instance; :func:`read_series` does both
+for a list of files, and :func:`scan_paths` groups files on disk into series
+(``dicom-node rules test PATH...``);
 :func:`never_process_reason` says when a series must never be processed at all
 (results of ours or of another AI, presentation states, reports), whatever the rules say.
 """
@@ -32,9 +35,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DERIVED_MODALITIES",
     "OWN_MANUFACTURER",
+    "InstanceGeometry",
     "attributes_from_dataset",
+    "instance_geometry",
     "never_process_reason",
+    "read_series",
     "scan_paths",
+    "series_facts",
 ]
 
 #: The Manufacturer (0008,0070) the node writes into its results.
@@ -53,21 +60,31 @@ _DERIVED_SOP_CLASSES: tuple[tuple[str, str], ...] = (
     ("1.2.840.10008.5.1.4.1.1.481.3", "an RT structure set"),
 )
 
-# VRs whose values are bytes or nested datasets.
-_SKIPPED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"})
+# VRs whose values are bytes.
+_SKIPPED_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"})
+
+#: Sequence items kept per sequence, and nesting depth kept, in a summary's attributes.
+MAX_SEQUENCE_ITEMS = 64
+MAX_SEQUENCE_DEPTH = 4
+
+#: Angle (degrees) within which a slice normal counts as along a patient axis; beyond: oblique.
+ORIENTATION_TOLERANCE_DEG = 30.0
 
 
-def attributes_from_dataset(ds: Dataset) -> dict[str, Any]:
-    """Top-level public attributes of ``ds`` by keyword, as JSON-serialisable values.
+def attributes_from_dataset(ds: Dataset, *, _depth: int = 0) -> dict[str, Any]:
+    """Public and private attributes of ``ds`` as JSON-serialisable values.
 
-    Strings (including person names, UIDs, dates and times) become ``str``, IS
-    ``int``, DS and binary numbers ``float``/``int``, AT a ``"GGGGEEEE"`` hex
-    string, and multi-valued elements a ``list`` of those.  An empty element
-    becomes ``""`` (text VRs) or ``None`` (numeric VRs).  Skipped: sequences,
-    bulk data (OB/OW/... VRs, so Pixel Data), the overlay and curve repeating
-    groups (50xx, 60xx), private and unknown tags, group lengths, numeric VRs
-    whose text is not a number, and any element whose value cannot be decoded
-    (each logged at DEBUG; the rest still comes back).
+    Public elements are keyed by keyword, private ones by their tag written
+    ``(GGGG,EEEE)``.  Strings (including person names, UIDs, dates and times)
+    become ``str``, IS ``int``, DS and binary numbers ``float``/``int``, AT a
+    ``"GGGGEEEE"`` hex string, multi-valued elements a ``list`` of those, and
+    sequences a ``list`` of such mappings (the first :data:`MAX_SEQUENCE_ITEMS`
+    items, :data:`MAX_SEQUENCE_DEPTH` levels deep).  An empty element becomes
+    ``""`` (text VRs) or ``None`` (numeric VRs).  Skipped: bulk data (OB/OW/...
+    and UN VRs, so Pixel Data), the overlay and curve repeating groups (50xx,
+    60xx), group lengths, numeric VRs whose text is not a number, and any
+    element whose value cannot be decoded (each logged at DEBUG; the rest
+    still comes back).
 
     Parameters
     ----------
@@ -78,19 +95,24 @@ def attributes_from_dataset(ds: Dataset) -> dict[str, Any]:
     Returns
     -------
     dict[str, Any]
-        Keyword -> value, in tag order.
+        Key -> value, in tag order.
     """
     attributes: dict[str, Any] = {}
     for tag in sorted(ds.keys()):
         tag = BaseTag(tag)
-        if tag.is_private or tag.element == 0 or tag.group in (0x0000, 0x0002) or 0x5000 <= tag.group <= 0x60FF:
+        if tag.element == 0 or tag.group in (0x0000, 0x0002) or tag.group >> 8 in (0x50, 0x60):
             continue
         try:
             # Decoding a raw element can fail (or warn, which a warnings filter may make an error)
             # on malformed values; one bad element must not hide the others.
             elem = ds[tag]
-            keyword = elem.keyword
-            if not keyword or elem.VR in _SKIPPED_VRS:
+            key = f"({tag.group:04X},{tag.element:04X})" if tag.is_private else elem.keyword
+            if not key or elem.VR in _SKIPPED_VRS:
+                continue
+            if elem.VR == "SQ":
+                if _depth < MAX_SEQUENCE_DEPTH:
+                    attributes[key] = [attributes_from_dataset(item, _depth=_depth + 1)
+                                       for item in list(elem.value)[:MAX_SEQUENCE_ITEMS]]
                 continue
             value = _plain(elem.value)
         except Exception as exc:  # noqa: BLE001 - any decoding failure means "skip this element"
@@ -101,7 +123,7 @@ def attributes_from_dataset(ds: Dataset) -> dict[str, Any]:
             continue
         if value is None and elem.VR not in _NUMERIC_VRS:
             value = ""
-        attributes[keyword] = value
+        attributes[key] = value
     return attributes
 
 
@@ -144,12 +166,164 @@ def _plain(value: Any) -> Any:
     return number if math.isfinite(number) else _SKIP
 
 
+# --------------------------------------------------------------------------- derived facts
+
+# Header elements read from every instance but the first (which is read whole).
+_GEOMETRY_TAGS = ["ImageType", "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient",
+                  "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
+
+
+@dataclass(frozen=True)
+class InstanceGeometry:
+    """What one instance contributes to a series' derived facts.
+
+    ``positions`` are ImagePositionPatient of each frame (LPS, mm), ``orientation``
+    the ImageOrientationPatient (row then column cosines), both from the
+    top level or, for enhanced multi-frame objects, the functional groups.
+    """
+
+    positions: tuple[tuple[float, float, float], ...] = ()
+    orientation: tuple[float, ...] | None = None
+    image_type: tuple[str, ...] = ()
+    frames: int = 1
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == n and all(math.isfinite(x) for x in numbers) else None
+
+
+def _macro_value(item: Dataset, macro: str, keyword: str) -> Any:
+    """``item.<macro>[0].<keyword>`` of a functional group item, ``None`` when any part is missing."""
+    try:
+        return getattr(item, macro)[0].get(keyword)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def instance_geometry(ds: Dataset) -> InstanceGeometry:
+    """Positions, orientation, image type and frame count of one instance (missing parts left empty).
+
+    Parameters
+    ----------
+    ds:
+        The instance's header (pixel data not needed).
+
+    Returns
+    -------
+    InstanceGeometry
+        Malformed values are treated as absent.
+    """
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        frames = 1
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6) if "ImageOrientationPatient" in ds else None
+    if orientation is None:
+        shared = ds.get("SharedFunctionalGroupsSequence", None) or [Dataset()]
+        orientation = _floats(_macro_value(shared[0], "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    positions: list[tuple[float, float, float]] = []
+    position = _floats(ds.get("ImagePositionPatient"), 3) if "ImagePositionPatient" in ds else None
+    if position is not None:
+        positions.append(position)  # type: ignore[arg-type]
+    else:
+        for item in ds.get("PerFrameFunctionalGroupsSequence", None) or []:
+            if orientation is None:
+                orientation = _floats(_macro_value(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+            p = _floats(_macro_value(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
+            if p is not None:
+                positions.append(p)  # type: ignore[arg-type]
+    image_type = ds.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    return InstanceGeometry(tuple(positions), orientation,
+                            tuple(str(v).strip().upper() for v in values if str(v).strip()), frames)
+
+
+def series_facts(instances: Sequence[InstanceGeometry]) -> dict[str, Any]:
+    """Derived facts of a series from the geometry of all its instances.
+
+    Parameters
+    ----------
+    instances:
+        One entry per instance, any order.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``slice_spacing``: median distance (mm, 4 decimals) between consecutive
+        distinct slice positions along the slice normal of the first
+        orientation, ``None`` with fewer than two positions; ``orientation``:
+        ``axial``, ``coronal`` or ``sagittal`` when the slice normal is within
+        :data:`ORIENTATION_TOLERANCE_DEG` of the patient's foot-head,
+        anterior-posterior or left-right axis, else ``oblique``, ``None``
+        without ImageOrientationPatient; ``image_type``: every ImageType value
+        in order of appearance, upper case; ``frames``: total frames.
+    """
+    orientation = next((g.orientation for g in instances if g.orientation is not None), None)
+    facts: dict[str, Any] = {"slice_spacing": None, "orientation": None,
+                             "image_type": list(dict.fromkeys(v for g in instances for v in g.image_type)),
+                             "frames": sum(g.frames for g in instances)}
+    if orientation is None:
+        return facts
+    row, col = orientation[:3], orientation[3:]
+    normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0])
+    length = math.sqrt(sum(c * c for c in normal))
+    if length < 1e-6:
+        return facts  # row and column parallel: not an orientation
+    normal = tuple(c / length for c in normal)
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    aligned = abs(normal[axis]) >= math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
+    facts["orientation"] = ("sagittal", "coronal", "axial")[axis] if aligned else "oblique"
+    along = sorted({round(sum(p[i] * normal[i] for i in range(3)), 4) for g in instances for p in g.positions})
+    steps = sorted(b - a for a, b in zip(along, along[1:]))
+    if steps:
+        facts["slice_spacing"] = round(steps[len(steps) // 2], 4)
+    return facts
+
+
+def read_series(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Attributes of the first file and derived facts of all files of one series.
+
+    Parameters
+    ----------
+    paths:
+        The series' files; the first is read whole (without pixel data), the
+        others only for the elements the derived facts need.
+
+    Returns
+    -------
+    tuple[dict[str, Any], dict[str, Any]]
+        :func:`attributes_from_dataset` of the first file, and
+        :func:`series_facts` of all files.
+
+    Raises
+    ------
+    OSError, pydicom.errors.InvalidDicomError
+        The first file cannot be read; a later unreadable file is skipped
+        (logged at DEBUG).
+    """
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    geometry = [instance_geometry(first)]
+    for path in paths[1:]:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not hide the series' facts
+            logger.debug("File %s skipped for derived facts: %s: %s", path, type(exc).__name__, exc)
+            continue
+        geometry.append(instance_geometry(ds))
+    return attributes_from_dataset(first), series_facts(geometry)
+
+
 @dataclass
 class _SeriesScan:
     study_uid: str
     first_key: tuple[float, str]
     first: Dataset
     files: list[tuple[tuple[float, str], Path]] = field(default_factory=list)
+    geometry: list[InstanceGeometry] = field(default_factory=list)
 
 
 def scan_paths(paths: Sequence[Path]) -> list[tuple[SeriesSummary, list[Path]]]:
@@ -170,8 +344,10 @@ def scan_paths(paths: Sequence[Path]) -> list[tuple[SeriesSummary, list[Path]]]:
         One entry per SeriesInstanceUID, in the order the series were first met
         (folders are walked in sorted order).  The summary's attributes are those
         of the instance with the lowest InstanceNumber (instances without one
-        sort last, ties by path); its facts are ``{"instance_count": n}``.  The
-        paths are sorted the same way.
+        sort last, ties by path); its facts are ``instance_count`` and the
+        :func:`series_facts` of all its files (the association facts
+        ``calling_ae``... are unknown for files on disk).  The paths are sorted
+        the same way.
 
     Raises
     ------
@@ -195,6 +371,7 @@ def scan_paths(paths: Sequence[Path]) -> list[tuple[SeriesSummary, list[Path]]]:
         elif key < scan.first_key:
             scan.first_key, scan.first = key, ds
         scan.files.append((key, file))
+        scan.geometry.append(instance_geometry(ds))
     results: list[tuple[SeriesSummary, list[Path]]] = []
     for series_uid, scan in series.items():
         files = [path for _, path in sorted(scan.files)]
@@ -202,7 +379,7 @@ def scan_paths(paths: Sequence[Path]) -> list[tuple[SeriesSummary, list[Path]]]:
             study_uid=scan.study_uid,
             series_uid=series_uid,
             attributes=attributes_from_dataset(scan.first),
-            facts={"instance_count": len(files)},
+            facts={"instance_count": len(files), **series_facts(scan.geometry)},
         )
         logger.debug("Series %s: %d instances found", series_uid, len(files))
         results.append((summary, files))

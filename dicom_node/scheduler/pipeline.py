@@ -7,6 +7,7 @@ it touches neither the database nor the network.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,9 +17,11 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.domain import OutputKind
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, ModelError
 from dicom_node.imaging import load_series
 from dicom_node.results.identity import derive_identity
+from dicom_node.results.pdf import build_pdf
+from dicom_node.results.sc import OverlayStyle, build_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.spool import Spool
@@ -78,6 +81,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         sv = load_series([spool.absolute(p) for p in task.paths])
         times["load"] = time.perf_counter() - t0
         model = registry.get(task.model)
+        _require_modality(task.model, model.card, sv.volume)
         t1 = time.perf_counter()
         prediction = model.predict(sv.volume)
         times["model"] = time.perf_counter() - t1
@@ -88,11 +92,33 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     except DicomNodeError as exc:
         return InferOutcome(ok=False, error=str(exc), seconds=times)
     except Exception as exc:  # a model's own bug: fail this job, keep the worker
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            _release_gpu_memory()
+            logger.error("Job %d: model %s ran out of GPU memory", task.job_id, task.model)
+            return InferOutcome(ok=False, seconds=times, error=(
+                f"model {task.model}: CUDA out of memory ({str(exc).splitlines()[0][:200]}); lower "
+                "sw_batch_size / roi_size, free the GPU or use device: cpu"))
         logger.exception("Job %d: model %s failed", task.job_id, task.model)
         return InferOutcome(ok=False, error=f"model {task.model} raised {type(exc).__name__}: {exc}"[:500],
                             seconds=times)
     return InferOutcome(ok=True, objects=objects, findings=list(prediction.findings), notes=list(sv.notes),
                         model_version=prediction.card.version, seconds=times)
+
+
+def _require_modality(name: str, card: Any, volume: Any) -> None:
+    """Refuse a series whose modality is not the model card's input modality (when the card names one)."""
+    expected = (card.modality or "").upper()
+    actual = (volume.modality or "").upper()
+    if expected and actual != expected:
+        raise ModelError(f"model {name} takes {expected} input; this series is "
+                         f"{actual or 'without a Modality'}: not run")
+
+
+def _release_gpu_memory() -> None:
+    """Give cached CUDA memory back after an out-of-memory error, so the next job starts clean."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _in_source_order(prediction: Prediction, frame_of_source: tuple[tuple[int, int], ...]) -> Prediction:
@@ -120,8 +146,9 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind.value,
                                conf.series_number, conf.description_for(task.model))
 
-    def write(kind: OutputKind, ds: Dataset) -> None:
-        path = spool.result_path(task.series_uid, task.model, kind.value)
+    def write(kind: OutputKind, ds: Dataset, index: int | None = None) -> None:
+        path = (spool.result_path(task.series_uid, task.model, kind.value) if index is None
+                else spool.result_part_path(task.series_uid, task.model, kind.value, index))
         from io import BytesIO
 
         buf = BytesIO()
@@ -134,7 +161,8 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     segment_numbers: dict[int, int] | None = None
     if OutputKind.SEG in task.outputs and card.task is Task.SEGMENTATION:
         if prediction.present_segments():
-            seg = build_seg(prediction, sources, identity(OutputKind.SEG))
+            seg = build_seg(prediction, sources, identity(OutputKind.SEG), segmentation_type=outputs.seg_type.upper(),
+                            omit_empty_segments=outputs.empty_segments == "drop")
             seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
             write(OutputKind.SEG, seg_ds)
         else:
@@ -142,6 +170,12 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     if OutputKind.SR in task.outputs:
         sr = build_sr(prediction, sources, identity(OutputKind.SR), seg=seg_ds, segment_numbers=segment_numbers)
         write(OutputKind.SR, sr)
+    style = OverlayStyle(banner=outputs.banner, fill_opacity=outputs.fill_opacity)
+    if OutputKind.SC in task.outputs and prediction.present_segments():
+        for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style):
+            write(OutputKind.SC, image, int(image.InstanceNumber) - 1)
+    if OutputKind.PDF in task.outputs:
+        write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF), style=style))
     return produced
 
 

@@ -14,13 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydicom import dcmread
+from pydicom.uid import UID
 
 from dicom_node.domain import JobKind, SeriesState, SeriesSummary
 from dicom_node.errors import SendError
-from dicom_node.rules.matcher import match
-from dicom_node.rules.summary import attributes_from_dataset, never_process_reason
+from dicom_node.results.routing import SEG_SOP_CLASSES, Route, files_for, plan_outputs
+from dicom_node.rules.matcher import match, study_roles
+from dicom_node.rules.summary import never_process_reason, read_series
+from dicom_node.scheduler.completion import SeriesCompletion
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask
+from dicom_node.scheduler.study import WAITING, StudyRules
 from dicom_node.spool import Spool
 from dicom_node.store import Database, Job, JobStore, SeriesStore
 
@@ -46,7 +49,8 @@ class Pipeline:
     runner:
         Runs INFER tasks (a :class:`~dicom_node.scheduler.worker.WorkerProcess`).
     sender:
-        ``send_files``-compatible callable delivering files to a DIMSE destination.
+        ``deliver(files, destination, node_ae_title) -> SendReport`` (see
+        :func:`dicom_node.send.deliver.deliver`), raising ``SendError``.
     """
 
     def __init__(self, settings: Any, db: Database, spool: Spool, runner: InferRunner, sender: Sender,
@@ -59,21 +63,42 @@ class Pipeline:
         self.runner = runner
         self.sender = sender
         self.on_event = on_event or (lambda name, data: None)
+        # Rules may be replaced while running (Node.reload_rules): both read self.settings at each tick.
+        self.completion = SeriesCompletion(lambda: self.settings, self.series, self.summary)
+        self.studies = StudyRules(lambda: self.settings, db, self.series, self.jobs, self.summary, self._queue_rule)
+        self._summaries: dict[tuple[str, int, float], SeriesSummary] = {}
 
     # -- completion and rules ----------------------------------------------
     def tick(self, now: float) -> list[str]:
-        """Complete quiet series and turn them into jobs (or ignore them, with the reason)."""
-        completed = self.series.complete_quiet(now, self.settings.completion.quiet_seconds)
+        """Complete series (timers, C-FIND), turn them into jobs or ignore them (with the reason), run study rules."""
+        completed = self.completion.complete(now)
+        for uid in completed:
+            self.on_event("series_completed", {"series": uid})
         for row in self.series.in_state(SeriesState.COMPLETE):
-            self._dispatch(row, now)
+            if not row["reason"].startswith(WAITING):
+                self._dispatch(row, now)
+        self.studies.tick(now)
         return completed
 
     def summary(self, row: dict[str, Any]) -> SeriesSummary:
+        """What the rules see of a series row: its first instance's attributes and derived facts.
+
+        Reads the headers of every instance (without pixel data); cached per
+        (series, instance count, last arrival).
+        """
+        key = (row["series_uid"], row["instance_count"], row["last_received"])
+        cached = self._summaries.get(key)
+        if cached is not None:
+            return cached
         paths = self.series.instance_paths(row["series_uid"])
-        first = dcmread(self.spool.absolute(paths[0]), stop_before_pixels=True)
-        facts = {"instance_count": row["instance_count"], "calling_ae": row["calling_ae"],
-                 "called_ae": row["called_ae"], "source_host": row["source_host"]}
-        return SeriesSummary(row["study_uid"], row["series_uid"], attributes_from_dataset(first), facts)
+        attributes, facts = read_series([self.spool.absolute(p) for p in paths])
+        facts.update({"instance_count": row["instance_count"], "calling_ae": row["calling_ae"],
+                      "called_ae": row["called_ae"], "source_host": row["source_host"]})
+        summary = SeriesSummary(row["study_uid"], row["series_uid"], attributes, facts)
+        if len(self._summaries) >= 512:
+            self._summaries.clear()
+        self._summaries[key] = summary
+        return summary
 
     def _dispatch(self, row: dict[str, Any], now: float) -> None:
         series_uid = row["series_uid"]
@@ -87,20 +112,36 @@ class Pipeline:
         if reason:
             logger.info("Series %s: ignored: %s", series_uid, reason)
             self.series.set_state(series_uid, SeriesState.IGNORED, now, reason)
+            self.on_event("series_ignored", {"series": series_uid, "reason": reason})
             return
         matches = match(self.settings.rules, summary)
+        roles = study_roles(self.settings.rules, summary)
+        if roles and not matches:
+            waiting = f"{WAITING}: " + "; ".join(f"rule {r} (series {'/'.join(v)})" for r, v in roles.items())
+            logger.info("Series %s: %s", series_uid, waiting)
+            self.series.set_state(series_uid, SeriesState.COMPLETE, now, waiting)
+            return
         if not matches:
             logger.info("Series %s: ignored: no rule matched", series_uid)
             self.series.set_state(series_uid, SeriesState.IGNORED, now, "no rule matched")
+            self.on_event("series_ignored", {"series": series_uid, "reason": "no rule matched"})
             return
         # The series leaves COMPLETE as its first job is queued (the job store derives the state).
+        rules = {r.name: r for r in self.settings.rules}
         for m in matches:
-            for model in m.models:
-                self.jobs.enqueue(JobKind.INFER, series_uid, now, rule=m.rule, model=model,
-                                  payload={"outputs": [str(o) for o in m.outputs],
-                                           "destinations": list(m.destinations)})
+            self._queue_rule(series_uid, rules[m.rule], now, {})
             logger.info("Series %s: rule %s matched; models %s", series_uid, m.rule, ", ".join(m.models))
-            self.on_event("rule_matched", {"series": series_uid, "rule": m.rule})
+            self.on_event("rule_matched", {"series": series_uid, "rule": m.rule, "models": list(m.models)})
+
+    def _queue_rule(self, series_uid: str, rule: Any, now: float, extra: dict[str, Any]) -> list[int]:
+        """Queue one INFER job per model of ``rule`` on ``series_uid``, at the rule's priority."""
+        produce, routes = plan_outputs([str(o) for o in rule.outputs], list(rule.send_to),
+                                       self.settings.destinations)
+        return [self.jobs.enqueue(JobKind.INFER, series_uid, now, rule=rule.name, model=model,
+                                  payload={"outputs": list(produce), "destinations": list(rule.send_to),
+                                           "routes": {d: r.as_payload() for d, r in routes.items()}, **extra},
+                                  priority=rule.job_priority)
+                for model in rule.run]
 
     # -- INFER ---------------------------------------------------------------
     def drain_infer(self, now_fn: Callable[[], float] = time.time, *, max_jobs: int | None = None,
@@ -126,7 +167,11 @@ class Pipeline:
                     job.series_uid, len(paths))
         outcome = runner.run(task, self.settings.workers.infer_timeout_s)
         now = now_fn()
-        self.on_event("infer_finished", {"model": job.model, "ok": outcome.ok, "seconds": outcome.seconds})
+        self.on_event("infer_finished", {"model": job.model, "ok": outcome.ok, "seconds": outcome.seconds,
+                                         "series": job.series_uid, "job": job.id,
+                                         "version": outcome.model_version, "error": outcome.error,
+                                         "objects": [{"kind": o.kind, "sop_uid": o.sop_uid,
+                                                      "series_uid": o.series_uid} for o in outcome.objects]})
         if not outcome.ok:
             self.jobs.fail(job.id, outcome.error, now)
             return
@@ -142,10 +187,14 @@ class Pipeline:
         result = {**job.payload, "files": files, "findings": outcome.findings, "notes": outcome.notes,
                   "model_version": outcome.model_version, "seconds": outcome.seconds}
         # SEND jobs first, then DONE: a crash in between re-runs the model, never loses a send.
+        produced = [(o.kind, o.path) for o in outcome.objects]
         for dest in job.payload.get("destinations", []):
-            if files:
+            route = job.payload.get("routes", {}).get(dest)
+            dest_files, fallback = files_for(Route.from_payload(route), produced) if route else (files, [])
+            if dest_files:
                 self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
-                                  destination=dest, payload={"files": files})
+                                  destination=dest, payload={"files": dest_files,
+                                                             **({"fallback": {"seg": fallback}} if fallback else {})})
         self.jobs.complete(job.id, now, payload=result)
         logger.info("Job %d: model %s produced %s%s", job.id, job.model,
                     ", ".join(o.kind for o in outcome.objects) or "no objects",
@@ -154,14 +203,52 @@ class Pipeline:
     # -- SEND ----------------------------------------------------------------
     def drain_send(self, now_fn: Callable[[], float] = time.time,
                    should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Send due SEND jobs one after another until none is left (or ``should_stop``).
+
+        After a retryable failure the rest of that destination's jobs wait
+        for their own next attempt (or for the destination's health check)
+        instead of each timing out in this loop.
+        """
         done = 0
+        down: set[str] = set()
         while not should_stop():
-            job = self.jobs.claim(JobKind.SEND, now_fn())
+            job = self.jobs.claim(JobKind.SEND, now_fn(), skip_destinations=down)
             if job is None:
                 break
-            self._run_send(job, now_fn)
+            if not self._run_send(job, now_fn):
+                down.add(job.destination)
             done += 1
         return done
+
+    def check_destinations(self, now: float, probe: Callable[[Any, str], str] | None = None) -> list[str]:
+        """Probe the destinations that have SEND jobs waiting; make their jobs due when they answer.
+
+        Parameters
+        ----------
+        now:
+            Current time (seconds since the epoch).
+        probe:
+            ``probe(destination, node_ae_title) -> reason`` (``""`` = answers);
+            default :func:`dicom_node.send.health.probe` (C-ECHO or HTTP GET).
+
+        Returns
+        -------
+        list of str
+            The destinations that answered and whose jobs are now due.
+        """
+        from dicom_node.send.health import probe as echo_or_get
+
+        check = probe or echo_or_get
+        back: list[str] = []
+        for name in self.jobs.waiting_destinations(now):
+            dest = self.settings.destinations.get(name)
+            if dest is None or check(dest, self.settings.node.ae_title):
+                continue
+            n = self.jobs.release(name, now)
+            if n:
+                logger.info("Destination %s answers again: %d waiting job(s) due now", name, n)
+                back.append(name)
+        return back
 
     def backoff(self, attempts: int) -> float:
         """Exponential backoff with full jitter, capped at ``send.backoff_max_s``."""
@@ -169,38 +256,76 @@ class Pipeline:
         base = min(conf.backoff_max_s, conf.backoff_initial_s * (2 ** max(0, attempts - 1)))
         return base / 2 + random.uniform(0, base / 2)
 
-    def _run_send(self, job: Job, now_fn: Callable[[], float]) -> None:
+    def _run_send(self, job: Job, now_fn: Callable[[], float]) -> bool:
+        """Deliver one SEND job; ``False`` when the destination failed in a way worth retrying."""
         dest = self.settings.destinations.get(job.destination)
         if dest is None:
-            self.jobs.fail(job.id, f"destination {job.destination!r} is no longer configured", now_fn())
-            return
+            self.jobs.bury(job.id, f"destination {job.destination!r} is no longer configured", now_fn())
+            return True
         files = [self.spool.absolute(p) for p in job.payload["files"]]
-        missing = [str(f.name) for f in files if not Path(f).exists()]
+        fallback = [self.spool.absolute(p) for p in job.payload.get("fallback", {}).get("seg", [])]
+        missing = [str(f.name) for f in [*files, *fallback] if not Path(f).exists()]
         if missing:
             self.jobs.fail(job.id, f"result file(s) missing from the spool: {', '.join(missing)}", now_fn())
-            return
+            return True
+        conf = self.settings.send
         try:
-            report = self.sender(files, ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                                 calling_ae_title=dest.calling_ae_title or self.settings.node.ae_title,
-                                 timeout_s=dest.timeout_s)
+            if fallback:
+                report = self.sender(files, dest, self.settings.node.ae_title, skip_refused=True)
+                note = self._send_seg_fallback(job, dest, report, fallback)
+            else:
+                report, note = self.sender(files, dest, self.settings.node.ae_title), None
         except SendError as exc:
             now = now_fn()
             if exc.retryable:
                 self.jobs.retry_later(job.id, str(exc), now, now + self.backoff(job.attempts),
-                                      self.settings.send.max_attempts)
+                                      conf.max_attempts, conf.max_age_hours * 3600)
             else:
-                self.jobs.fail(job.id, str(exc), now)
-            self.on_event("send_failed", {"destination": job.destination})
-            return
+                self.jobs.bury(job.id, str(exc), now)
+            self.on_event("send_failed", {"destination": job.destination, "series": job.series_uid,
+                                          "job": job.id, "reason": str(exc)})
+            return not exc.retryable
         except Exception as exc:  # a bug or a broken file: keep the job, say why
             logger.exception("Job %d: sending to %s failed unexpectedly", job.id, job.destination)
             now = now_fn()
             self.jobs.retry_later(job.id, f"{type(exc).__name__}: {exc}", now, now + self.backoff(job.attempts),
-                                  self.settings.send.max_attempts)
-            return
-        self.jobs.complete(job.id, now_fn())
-        logger.info("Job %d: %d object(s) sent to %s", job.id, report.sent, job.destination)
-        self.on_event("sent", {"destination": job.destination, "count": report.sent})
+                                  conf.max_attempts, conf.max_age_hours * 3600)
+            return True
+        self.jobs.complete(job.id, now_fn(), payload={**job.payload, "seg_fallback": note} if note else None)
+        logger.info("Job %d: %d object(s) sent to %s%s%s", job.id, report.sent, job.destination,
+                    f", {len(report.warnings)} with warnings" if report.warnings else "",
+                    f", {report.transcoded} transcoded" if report.transcoded else "")
+        self.on_event("sent", {"destination": job.destination, "count": report.sent,
+                               "series": job.series_uid, "job": job.id, "files": list(job.payload["files"])})
+        return True
+
+    def _send_seg_fallback(self, job: Job, dest: Any, report: Any, fallback: list[Path]) -> dict[str, Any] | None:
+        """After a send that skipped refused SOP classes: send the overlay instead of a refused SEG.
+
+        Returns what was done, recorded in the job's payload (``None`` when nothing was refused).
+
+        Raises
+        ------
+        SendError
+            Permanent when the destination refused another SOP class than SEG
+            (no fallback exists for it); as the sender for the fallback send.
+        """
+        refused = set(report.refused)
+        if not refused:
+            return None
+        others = sorted(refused - SEG_SOP_CLASSES)
+        if others:
+            names = ", ".join(UID(uid).name for uid in others)
+            raise SendError(f"{job.destination} does not accept {names} (refused in association negotiation): "
+                            "configure it to store this SOP class, or remove the kind from its outputs",
+                            retryable=False)
+        sent = self.sender(fallback, dest, self.settings.node.ae_title)
+        logger.warning("Job %d: %s refused the SEG SOP class in association negotiation; sent the overlay "
+                       "series instead (%d images)", job.id, job.destination, sent.sent)
+        self.on_event("seg_fallback", {"destination": job.destination, "series": job.series_uid, "job": job.id,
+                                       "count": sent.sent})
+        return {"refused": sorted(refused), "sent_instead": "sc", "count": sent.sent,
+                "files": list(job.payload["fallback"]["seg"])}
 
     def recover(self, now: float) -> None:
         """At start: clean the spool's temp files and re-queue interrupted jobs."""

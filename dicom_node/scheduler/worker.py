@@ -24,7 +24,9 @@ def _child_main(conn: Connection, settings: Any, log_level: int) -> None:
     """Entry point of the worker process: serve tasks until the pipe closes."""
     import signal
 
-    logging.basicConfig(level=log_level, format="%(levelname)s worker %(name)s: %(message)s")
+    from dicom_node.logs import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.journald, process="worker")
     # The parent owns shutdown: a Ctrl-C in a terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -79,9 +81,12 @@ class WorkerProcess:
     def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
         """Run ``task`` in the worker; never raises for a model's failure.
 
-        On timeout the worker is killed and restarted; if it died the job
-        fails with its exit code.
+        ``timeout_s`` is the node's default (``workers.infer_timeout_s``); a
+        model's own ``timeout_s`` replaces it.  On timeout the worker is
+        killed and restarted; if it died the job fails with its exit code.
         """
+        spec = self.settings.models.get(task.model)
+        timeout_s = float(getattr(spec, "timeout_s", None) or timeout_s)
         with self._lock:
             if not self.alive:
                 self.start()

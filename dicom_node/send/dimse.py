@@ -1,5 +1,13 @@
 """C-STORE SCU: deliver result objects to a DICOM destination.
 
+One association carries one job's objects.  For every (SOP class, transfer
+syntax of the file) the node proposes one presentation context with, in order
+of preference, the file's own transfer syntax, Explicit VR Little Endian and
+Implicit VR Little Endian.  An object whose (compressed) syntax the
+destination did not accept is decompressed to Explicit VR Little Endian
+(same SOP Instance UID: it is the same object in another encoding) and the
+log says so; uncompressed syntaxes are converted by pynetdicom.
+
 Every C-STORE status is mapped to what the outbox should do:
 
 ===================  ============================================
@@ -7,7 +15,9 @@ Every C-STORE status is mapped to what the outbox should do:
 ``0xB000-0xBFFF``    sent with a warning (logged)
 ``0xA700-0xA7FF``    destination out of resources: retry later
 association failure  destination unreachable / busy: retry later
+no response          connection lost or timeout: retry later
 anything else        refused (e.g. ``0xA900``, ``0xC000``): permanent
+SOP class refused    no accepted presentation context: permanent
 ===================  ============================================
 """
 
@@ -16,26 +26,27 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from dicom_node.errors import SendError
+from dicom_node.send import SendReport
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["SendReport", "echo", "proposed_contexts", "send_files"]
 
-@dataclass(frozen=True)
-class SendReport:
-    sent: int
-    warnings: tuple[str, ...] = ()
+#: Transfer syntaxes every context offers besides the file's own, most preferred first.
+_FALLBACK = (UID(ExplicitVRLittleEndian), UID(ImplicitVRLittleEndian))
 
 
 def _nodelay(event: evt.Event) -> None:
+    """Disable Nagle's algorithm: every C-STORE would otherwise wait ~40 ms on a delayed ACK."""
     sock: Any = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         try:
@@ -44,35 +55,132 @@ def _nodelay(event: evt.Event) -> None:
             pass
 
 
+def proposed_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to propose for ``datasets``.
+
+    Parameters
+    ----------
+    datasets:
+        The objects to send, each with file meta information.
+
+    Returns
+    -------
+    list of (SOP Class UID, transfer syntaxes)
+        One context per distinct (SOP class, file transfer syntax), in the
+        order first seen; its syntaxes are the file's, then Explicit and
+        Implicit VR Little Endian (without repeats).
+    """
+    contexts: list[tuple[str, list[str]]] = []
+    seen: set[tuple[str, str]] = set()
+    for ds in datasets:
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        if key in seen:
+            continue
+        seen.add(key)
+        syntaxes = [key[1], *(ts for ts in _FALLBACK if ts != key[1])]
+        contexts.append((key[0], syntaxes))
+    return contexts
+
+
+def _fit_to_association(ds: Dataset, assoc: Association, ae_title: str) -> bool:
+    """Make ``ds`` sendable on ``assoc``; return whether it had to be transcoded.
+
+    Raises
+    ------
+    SendError
+        Permanent: the destination accepted no context for the SOP class, or
+        the pixel data cannot be decompressed.
+    """
+    sop_class = UID(str(ds.SOPClassUID))
+    accepted = [UID(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
+    if not accepted:
+        raise SendError(f"{ae_title} does not accept {sop_class.name} ({sop_class}): it refused every "
+                        "presentation context; configure the destination to store this SOP class",
+                        retryable=False)
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    if syntax in accepted:
+        return False
+    convertible = any(not ts.is_compressed and ts.is_little_endian == syntax.is_little_endian for ts in accepted)
+    if not syntax.is_compressed and convertible:
+        return False  # pynetdicom re-encodes between uncompressed little endian syntaxes
+    if not syntax.is_compressed:
+        raise SendError(f"{ae_title} accepted only {', '.join(ts.name for ts in accepted)} for {sop_class.name}, "
+                        f"which {syntax.name} cannot be converted to", retryable=False)
+    try:
+        ds.decompress(generate_instance_uid=False)
+    except Exception as exc:  # no decoder for this syntax, corrupt fragments...
+        raise SendError(f"{ae_title} does not accept {syntax.name} for {sop_class.name} and the object cannot "
+                        f"be decompressed ({type(exc).__name__}: {exc})", retryable=False) from exc
+    logger.info("C-STORE of %s to %s: destination does not accept %s; transcoded to %s",
+                ds.SOPInstanceUID, ae_title, syntax.name, UID(ExplicitVRLittleEndian).name)
+    return True
+
+
+def _configure(ae: AE, timeout_s: float) -> None:
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+
+
 def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, calling_ae_title: str,
-               timeout_s: float = 30.0) -> SendReport:
+               timeout_s: float = 30.0, skip_refused: bool = False) -> SendReport:
     """Send ``files`` over one association.
+
+    Parameters
+    ----------
+    files:
+        DICOM Part 10 files.
+    ae_title, host, port:
+        The destination (Called AE Title, address, port).
+    calling_ae_title:
+        Our AE title as presented to the destination.
+    timeout_s:
+        Connection, association, DIMSE and network timeout in seconds.
+    skip_refused:
+        If true, objects of a SOP class the destination accepted no context
+        for are not sent and their class is listed in ``SendReport.refused``
+        (the outbox then sends a fallback, e.g. the overlay instead of a SEG);
+        if false, such an object is a permanent error.
+
+    Returns
+    -------
+    SendReport
+        How many objects were stored, their warnings, and how many were transcoded.
 
     Raises
     ------
     SendError
         ``retryable=True`` when the destination is unreachable, rejects the
-        association or is out of resources; ``retryable=False`` when it
-        refuses an object (the reason names the status).
+        association, stops answering or is out of resources;
+        ``retryable=False`` when it refuses an object (the reason names the
+        status) or accepts no transfer syntax the object can be sent in.
     """
     datasets = [dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == sop_class}
-                          | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+    _configure(ae, timeout_s)
+    for sop_class, syntaxes in proposed_contexts(datasets):
         ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted"
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            refused = ", ".join(sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts}))
+            raise SendError(f"{ae_title} does not accept {refused}: it refused every presentation context; "
+                            "configure the destination to store this SOP class", retryable=False)
+        why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted the association"
         raise SendError(f"destination {ae_title}@{host}:{port} {why}", retryable=True)
     warnings: list[str] = []
-    sent = 0
+    sent = transcoded = 0
+    refused: list[str] = []
     try:
         for ds in datasets:
+            if skip_refused and not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
+                if str(ds.SOPClassUID) not in refused:
+                    logger.warning("C-STORE to %s: %s not accepted in association negotiation; not sent",
+                                   ae_title, UID(str(ds.SOPClassUID)).name)
+                    refused.append(str(ds.SOPClassUID))
+                continue
+            transcoded += _fit_to_association(ds, assoc, ae_title)
             status = assoc.send_c_store(ds)
             code = int(status.Status) if "Status" in status else None
             if code is None:
@@ -88,26 +196,36 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
                 raise SendError(f"{ae_title} is out of resources (0x{code:04X})", retryable=True)
             else:
                 comment = str(status.get("ErrorComment", "")).strip()
-                raise SendError(f"{ae_title} refused {ds.SOPClassUID.name} with status 0x{code:04X}"
+                raise SendError(f"{ae_title} refused {UID(str(ds.SOPClassUID)).name} with status 0x{code:04X}"
                                 + (f" ({comment})" if comment else ""), retryable=False)
     finally:
         if assoc.is_established:
             assoc.release()
-    return SendReport(sent=sent, warnings=tuple(warnings))
+    return SendReport(sent=sent, warnings=tuple(warnings), transcoded=transcoded, refused=tuple(refused))
 
 
 def echo(*, ae_title: str, host: str, port: int, calling_ae_title: str, timeout_s: float = 10.0) -> int | None:
-    """C-ECHO a peer; returns the status, or ``None`` when no association could be made."""
+    """C-ECHO a peer.
+
+    Returns
+    -------
+    int or None
+        The C-ECHO status (``0x0000`` = success), or ``None`` when no
+        association could be made or no response came.
+    """
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
+    _configure(ae, timeout_s)
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
         return None
     try:
+        if not assoc.accepted_contexts:
+            return None  # the peer refused Verification
         status = assoc.send_c_echo()
         return int(status.Status) if "Status" in status else None
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()

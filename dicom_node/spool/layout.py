@@ -91,6 +91,13 @@ class Spool:
             / f"{validate_name(kind, 'output kind')}.dcm"
         )
 
+    def result_part_path(self, source_series_uid: str, model: str, kind: str, index: int) -> Path:
+        """Where part ``index`` (0-based) of a multi-object result (overlay series) lives."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise InvalidUIDError(f"result part index {index!r} is not a non-negative integer")
+        return self.result_path(source_series_uid, model, kind).with_name(
+            f"{validate_name(kind, 'output kind')}-{index:05d}.dcm")
+
     def relative(self, path: Path) -> str:
         """Path relative to the spool root, as stored in the database."""
         return str(path.relative_to(self.root))
@@ -141,6 +148,10 @@ class Spool:
     def free_mb(self) -> float:
         """Free space on the spool filesystem in MiB."""
         return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def incoming_files(self) -> list[Path]:
+        """Every received instance file in the spool (``incoming/<study>/<series>/<sop>.dcm``)."""
+        return [p for p in self.incoming.glob("*/*/*.dcm") if p.is_file()]
 
     def remove_series(self, study_uid: str, series_uid: str) -> None:
         shutil.rmtree(self.series_dir(study_uid, series_uid), ignore_errors=True)

@@ -76,6 +76,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX results_source ON results(source_series);
     """,
+    # 2: the audit trail (append-only: triggers refuse UPDATE and DELETE).
+    """
+    CREATE TABLE audit (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        at               REAL NOT NULL,
+        event            TEXT NOT NULL,
+        study_uid        TEXT NOT NULL DEFAULT '',
+        series_uid       TEXT NOT NULL DEFAULT '',
+        peer_ae          TEXT NOT NULL DEFAULT '',
+        peer_host        TEXT NOT NULL DEFAULT '',
+        detail           TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_at ON audit(at);
+    CREATE INDEX audit_series ON audit(series_uid, at);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    """,
 )
 
 

@@ -4,10 +4,21 @@ Transitions::
 
     queued --claim--> running --complete--> done
                          |--fail--------> failed            (permanent: bad input, model error)
+                         |--bury--------> dead              (SEND refused for good: the dead letter)
                          |--retry-------> retrying --due--> running ...
-                         |                   `--attempts exhausted--> dead   (SEND only)
+                         |                   `--attempts or age exhausted--> dead   (SEND only)
+    retrying --release (destination answers again)--> retrying, due now
     running --(crash, found at start)--> queued (INFER) | retrying (SEND)
     dead/failed --requeue (operator)--> queued
+
+SEND jobs form the outbox.  The issue's words for their states are shown by
+``dicom-node status`` (:func:`state_label`): running = *sending*, done =
+*sent*, retrying = *failed-retrying*; queued and dead keep their names.
+
+Exactly once: a SEND job is marked done only after the destination confirmed
+every object, and a job found ``running`` at start (the node was killed while
+sending) is sent again.  Result UIDs are deterministic, so a repeated send
+overwrites the copy the destination may already hold instead of adding one.
 
 The series' state follows its jobs and is refreshed in the same
 transaction as every job transition.
@@ -18,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +39,20 @@ from dicom_node.store.database import Database
 logger = logging.getLogger(__name__)
 
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+
+#: How ``dicom-node status`` names SEND job states (the outbox's vocabulary).
+SEND_STATE_LABELS: dict[JobState, str] = {
+    JobState.RUNNING: "sending",
+    JobState.DONE: "sent",
+    JobState.RETRYING: "failed-retrying",
+}
+
+
+def state_label(kind: JobKind | str, state: JobState | str) -> str:
+    """The state as shown to operators: SEND jobs use the outbox's words (sending, sent, failed-retrying)."""
+    if kind == JobKind.SEND:
+        return SEND_STATE_LABELS.get(JobState(state), str(state))
+    return str(state)
 
 
 @dataclass(frozen=True)
@@ -42,6 +68,8 @@ class Job:
     priority: int
     attempts: int
     reason: str
+    next_attempt_at: float = 0.0
+    created_at: float = 0.0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -50,6 +78,7 @@ class Job:
             series_uid=row["series_uid"], rule=row["rule"], model=row["model"],
             destination=row["destination"], payload=json.loads(row["payload"]),
             priority=row["priority"], attempts=row["attempts"], reason=row["reason"],
+            next_attempt_at=row["next_attempt_at"], created_at=row["created_at"],
         )
 
 
@@ -73,12 +102,32 @@ class JobStore:
     # -- creation ----------------------------------------------------------
     def enqueue(self, kind: JobKind, series_uid: str, now: float, *, rule: str = "", model: str = "",
                 destination: str = "", payload: dict[str, Any] | None = None, priority: int = 0) -> int:
+        """Queue a job; returns its id.
+
+        A SEND job identical to one still waiting in the outbox (same series,
+        model, destination and payload, state queued or retrying) is not
+        queued twice: the waiting job is made due now and its id returned.
+        This happens when an INFER job is re-run after a crash between
+        queuing its sends and completing.
+        """
+        text = json.dumps(payload or {})
         with self.db.transaction() as c:
+            if kind == JobKind.SEND:
+                twin = c.execute(
+                    "SELECT id FROM jobs WHERE kind=? AND state IN (?,?) AND series_uid=? AND model=?"
+                    " AND destination=? AND payload=? ORDER BY id LIMIT 1",
+                    (kind, JobState.QUEUED, JobState.RETRYING, series_uid, model, destination, text),
+                ).fetchone()
+                if twin is not None:
+                    c.execute("UPDATE jobs SET next_attempt_at=MIN(next_attempt_at, ?), updated_at=? WHERE id=?",
+                              (now, now, twin["id"]))
+                    logger.info("Job %d: already in the outbox for %s; not queued twice", twin["id"], destination)
+                    return int(twin["id"])
             cur = c.execute(
                 "INSERT INTO jobs (kind, state, series_uid, rule, model, destination, payload, priority,"
                 " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (kind, JobState.QUEUED, series_uid, rule, model, destination,
-                 json.dumps(payload or {}), priority, now, now, now),
+                 text, priority, now, now, now),
             )
             job_id = int(cur.lastrowid or 0)
             self._refresh_series(c, series_uid, now)
@@ -86,13 +135,20 @@ class JobStore:
         return job_id
 
     # -- transitions -------------------------------------------------------
-    def claim(self, kind: JobKind, now: float) -> Job | None:
-        """Take the most urgent due job of ``kind``: priority first, then oldest."""
+    def claim(self, kind: JobKind, now: float, *, skip_destinations: Collection[str] = ()) -> Job | None:
+        """Take the most urgent due job of ``kind``: priority first, then oldest.
+
+        ``skip_destinations`` leaves the jobs of those destinations where they
+        are (a send loop skips a destination that just failed).
+        """
+        skip = sorted(skip_destinations)
+        marks = ",".join("?" * len(skip))
         with self.db.transaction() as c:
             row = c.execute(
                 "SELECT * FROM jobs WHERE kind=? AND state IN (?,?) AND next_attempt_at <= ?"
-                " ORDER BY priority DESC, id LIMIT 1",
-                (kind, JobState.QUEUED, JobState.RETRYING, now),
+                + (f" AND destination NOT IN ({marks})" if skip else "")
+                + " ORDER BY priority DESC, id LIMIT 1",
+                (kind, JobState.QUEUED, JobState.RETRYING, now, *skip),
             ).fetchone()
             if row is None:
                 return None
@@ -110,30 +166,66 @@ class JobStore:
         self._set(job_id, JobState.FAILED, now, reason)
 
     def retry_later(self, job_id: int, reason: str, now: float, next_attempt_at: float,
-                    max_attempts: int) -> JobState:
-        """Schedule another attempt, or declare the job dead when attempts are exhausted."""
+                    max_attempts: int, max_age_s: float | None = None) -> JobState:
+        """Schedule another attempt, or declare the job dead when attempts or time are exhausted.
+
+        Parameters
+        ----------
+        max_attempts:
+            Attempts after which the job is dead.
+        max_age_s:
+            Seconds after its creation (or after an operator's requeue) after
+            which the job is dead, whatever its attempt count; ``None``: no limit.
+
+        Returns
+        -------
+        JobState
+            ``RETRYING`` or ``DEAD``.
+        """
         with self.db.transaction() as c:
-            row = c.execute("SELECT attempts, series_uid FROM jobs WHERE id=?", (job_id,)).fetchone()
-            state = JobState.DEAD if row["attempts"] >= max_attempts else JobState.RETRYING
+            row = c.execute("SELECT attempts, series_uid, created_at, payload FROM jobs WHERE id=?",
+                            (job_id,)).fetchone()
+            since = float(json.loads(row["payload"]).get("since", row["created_at"]))
+            too_old = max_age_s is not None and now - since >= max_age_s
+            state = JobState.DEAD if row["attempts"] >= max_attempts or too_old else JobState.RETRYING
+            if state is JobState.DEAD:
+                limit = f"{row['attempts']} attempt(s)" if not too_old else f"{(now - since) / 3600:.1f} h"
+                reason = f"gave up after {limit}: {reason}"
             c.execute("UPDATE jobs SET state=?, reason=?, next_attempt_at=?, updated_at=? WHERE id=?",
                       (state, reason, next_attempt_at, now, job_id))
             self._refresh_series(c, row["series_uid"], now)
         if state is JobState.DEAD:
-            logger.error("Job %d dead after %d attempts: %s", job_id, row["attempts"], reason)
+            logger.error("Job %d dead: %s", job_id, reason)
         else:
             logger.warning("Job %d will be retried in %.0f s: %s", job_id, next_attempt_at - now, reason)
         return state
 
+    def bury(self, job_id: int, reason: str, now: float) -> None:
+        """Dead-letter a SEND job at once: the destination refused it for good.
+
+        It stays visible with its reason (``dicom-node status``) until an
+        operator fixes the cause and queues it again (:meth:`requeue`).
+        """
+        logger.error("Job %d dead: %s", job_id, reason)
+        self._set(job_id, JobState.DEAD, now, reason)
+
     def requeue(self, job_ids: list[int], now: float) -> int:
-        """Operator action: put failed/dead jobs back in the queue with a fresh attempt count."""
+        """Operator action: put failed/dead jobs back in the queue with a fresh attempt count.
+
+        A SEND job's age limit counts again from now (``since`` in its payload).
+        """
         n = 0
         with self.db.transaction() as c:
             for job_id in job_ids:
-                row = c.execute("SELECT series_uid, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+                row = c.execute("SELECT series_uid, state, kind, payload FROM jobs WHERE id=?",
+                                (job_id,)).fetchone()
                 if row is None or row["state"] not in (JobState.DEAD, JobState.FAILED):
                     continue
-                c.execute("UPDATE jobs SET state=?, attempts=0, next_attempt_at=?, reason='', updated_at=?"
-                          " WHERE id=?", (JobState.QUEUED, now, now, job_id))
+                payload = json.loads(row["payload"])
+                if row["kind"] == JobKind.SEND:
+                    payload["since"] = now
+                c.execute("UPDATE jobs SET state=?, attempts=0, next_attempt_at=?, reason='', payload=?,"
+                          " updated_at=? WHERE id=?", (JobState.QUEUED, now, json.dumps(payload), now, job_id))
                 self._refresh_series(c, row["series_uid"], now)
                 n += 1
         return n
@@ -156,6 +248,21 @@ class JobStore:
         if rows:
             logger.warning("Recovered %d job(s) left running by an earlier stop", len(rows))
         return len(rows)
+
+    def release(self, destination: str, now: float) -> int:
+        """Make the SEND jobs waiting for ``destination`` due now (it answers again); returns how many."""
+        with self.db.transaction() as c:
+            cur = c.execute("UPDATE jobs SET next_attempt_at=?, updated_at=? WHERE kind=? AND state=?"
+                            " AND destination=? AND next_attempt_at > ?",
+                            (now, now, JobKind.SEND, JobState.RETRYING, destination, now))
+            n = cur.rowcount
+        return n
+
+    def waiting_destinations(self, now: float) -> list[str]:
+        """Destinations with SEND jobs waiting for a later retry (not yet due)."""
+        rows = self.db.query("SELECT DISTINCT destination FROM jobs WHERE kind=? AND state=? AND next_attempt_at > ?"
+                             " ORDER BY destination", (JobKind.SEND, JobState.RETRYING, now))
+        return [r["destination"] for r in rows]
 
     def supersede(self, series_uid: str, now: float) -> None:
         """A re-opened series: its queued work is obsolete and replaced by a new run."""

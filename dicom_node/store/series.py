@@ -39,17 +39,40 @@ class InstanceOutcome:
     REPLACED = "replaced"          # same SOP Instance UID, different bytes
 
 
+@dataclass(frozen=True)
+class RecordedFile:
+    """An instance row as the start-up reconciliation sees it."""
+
+    sop_uid: str
+    series_uid: str
+    path: str
+    size: int
+
+
 class SeriesStore:
-    def __init__(self, db: Database) -> None:
+    """Series and instance rows.
+
+    Parameters
+    ----------
+    db:
+        The state database.
+    reopen_late:
+        ``completion.reprocess_late_arrivals``: whether a new instance for a
+        series that was already complete (or processed) re-opens it.
+    """
+
+    def __init__(self, db: Database, reopen_late: bool = True) -> None:
         self.db = db
+        self.reopen_late = reopen_late
 
     def record_instance(self, inst: ReceivedInstance, now: float) -> str:
         """Record a received instance durably; returns an :class:`InstanceOutcome` value.
 
         A new (or changed) instance for a series that was already complete
-        re-opens it: the series goes back to ``receiving`` and is processed
-        again once quiet (results have deterministic UIDs, so they replace
-        the earlier ones in the PACS).
+        re-opens it when ``reopen_late``: the series goes back to ``receiving``
+        and is processed again once quiet (results have deterministic UIDs, so
+        they replace the earlier ones in the PACS).  Otherwise the instance is
+        stored and logged, and the series keeps its state.
         """
         with self.db.transaction() as c:
             old = c.execute("SELECT sha256, series_uid FROM instances WHERE sop_uid=?",
@@ -65,10 +88,14 @@ class SeriesStore:
                     (inst.series_uid, inst.study_uid, SeriesState.RECEIVING, inst.modality,
                      inst.calling_ae, inst.called_ae, inst.source_host, now, now, now),
                 )
-            elif row["state"] in _SETTLED:
+            elif row["state"] in _SETTLED and self.reopen_late:
                 logger.info("Series %s: new instance after state %s; re-opening", inst.series_uid, row["state"])
                 c.execute("UPDATE series SET state=?, reason='', completed_at=NULL WHERE series_uid=?",
                           (SeriesState.RECEIVING, inst.series_uid))
+            elif row["state"] in _SETTLED:
+                logger.warning("Series %s: late instance %s stored after state %s; the series is not re-opened "
+                               "(completion.reprocess_late_arrivals is false)", inst.series_uid,
+                               inst.sop_uid, row["state"])
             c.execute(
                 "INSERT INTO instances (sop_uid, series_uid, sop_class_uid, transfer_syntax, path, size,"
                 " sha256, received_at) VALUES (?,?,?,?,?,?,?,?)"
@@ -89,6 +116,55 @@ class SeriesStore:
             return InstanceOutcome.REPLACED
         return InstanceOutcome.NEW
 
+    # -- start-up reconciliation (see dicom_node.spool.reconcile) -------------
+    def recorded_files(self) -> list[RecordedFile]:
+        """Every instance row's file, as recorded."""
+        return [RecordedFile(r["sop_uid"], r["series_uid"], r["path"], r["size"])
+                for r in self.db.query("SELECT sop_uid, series_uid, path, size FROM instances")]
+
+    def forget_instances(self, sop_uids: list[str], now: float) -> None:
+        """Remove instance rows (their files are gone) and recount their series.
+
+        A series left without any instance that had not finished receiving or
+        processing is marked ``failed`` with the reason, so it is never
+        processed from nothing.
+        """
+        with self.db.transaction() as c:
+            series = set()
+            for sop_uid in sop_uids:
+                row = c.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+                if row is None:
+                    continue
+                series.add(row["series_uid"])
+                c.execute("DELETE FROM instances WHERE sop_uid=?", (sop_uid,))
+            for series_uid in series:
+                c.execute("UPDATE series SET updated_at=?,"
+                          " instance_count=(SELECT COUNT(*) FROM instances WHERE series_uid=?) WHERE series_uid=?",
+                          (now, series_uid, series_uid))
+                c.execute("UPDATE series SET state=?, reason=? WHERE series_uid=? AND instance_count=0"
+                          " AND state IN (?,?)",
+                          (SeriesState.FAILED, "every received file is missing from the spool", series_uid,
+                           SeriesState.RECEIVING, SeriesState.COMPLETE))
+
+    def restart_quiet_periods(self, now: float) -> list[str]:
+        """At start-up: series still receiving get a full quiet period from ``now``.
+
+        While the node was down no sender could reach it, so the downtime is not
+        silence: a series interrupted by a crash is completed only once its
+        sender had ``quiet_seconds`` to send the rest.  Returns the series UIDs.
+        """
+        with self.db.transaction() as c:
+            rows = c.execute("SELECT series_uid FROM series WHERE state=? AND last_received < ?",
+                             (SeriesState.RECEIVING, now)).fetchall()
+            c.execute("UPDATE series SET last_received=? WHERE state=? AND last_received < ?",
+                      (now, SeriesState.RECEIVING, now))
+        return [r["series_uid"] for r in rows]
+
+    def update_instance_file(self, sop_uid: str, size: int, sha256: str) -> None:
+        """Record the size and digest of the file actually in the spool for an instance."""
+        with self.db.transaction() as c:
+            c.execute("UPDATE instances SET size=?, sha256=? WHERE sop_uid=?", (size, sha256, sop_uid))
+
     def complete_quiet(self, now: float, quiet_seconds: float) -> list[str]:
         """Mark every receiving series with no instance for ``quiet_seconds`` complete.
 
@@ -106,6 +182,18 @@ class SeriesStore:
         for r in rows:
             logger.info("Series %s: complete after %d instance(s)", r["series_uid"], r["instance_count"])
         return [r["series_uid"] for r in rows]
+
+    def mark_complete(self, series_uid: str, now: float, last_received: float) -> bool:
+        """Mark one receiving series complete, unless an instance arrived since ``last_received``.
+
+        Used by :class:`dicom_node.scheduler.completion.SeriesCompletion` (per-rule
+        timers, C-FIND confirmation).  Returns whether the series became complete.
+        """
+        with self.db.transaction() as c:
+            cur = c.execute("UPDATE series SET state=?, completed_at=?, updated_at=? WHERE series_uid=?"
+                            " AND state=? AND last_received=?",
+                            (SeriesState.COMPLETE, now, now, series_uid, SeriesState.RECEIVING, last_received))
+        return cur.rowcount == 1
 
     def get(self, series_uid: str) -> dict | None:
         rows = self.db.query("SELECT * FROM series WHERE series_uid=?", (series_uid,))

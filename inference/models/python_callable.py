@@ -45,6 +45,7 @@ def load_callable(spec: str, path: str | None = None) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"callable {spec!r} must look like 'package.module:function'")
+    path = str(path) if path else None  # settings give a Path; sys.path only honours str entries
     if path and path not in sys.path:
         sys.path.insert(0, path)
     module = importlib.import_module(module_name)

@@ -159,3 +159,69 @@ def test_allowed_peers_refuse_unknown_calling_ae(tmp_path: Path, node_factory: A
     assoc2.release()
     assert "INTRUDER" in node.log()
 
+
+
+def test_sigkill_during_a_series_loses_nothing_acknowledged(tmp_path: Path, node_factory: Any) -> None:
+    """SIGKILL mid-series, restart, re-send only what was not acknowledged: results cover every slice."""
+    import signal
+
+    from tests.integration.conftest import wait_until
+
+    spacing = (3.0, 4.0, 4.0)  # big enough for the lungs model to find both lungs
+    hu, _ = make_chest_phantom(shape=(16, 48, 48), spacing=spacing)
+    files = write_ct_series(hu, spacing, tmp_path / "ct")
+    config = node_config(tmp_path, quiet_seconds=3.0)
+    # A late instance must not be needed to complete the series: the restart keeps the series open.
+    config["completion"]["reprocess_late_arrivals"] = False
+    node = node_factory(config, name="node")
+
+    acknowledged: list[Path] = []
+    assoc = _assoc(node.port)
+    for f in files[:9]:
+        if assoc.send_c_store(pydicom.dcmread(f)).Status == 0x0000:
+            acknowledged.append(f)
+    assert len(acknowledged) == 9
+    node.stop(signal.SIGKILL)  # while the association is still open, mid-series
+    assert node.proc.returncode == -signal.SIGKILL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rsp = assoc.send_c_store(pydicom.dcmread(files[9]))
+            assert "Status" not in rsp  # no answer from a dead node: not acknowledged
+        except Exception:
+            pass
+    assoc.abort()
+
+    # What a kill can leave behind: a half-written temp file, and a file renamed into
+    # place whose row was never committed (so never acknowledged: the sender will resend it).
+    spool = node.state / "spool"
+    (spool / "tmp" / "crash.part").write_bytes(b"half a dataset")
+    orphan_ds = pydicom.dcmread(files[9])
+    orphan = (spool / "incoming" / orphan_ds.StudyInstanceUID / orphan_ds.SeriesInstanceUID
+              / f"{orphan_ds.SOPInstanceUID}.dcm")
+    orphan.write_bytes(files[9].read_bytes()[:100])
+    rows = node.status_json()
+    assert rows[0]["instance_count"] == 9 and rows[0]["state"] == "receiving"
+
+    restarted = node_factory(config, name="node")  # same state directory, same port
+    assert not (spool / "tmp" / "crash.part").exists()
+    assert not orphan.exists() or orphan.stat().st_size > 100
+    unacknowledged = [f for f in files if f not in acknowledged]
+    out = storescu(restarted.port, unacknowledged, aec="DICOMNODE")
+    assert out.returncode == 0, out.stderr
+
+    def done() -> Any:
+        rows = restarted.status_json()
+        return rows and rows[0]["state"] in ("done", "failed") and rows[0]
+
+    row = wait_until(done, 180, "the series to be processed after the restart")
+    assert row["state"] == "done", row
+    assert row["instance_count"] == len(files)
+    produced = list((restarted.state / "spool" / "results").rglob("*.dcm"))
+    segs = [p for p in produced if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]
+    assert len(segs) == 1, (produced, restarted.log()[-3000:])
+    seg = pydicom.dcmread(segs[0])
+    referenced = {item.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                  for item in s.ReferencedInstanceSequence}
+    assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    assert "removed" in restarted.log() and "never recorded" in restarted.log()

@@ -222,7 +222,10 @@ def test_attributes_from_dataset_gives_plain_values() -> None:
     ds.BodyPartExamined = ""
     ds.SeriesNumber = None
     ds.SOPClassUID = CTImageStorage
-    ds.ReferencedImageSequence = DicomSequence([Dataset()])
+    item = Dataset()
+    item.ReferencedSOPClassUID = CTImageStorage
+    item.ReferencedFrameNumber = None
+    ds.ReferencedImageSequence = DicomSequence([item, Dataset()])
     ds.PixelData = b"\x00\x00"
     ds.add_new(0x60003000, "OW", b"\x00\x00")  # overlay data
     ds.add_new(0x00091001, "LO", "private")
@@ -237,7 +240,9 @@ def test_attributes_from_dataset_gives_plain_values() -> None:
         "SeriesNumber": None,
         "InstanceNumber": 7,
         "PixelSpacing": [0.5, 0.5],
+        "ReferencedImageSequence": [{"ReferencedSOPClassUID": CTImageStorage, "ReferencedFrameNumber": None}, {}],
         "Rows": 512,
+        "(0009,1001)": "private",
     }
     assert type(attrs["SliceThickness"]) is float and type(attrs["InstanceNumber"]) is int
     assert type(attrs["SOPClassUID"]) is str and type(attrs["PatientName"]) is str
@@ -303,7 +308,8 @@ def test_scan_paths_groups_series_and_skips_non_dicom(tmp_path: Path) -> None:
     by_series = {s.series_uid: (s, files) for s, files in found}
     ct_summary, ct_files = by_series[ct]
     assert ct_summary.study_uid == study
-    assert ct_summary.facts == {"instance_count": 3}
+    assert ct_summary.facts == {"instance_count": 3, "frames": 3, "image_type": [], "orientation": None,
+                                "slice_spacing": None}
     assert ct_summary.attributes["InstanceNumber"] == 1
     assert [p.name for p in ct_files] == ["ct1.dcm", "ct2.dcm", "ct3.dcm"]
     mr_summary, mr_files = by_series[mr]
@@ -327,3 +333,12 @@ def test_scan_paths_accepts_files_and_real_data(tmp_path: Path) -> None:
 def test_scan_paths_missing_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         scan_paths([tmp_path / "absent"])
+
+
+def test_own_manufacturer_is_what_every_result_object_is_written_with() -> None:
+    from dicom_node.results.identity import MANUFACTURER
+
+    assert MANUFACTURER == OWN_MANUFACTURER, "loop protection must recognise the node's own SEG/SR/SC/PDF"
+    # An overlay (secondary capture, modality OT) or PDF (DOC) of ours is caught by its Manufacturer.
+    for modality in ("OT", "DOC"):
+        assert never_process_reason(summary(Modality=modality, Manufacturer=MANUFACTURER)) is not None

@@ -231,7 +231,7 @@ def test_unknown_nested_key() -> None:
 def test_unknown_operator() -> None:
     message = problem(BASE.replace("SliceThickness: {max: 3.0}", "SliceThickness:\n        bogus_op: 3"))
     assert_problem(message, 13, "rules[0].when.SliceThickness.bogus_op", "unknown operator")
-    assert "equals, in, regex, min, max" in message
+    assert "exists, absent, equals, iequals, in, regex, contains, min, max, not" in message
 
 
 def test_unknown_dicom_keyword_suggests_the_right_one() -> None:

@@ -1,0 +1,161 @@
+"""End to end: the node's own overhead from the last CT instance received to SEG + SR stored in Orthanc.
+
+A 200-slice 512x512 synthetic chest CT is sent with DCMTK ``storescu`` straight to
+the node (``dicom-node serve`` in a subprocess, built-in ``lungs-ct`` model), which
+sends its SEG and SR to a real Orthanc.  From the node's state database:
+
+    last instance received ........ max(instances.received_at)
+    series complete ............... series.completed_at        (quiet period + tick)
+    INFER job queued/done ......... jobs.created_at / updated_at, payload seconds {load, model, encode}
+    SEND job done ................. jobs.updated_at: Orthanc answered the last C-STORE with success
+
+    overhead = SEND done - last instance - completion.quiet_seconds - model seconds
+
+Side by side, as references for the same machine and run: DCMTK ``storescu`` pushing the
+CT to the node (intake) and pushing the node's SEG + SR files to Orthanc (what a send costs).
+
+Usage: ``python -m bench e2e [--slices 200] [--size 512] [--quiet 2] [--runs 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--quiet", type=float, default=2.0, help="completion.quiet_seconds (subtracted)")
+    parser.add_argument("--runs", type=int, default=1, help="series sent one after another (new UIDs each)")
+    args = parser.parse_args(argv)
+
+    from tests.integration.conftest import free_port, node_config, start_node, start_orthanc, storescu, wait_until
+    from tests.phantoms import make_chest_phantom, write_ct_series
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        spacing = (1.5, 0.7, 0.7)
+        hu, _ = make_chest_phantom(shape=(args.slices, args.size, args.size), spacing=spacing)
+        series = [write_ct_series(hu, spacing, tmp / f"ct{i}") for i in range(args.runs)]
+        del hu
+        print(f"phantom: {args.slices} slices of {args.size}x{args.size}, {args.runs} series "
+              f"({time.perf_counter() - t0:.1f} s to make)")
+
+        pacs_port = free_port()
+        config = node_config(tmp, quiet_seconds=args.quiet,
+                             destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}})
+        config["completion"]["tick_seconds"] = 0.5
+        config["logging"] = {"level": "WARNING"}
+        node = start_node(tmp / "node", config)
+        # No routing rule: the modality sends straight to the node; Orthanc only receives results.
+        orthanc = start_orthanc(tmp / "orthanc", node.port, dicom_port=pacs_port, lua="-- no routing\n")
+        rows: list[dict[str, float]] = []
+        try:
+            for files in series:
+                series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+                t = time.perf_counter()
+                sent = storescu(node.port, files, aec="DICOMNODE")
+                intake = time.perf_counter() - t
+                if sent.returncode != 0:
+                    print(f"storescu failed: {sent.stderr[-500:]}")
+                    return 1
+                wait_until(lambda: _finished(node.state, series_uid), 900, "SEG + SR sent to Orthanc", interval=0.5)
+                row = _breakdown(node.state, series_uid, args.quiet)
+                row["storescu_intake_s"] = intake
+                row["storescu_results_s"] = _reference_send(node.state, series_uid, orthanc.dicom_port)
+                rows.append(row)
+                _print_row(row)
+        finally:
+            node.stop()
+            orthanc.stop()
+        if len(rows) > 1:
+            print(f"median overhead over {len(rows)} runs: "
+                  f"{statistics.median(r['overhead_s'] for r in rows):.2f} s (target < 2 s)")
+        return 0
+
+
+def _db(state: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{state / 'dicom-node.sqlite3'}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _finished(state: Path, series_uid: str) -> bool:
+    with _db(state) as conn:
+        jobs = conn.execute("SELECT kind, state FROM jobs WHERE series_uid=?", (series_uid,)).fetchall()
+    sends = [j["state"] for j in jobs if j["kind"] == "send"]
+    if any(j["state"] in ("failed", "dead") for j in jobs):
+        raise RuntimeError(f"a job failed: {[dict(j) for j in jobs]}")
+    return bool(sends) and all(s == "done" for s in sends)
+
+
+def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
+    with _db(state) as conn:
+        last = conn.execute("SELECT MAX(received_at) FROM instances WHERE series_uid=?", (series_uid,)).fetchone()[0]
+        s = conn.execute("SELECT completed_at FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+        jobs = [dict(j) for j in conn.execute("SELECT * FROM jobs WHERE series_uid=? ORDER BY id", (series_uid,))]
+    infer = next(j for j in jobs if j["kind"] == "infer")
+    send_done = max(j["updated_at"] for j in jobs if j["kind"] == "send")
+    send_created = min(j["created_at"] for j in jobs if j["kind"] == "send")
+    seconds: dict[str, float] = json.loads(infer["payload"]).get("seconds", {})
+    infer_wall = infer["updated_at"] - infer["created_at"]
+    return {
+        "total_s": send_done - last,
+        "overhead_s": send_done - last - quiet - seconds.get("model", 0.0),
+        "completion_lag_s": s["completed_at"] - last - quiet,
+        "infer_wall_s": infer_wall,
+        "load_s": seconds.get("load", 0.0),
+        "model_s": seconds.get("model", 0.0),
+        "encode_s": seconds.get("encode", 0.0),
+        "infer_other_s": infer_wall - sum(seconds.values()),
+        "queue_to_send_s": send_created - infer["updated_at"],
+        "send_s": send_done - send_created,
+    }
+
+
+def _reference_send(state: Path, series_uid: str, port: int) -> float:
+    """DCMTK storescu pushing the node's own SEG + SR files to Orthanc (the reference for a send)."""
+    import os
+
+    from tests.integration.conftest import require_tool
+
+    with _db(state) as conn:
+        paths = [str(state / "spool" / r["path"]) for r in
+                 conn.execute("SELECT path FROM results WHERE source_series=?", (series_uid,))]
+    # -R: propose exactly the SOP classes of the files (SEG is not in storescu's default list).
+    cmd = [require_tool("storescu"), "-R", "-aet", "DICOMNODE", "-aec", "ORTHANC", "127.0.0.1", str(port), *paths]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"storescu of the results failed: {out.stderr[-500:]}")
+    return time.perf_counter() - t
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(f"node overhead (last instance -> SEG+SR stored, minus quiet period and model): "
+          f"{row['overhead_s']:.2f} s  (target < 2 s)")
+    print(f"  total {row['total_s']:.2f} s = completion lag {row['completion_lag_s']:.2f} s (beyond quiet) "
+          f"+ INFER {row['infer_wall_s']:.2f} s [load {row['load_s']:.2f}, model {row['model_s']:.2f}, "
+          f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}] "
+          f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)")
+    print(f"  reference: storescu CT -> node {row['storescu_intake_s']:.2f} s; "
+          f"storescu SEG+SR -> Orthanc {row['storescu_results_s']:.2f} s (a re-store: Orthanc replaces the node's copies) "
+          f"(node SEND / storescu = {row['send_s'] / max(row['storescu_results_s'], 1e-6):.2f}x)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

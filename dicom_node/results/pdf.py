@@ -1,0 +1,263 @@
+"""Prediction -> Encapsulated PDF summary for referring clinicians (own output kind ``pdf``).
+
+The PDF (made with Pillow, no other dependency) has A4 pages at 100 dpi:
+
+- a header with the banner, the model (name, version, hash) and the node's version;
+- a table: one row per segment with its measurements (value and UCUM unit),
+  then one row per classification (probability, positive or not), then the
+  model's free-text findings;
+- key images: for each segment present, the slice where it is largest, drawn
+  as in the secondary-capture overlay (see :mod:`dicom_node.results.sc`),
+  at most :data:`MAX_KEY_IMAGES`, in slice order.
+
+No patient identifier is written into the PDF content: the DICOM header
+(copied patient and study modules) identifies the patient, as for every
+other result object.  The DICOM object is an Encapsulated PDF Storage
+instance (PS3.3 A.45.1) in the source study, in its own series (Modality
+``DOC``), with a deterministic SOP Instance UID and Source Instance Sequence
+referencing the key images' source instances.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+from dicom_node.errors import ResultError
+from dicom_node.results.identity import (
+    DEFAULT_DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    SOFTWARE_NAME,
+    SOFTWARE_VERSION,
+    OutputIdentity,
+    software_versions,
+)
+from dicom_node.results.sc import (
+    OverlayStyle,
+    load_font,
+    frame_pixels,
+    source_slices,
+    modality_values,
+    render_overlay,
+    window_of,
+)
+from dicom_node.results.seg import character_set, complete_source
+from inference.types import Prediction
+
+logger = logging.getLogger(__name__)
+
+MAX_KEY_IMAGES: Final[int] = 6
+"""Most key images in one PDF."""
+
+_PAGE: Final[tuple[int, int]] = (827, 1169)  # A4 at 100 dpi
+_MARGIN: Final[int] = 40
+_DPI: Final[float] = 100.0
+_COPIED: Final[tuple[str, ...]] = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+_DOCUMENT_TITLE: Final[str] = "AI result summary"
+
+
+def _font_small() -> object:
+    return load_font(10)
+
+
+def _table_rows(prediction: Prediction) -> list[tuple[str, str]]:
+    card = prediction.card
+    rows: list[tuple[str, str]] = []
+    present = {spec.label for spec in prediction.present_segments()}
+    for spec in card.segments:
+        items = prediction.measurements.get(spec.label, ())
+        values = "; ".join(f"{m.concept.meaning} {m.value:.4g} {m.unit.value}" for m in items)
+        if not values:
+            values = "present" if spec.label in present else "not found"
+        rows.append((spec.name, values))
+    for item in prediction.classifications:
+        verdict = "positive" if item.positive else "negative"
+        rows.append((item.name, f"probability {item.probability:.3f} ({verdict})"))
+    rows.extend(("Finding", text) for text in prediction.findings if text.strip())
+    return rows
+
+
+def key_slices(prediction: Prediction) -> list[int]:
+    """Slice indices ``z`` where each present segment has its largest area (unique, sorted)."""
+    labelmap = prediction.labelmap
+    if labelmap is None or labelmap.ndim != 3:
+        return []
+    chosen: set[int] = set()
+    for spec in prediction.present_segments():
+        areas = (labelmap == spec.label).sum(axis=(1, 2))
+        chosen.add(int(np.argmax(areas)))
+    return sorted(chosen)[:MAX_KEY_IMAGES]
+
+
+def _pages(prediction: Prediction, key_images: Sequence[np.ndarray], style: OverlayStyle) -> list[Image.Image]:
+    card = prediction.card
+    width, height = _PAGE
+    title, body = load_font(22), load_font(14)
+    pages = [Image.new("RGB", _PAGE, (255, 255, 255))]
+    draw = ImageDraw.Draw(pages[0])
+    y = _MARGIN
+    draw.text((_MARGIN, y), _DOCUMENT_TITLE, fill=(0, 0, 0), font=title)
+    y += 34
+    draw.text((_MARGIN, y), style.banner, fill=(180, 0, 0), font=body)
+    y += 22
+    draw.text((_MARGIN, y), f"Model {card.name} {card.version}"[:100], fill=(0, 0, 0), font=body)
+    y += 20
+    if card.model_hash:
+        draw.text((_MARGIN, y), f"Model hash {card.model_hash}"[:100], fill=(90, 90, 90), font=_font_small())
+        y += 20
+    draw.text((_MARGIN, y), f"{SOFTWARE_NAME} {SOFTWARE_VERSION}", fill=(90, 90, 90), font=body)
+    y += 30
+    column = _MARGIN + 220
+    for name, values in _table_rows(prediction):
+        if y > height - _MARGIN - 20:
+            pages.append(Image.new("RGB", _PAGE, (255, 255, 255)))
+            draw, y = ImageDraw.Draw(pages[-1]), _MARGIN
+        draw.line((_MARGIN, y - 4, width - _MARGIN, y - 4), fill=(200, 200, 200))
+        draw.text((_MARGIN, y), name[:30], fill=(0, 0, 0), font=body)
+        draw.text((column, y), values[:80], fill=(0, 0, 0), font=body)
+        y += 22
+    y += 10
+    tile = (width - 3 * _MARGIN) // 2
+    x = _MARGIN
+    for image in key_images:
+        picture = Image.fromarray(image)
+        picture.thumbnail((tile, tile))
+        if y + picture.height > height - _MARGIN:
+            if x == _MARGIN:
+                pages.append(Image.new("RGB", _PAGE, (255, 255, 255)))
+                draw, y = ImageDraw.Draw(pages[-1]), _MARGIN
+        pages[-1].paste(picture, (x, y))
+        if x == _MARGIN:
+            x = 2 * _MARGIN + tile
+        else:
+            x, y = _MARGIN, y + tile + 10
+    return pages
+
+
+def render_pdf(prediction: Prediction, source_images: Sequence[Dataset], style: OverlayStyle) -> tuple[bytes, list[tuple[Dataset, int]]]:
+    """Render the summary PDF.
+
+    Returns
+    -------
+    tuple
+        The PDF bytes and ``(source dataset, frame number)`` of each key image.
+    """
+    key_images: list[np.ndarray] = []
+    references: list[tuple[Dataset, int]] = []
+    labelmap = prediction.labelmap
+    if labelmap is not None and labelmap.ndim == 3 and source_images:
+        slices = source_slices(source_images, labelmap.shape[0])
+        specs = {spec.label: spec for spec in prediction.card.segments}
+        cache: dict[int, np.ndarray] = {}
+        for z in key_slices(prediction):
+            source, frame = slices[z]
+            values = modality_values(source, frame_pixels(source, frame, cache), frame)
+            present = [specs[int(v)] for v in np.unique(labelmap[z]) if v != 0 and int(v) in specs]
+            key_images.append(render_overlay(values, window_of(source, values, frame), labelmap[z], present, style))
+            references.append((source, frame))
+    pages = _pages(prediction, key_images, style)
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "PDF", save_all=True, append_images=pages[1:], resolution=_DPI,
+                  title=_DOCUMENT_TITLE, author=SOFTWARE_NAME, producer=SOFTWARE_NAME)
+    return buffer.getvalue(), references
+
+
+def build_pdf(
+    prediction: Prediction,
+    source_images: Sequence[Dataset],
+    identity: OutputIdentity,
+    *,
+    style: OverlayStyle = OverlayStyle(),
+    device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+) -> Dataset:
+    """Encode the summary as an Encapsulated PDF Storage instance in the source study.
+
+    Parameters
+    ----------
+    prediction:
+        Model output (segments with measurements, classifications, findings).
+    source_images:
+        The source instances with pixel data (see :func:`~dicom_node.results.sc.build_overlays`).
+    identity:
+        Series/SOP Instance UIDs, Series Number and Series Description of the PDF object.
+    style:
+        Banner and fill opacity of the key images.
+    device_serial_number:
+        Device Serial Number (0018,1000) naming this node instance.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The Encapsulated PDF dataset with file meta, ready for ``save_as``.
+
+    Raises
+    ------
+    ResultError
+        If no source image is given or the label map does not fit the sources.
+    """
+    if not source_images:
+        raise ResultError("No source images given: a PDF summary belongs to the study of its images")
+    card = prediction.card
+    source = complete_source(source_images[0])
+    document, references = render_pdf(prediction, source_images, style)
+    now = datetime.datetime.now()
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = identity.sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = character_set(source_images[0])
+    ds.SOPClassUID = EncapsulatedPDFStorage
+    ds.SOPInstanceUID = identity.sop_instance_uid
+    for keyword in _COPIED:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+        else:
+            setattr(ds, keyword, "")
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = identity.series_instance_uid
+    ds.SeriesNumber = identity.series_number
+    ds.SeriesDescription = identity.series_description
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = SOFTWARE_NAME
+    ds.SoftwareVersions = list(software_versions(card))
+    ds.DeviceSerialNumber = device_serial_number
+    ds.ConversionType = "SYN"
+    ds.InstanceNumber = 1
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = f"{_DOCUMENT_TITLE} - {card.name} {card.version}"[:64]
+    ds.ConceptNameCodeSequence = DicomSequence()
+    if references:
+        items = []
+        for ref, frame in references:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.SOPClassUID
+            item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+            if frame:
+                item.ReferencedFrameNumber = frame
+            items.append(item)
+        ds.SourceInstanceSequence = DicomSequence(items)
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = document + (b"\x00" if len(document) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(document)
+    logger.info("PDF %s: %d bytes, %d key images (model %s %s)", identity.sop_instance_uid, len(document),
+                len(references), card.name, card.version)
+    return ds

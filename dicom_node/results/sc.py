@@ -1,0 +1,454 @@
+"""Prediction label map -> secondary-capture overlay series, for viewers that cannot show SEG.
+
+One RGB Secondary Capture Image (PS3.3 A.8.1) per source slice that has at
+least one segmented pixel:
+
+- the source slice, windowed (the source's Window Center/Width, else a CT soft
+  tissue window for CT, else the 1st-99th percentile of the slice), in grey;
+- each segment present in the slice as a translucent fill in its recommended
+  display colour (from the model card) with an opaque contour;
+- below the image, a strip with the configurable banner (e.g. "AI result - not
+  for primary diagnosis") and a legend (colour swatch + segment name) of the
+  segments drawn on that slice.
+
+The image keeps the source's rows, columns and pixel spacing; the strip adds
+rows at the bottom, so source pixel ``(y, x)`` is overlay pixel ``(y, x)``.
+
+Every overlay is in the source study, in one new series; its SOP Instance
+UID is derived from the output identity and the source SOP Instance UID (and
+frame number for a multi-frame source), so re-processing the same series
+replaces each image instead of adding copies.  Instance Number is the
+position of the source slice in the volume (1-based).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from dicom_node.errors import ResultError
+from dicom_node.results.identity import (
+    DEFAULT_DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    SOFTWARE_NAME,
+    OutputIdentity,
+    software_versions,
+)
+from dicom_node.results.seg import character_set, complete_source, drop_invalid_copied
+from inference.types import Prediction, SegmentSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BANNER: Final[str] = "AI result - not for primary diagnosis"
+"""Banner written on every overlay image unless configured otherwise."""
+
+CT_DEFAULT_WINDOW: Final[tuple[float, float]] = (40.0, 400.0)
+"""(center, width) in HU used for CT sources that carry no window (soft tissue)."""
+
+_MAX_BANNER_LENGTH: Final[int] = 64
+_BANNER_COLOR: Final[tuple[int, int, int]] = (255, 255, 0)
+_TEXT_COLOR: Final[tuple[int, int, int]] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How overlays are drawn.
+
+    Parameters
+    ----------
+    banner:
+        Text burnt into every image (printable ASCII, at most 64 characters).
+    fill_opacity:
+        Opacity of the segment fill, 0 (contour only) to 1 (opaque).
+    """
+
+    banner: str = DEFAULT_BANNER
+    fill_opacity: float = 0.35
+
+    def __post_init__(self) -> None:
+        if not self.banner or len(self.banner) > _MAX_BANNER_LENGTH or not self.banner.isascii() \
+                or not self.banner.isprintable():
+            raise ResultError(
+                f"Overlay banner {self.banner!r} must be 1-{_MAX_BANNER_LENGTH} printable ASCII characters"
+            )
+        if not 0.0 <= self.fill_opacity <= 1.0:
+            raise ResultError(f"Overlay fill opacity {self.fill_opacity} must be between 0 and 1")
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def _first(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__getitem__") and not isinstance(value, str)):
+        try:
+            return float(value[0])  # type: ignore[index]
+        except (IndexError, TypeError, ValueError):
+            return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _frame_item(source: Dataset, keyword: str, frame: int) -> Dataset | None:
+    """A functional group item of a multi-frame source (per-frame first, then shared)."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame - 1), ("SharedFunctionalGroupsSequence", 0)):
+        items = source.get(groups)
+        if items and 0 <= index < len(items) and keyword in items[index] and items[index][keyword].value:
+            return items[index][keyword].value[0]  # type: ignore[no-any-return]
+    return None
+
+
+def modality_values(source: Dataset, pixels: np.ndarray, frame: int = 0) -> np.ndarray:
+    """Stored pixel values -> modality units (HU for CT) with the source's rescale.
+
+    Parameters
+    ----------
+    source:
+        The source image.
+    pixels:
+        Stored values of one frame, ``(rows, columns)``.
+    frame:
+        1-based frame number for a multi-frame source, 0 for a single-frame one.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` values, ``(rows, columns)``.
+    """
+    holder: Dataset | None = source
+    if frame and "RescaleSlope" not in source:
+        holder = _frame_item(source, "PixelValueTransformationSequence", frame)
+    slope = _first(holder.get("RescaleSlope")) if holder is not None else None
+    intercept = _first(holder.get("RescaleIntercept")) if holder is not None else None
+    values = pixels.astype(np.float32)
+    return values * np.float32(slope if slope else 1.0) + np.float32(intercept or 0.0)
+
+
+def window_of(source: Dataset, values: np.ndarray, frame: int = 0) -> tuple[float, float]:
+    """The (center, width) to display a slice with.
+
+    The source's first Window Center/Width (for a multi-frame source, from its
+    Frame VOI LUT functional group); else :data:`CT_DEFAULT_WINDOW` for CT; else
+    the 1st to 99th percentile of the slice's values.
+    """
+    holder: Dataset | None = source
+    if frame and "WindowCenter" not in source:
+        holder = _frame_item(source, "FrameVOILUTSequence", frame)
+    if holder is not None:
+        center, width = _first(holder.get("WindowCenter")), _first(holder.get("WindowWidth"))
+        if center is not None and width is not None and width >= 1:
+            return center, width
+    if str(source.get("Modality", "")).upper() == "CT":
+        return CT_DEFAULT_WINDOW
+    low, high = (float(v) for v in np.percentile(values, (1, 99)))
+    return (low + high) / 2, max(high - low, 1.0)
+
+
+def windowed_gray(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Apply a linear VOI window (PS3.3 C.11.2.1.2.1) and return ``uint8`` grey levels."""
+    scaled = ((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` pixels of its edge (4-neighbourhood erosion)."""
+    inner = mask.copy()
+    for _ in range(width):
+        eroded = inner.copy()
+        eroded[1:, :] &= inner[:-1, :]
+        eroded[:-1, :] &= inner[1:, :]
+        eroded[:, 1:] &= inner[:, :-1]
+        eroded[:, :-1] &= inner[:, 1:]
+        eroded[0, :] = eroded[-1, :] = False
+        eroded[:, 0] = eroded[:, -1] = False
+        inner = eroded
+    return mask & ~inner
+
+
+def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError):  # Pillow without FreeType: the fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _legend_strip(
+    columns: int, banner: str, segments: Sequence[SegmentSpec], font_size: int
+) -> np.ndarray:
+    """Black strip with the banner (wrapped at spaces) and the legend entries wrapped below it."""
+    font = load_font(font_size)
+    pad = max(2, font_size // 3)
+    line = font_size + pad
+    swatch = font_size
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    banner_lines = [""]
+    for word in banner.split(" "):
+        candidate = f"{banner_lines[-1]} {word}".strip()
+        if banner_lines[-1] and measure.textlength(candidate, font=font) > columns - 2 * pad:
+            banner_lines.append(word)
+        else:
+            banner_lines[-1] = candidate
+    entries: list[list[tuple[SegmentSpec, int]]] = [[]]
+    x = pad
+    for spec in segments:
+        width = swatch + pad + int(measure.textlength(spec.name, font=font)) + 2 * pad
+        if entries[-1] and x + width > columns:
+            entries.append([])
+            x = pad
+        entries[-1].append((spec, x))
+        x += width
+    height = pad + line * (len(banner_lines) + len(entries))
+    strip = Image.new("RGB", (columns, height), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for row, text in enumerate(banner_lines):
+        draw.text((pad, pad + row * line), text, fill=_BANNER_COLOR, font=font)
+    for row, items in enumerate(entries, start=len(banner_lines)):
+        y = pad + row * line
+        for spec, x in items:
+            draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=tuple(spec.color))
+            draw.text((x + swatch + pad, y), spec.name, fill=_TEXT_COLOR, font=font)
+    return np.asarray(strip)
+
+
+def render_overlay(
+    values: np.ndarray,
+    window: tuple[float, float],
+    labels: np.ndarray,
+    segments: Sequence[SegmentSpec],
+    style: OverlayStyle,
+) -> np.ndarray:
+    """Draw one slice with its segments, banner and legend.
+
+    Parameters
+    ----------
+    values:
+        The slice in modality units, ``(rows, columns)``.
+    window:
+        (center, width) of the display window.
+    labels:
+        Label map of the slice, ``(rows, columns)``; values are ``SegmentSpec.label``.
+    segments:
+        The segments to draw (those present in the slice), in legend order.
+    style:
+        Banner text and fill opacity.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` RGB image ``(rows + strip, columns, 3)``; rows ``0..rows-1``
+        are the slice, pixel for pixel.
+    """
+    rows, columns = values.shape
+    gray = windowed_gray(values, *window)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
+    contour_width = max(1, min(rows, columns) // 256)
+    alpha = np.float32(style.fill_opacity)
+    for spec in segments:
+        mask = labels == spec.label
+        if not mask.any():
+            continue
+        color = np.asarray(spec.color, dtype=np.float32)
+        rgb[mask] = rgb[mask] * (1 - alpha) + color * alpha
+        rgb[_boundary(mask, contour_width)] = color
+    image = rgb.round().astype(np.uint8)
+    font_size = max(10, min(24, columns // 32))
+    strip = _legend_strip(columns, style.banner, segments, font_size)
+    return np.concatenate([image, strip], axis=0)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _orientation_letter(vector: Sequence[float]) -> str:
+    axis = int(np.argmax(np.abs(vector)))
+    positive, negative = (("L", "R"), ("P", "A"), ("H", "F"))[axis]
+    return positive if vector[axis] > 0 else negative
+
+
+def _patient_orientation(source: Dataset, frame: int) -> tuple[str, str] | None:
+    orientation = source.get("ImageOrientationPatient")
+    if orientation is None and frame:
+        item = _frame_item(source, "PlaneOrientationSequence", frame)
+        orientation = item.get("ImageOrientationPatient") if item is not None else None
+    if orientation is None or len(orientation) != 6:
+        return None
+    values = [float(v) for v in orientation]
+    return _orientation_letter(values[:3]), _orientation_letter(values[3:])
+
+
+def _pixel_spacing(source: Dataset, frame: int) -> tuple[float, float] | None:
+    spacing = source.get("PixelSpacing")
+    if spacing is None and frame:
+        item = _frame_item(source, "PixelMeasuresSequence", frame)
+        spacing = item.get("PixelSpacing") if item is not None else None
+    if spacing is None or len(spacing) != 2:
+        return None
+    return float(spacing[0]), float(spacing[1])
+
+
+def source_slices(source_images: Sequence[Dataset], depth: int) -> list[tuple[Dataset, int]]:
+    """``(dataset, frame number)`` for each label map slice (frame 0 = single-frame)."""
+    if len(source_images) == 1 and int(source_images[0].get("NumberOfFrames", 1) or 1) > 1:
+        frames = int(source_images[0].NumberOfFrames)
+        if frames != depth:
+            raise ResultError(f"Label map has {depth} slices but the multi-frame source has {frames} frames")
+        return [(source_images[0], frame) for frame in range(1, frames + 1)]
+    if len(source_images) != depth:
+        raise ResultError(f"Label map has {depth} slices but {len(source_images)} source images were given")
+    return [(ds, 0) for ds in source_images]
+
+
+def overlay_uid(identity: OutputIdentity, source: Dataset, frame: int) -> str:
+    """SOP Instance UID of the overlay of one source slice (deterministic)."""
+    return identity.derive("overlay", str(source.SOPInstanceUID), str(frame))
+
+
+def _source_reference(source: Dataset, frame: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame:
+        item.ReferencedFrameNumber = frame
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    return item
+
+
+def frame_pixels(source: Dataset, frame: int, cache: dict[int, np.ndarray]) -> np.ndarray:
+    if not frame:
+        return np.asarray(source.pixel_array)
+    key = id(source)
+    if key not in cache:
+        cache[key] = np.asarray(source.pixel_array)
+    return cache[key][frame - 1]
+
+
+def build_overlays(
+    prediction: Prediction,
+    source_images: Sequence[Dataset],
+    identity: OutputIdentity,
+    *,
+    style: OverlayStyle = OverlayStyle(),
+    device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+) -> list[hd.sc.SCImage]:
+    """Encode a prediction as one RGB Secondary Capture image per slice with findings.
+
+    Parameters
+    ----------
+    prediction:
+        Model output with a label map ``[z, y, x]`` on the grid of the sources.
+    source_images:
+        The source instances with pixel data: one single-frame image per
+        slice in ``z`` order, or one multi-frame image whose frame ``z + 1``
+        is slice ``z``.
+    identity:
+        Series identity of the overlay series (its SOP Instance UID is not
+        used; each image gets :func:`overlay_uid`).
+    style:
+        Banner and fill opacity.
+    device_serial_number:
+        Device Serial Number (0018,1000) naming this node instance.
+
+    Returns
+    -------
+    list of highdicom.sc.SCImage
+        The images in slice order; empty when no segment is present.
+
+    Raises
+    ------
+    ResultError
+        If there is no label map, it does not fit the sources, it holds labels
+        the card does not declare, or a source has no pixel data.
+    """
+    card = prediction.card
+    labelmap = prediction.labelmap
+    if labelmap is None or labelmap.ndim != 3:
+        raise ResultError(f"Model {card.name!r} produced no 3D label map; no overlay produced")
+    if not source_images:
+        raise ResultError("No source images given: an overlay is drawn over its source image")
+    slices = source_slices(source_images, labelmap.shape[0])
+    specs = {spec.label: spec for spec in card.segments}
+    cache: dict[int, np.ndarray] = {}
+    images: list[hd.sc.SCImage] = []
+    for z, (source, frame) in enumerate(slices):
+        plane = labelmap[z]
+        if not plane.any():
+            continue
+        present = [int(v) for v in np.unique(plane) if v != 0]
+        unknown = [v for v in present if v not in specs]
+        if unknown:
+            raise ResultError(f"Label map of model {card.name!r} contains labels {unknown} its card does not declare")
+        if "PixelData" not in source and "FloatPixelData" not in source:
+            raise ResultError("A source image has no pixel data: overlays need the source pixels")
+        pixels = frame_pixels(source, frame, cache)
+        if pixels.shape != plane.shape:
+            raise ResultError(f"Label map slices are {plane.shape} but a source frame is {pixels.shape}")
+        values = modality_values(source, pixels, frame)
+        rgb = render_overlay(values, window_of(source, values, frame), plane,
+                             [specs[v] for v in present], style)
+        images.append(_sc_image(source, frame, z, rgb, identity, card.name, software_versions(card),
+                                device_serial_number, card.model_hash))
+    logger.info("Overlay series %s: %d images (model %s %s)", identity.series_instance_uid, len(images),
+                card.name, card.version)
+    return images
+
+
+def _sc_image(source: Dataset, frame: int, z: int, rgb: np.ndarray, identity: OutputIdentity,
+              model_name: str, versions: list[str], device_serial_number: str,
+              model_hash: str = "") -> hd.sc.SCImage:
+    completed = complete_source(source)
+    try:
+        image = hd.sc.SCImage(
+            pixel_array=rgb,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            study_instance_uid=completed.StudyInstanceUID,
+            series_instance_uid=identity.series_instance_uid,
+            series_number=identity.series_number,
+            sop_instance_uid=overlay_uid(identity, source, frame),
+            instance_number=z + 1,
+            manufacturer=MANUFACTURER,
+            patient_id=completed.PatientID,
+            patient_name=completed.PatientName,
+            patient_birth_date=completed.PatientBirthDate,
+            patient_sex=completed.PatientSex or None,
+            accession_number=completed.AccessionNumber,
+            study_id=completed.StudyID,
+            study_date=completed.StudyDate or None,
+            study_time=completed.StudyTime or None,
+            referring_physician_name=completed.get("ReferringPhysicianName", ""),
+            pixel_spacing=_pixel_spacing(source, frame),
+            patient_orientation=_patient_orientation(source, frame) or ("L", "P"),
+            specific_character_set=character_set(source),
+        )
+    except ValueError as exc:
+        raise ResultError(f"Overlay for model {model_name!r} could not be encoded: {exc}") from exc
+    image.SeriesDescription = identity.series_description
+    image.ManufacturerModelName = SOFTWARE_NAME
+    image.SoftwareVersions = list(versions)
+    image.DeviceSerialNumber = device_serial_number
+    image.BurnedInAnnotation = "YES"
+    image.Laterality = source.get("Laterality", "")  # Type 2C: unknown for an image of both sides
+    if "BodyPartExamined" in source:
+        image.BodyPartExamined = source.BodyPartExamined
+    image.ImageType = ["DERIVED", "SECONDARY"]
+    image.DerivationDescription = f"Segmentation by {model_name} drawn over the source image"[:1024]
+    if model_hash:
+        image.DerivationDescription += f" (model hash {model_hash})"
+    image.SourceImageSequence = DicomSequence([_source_reference(source, frame)])
+    drop_invalid_copied(image, source)
+    return image

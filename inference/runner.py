@@ -1,0 +1,192 @@
+"""What every network model shares: device choice, AMP, image in MONAI's convention, outputs decoded.
+
+A :class:`~inference.types.Volume` is ``[z, y, x]`` in LPS patient
+coordinates; MONAI (``LoadImage`` with its default readers) hands networks an
+image ``[x, y, z]`` whose 4x4 ``affine`` maps voxel indices to RAS.
+:func:`to_metatensor` builds exactly that, so a bundle's own transforms
+(``Orientationd``, ``Spacingd``, ...) see what they would have seen from a
+file, and :func:`to_volume_order` turns a result on that grid back into
+``[z, y, x]``.
+
+Execution: :func:`resolve_device` (``auto`` -> ``cuda`` when available),
+:func:`inference_context` (``torch.inference_mode`` plus ``torch.autocast``
+in float16 on CUDA when AMP is on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from inference.types import Classification, ModelCard, Volume
+
+logger = logging.getLogger(__name__)
+
+#: LPS -> RAS: negate the first two patient axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a model's ``device`` setting.
+
+    Parameters
+    ----------
+    name:
+        ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises
+    ------
+    RuntimeError
+        If a CUDA device is asked for and none (or not that index) is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device, amp: bool) -> Iterator[None]:
+    """``torch.inference_mode``, with ``torch.autocast`` (float16) on CUDA when ``amp`` is on."""
+    with torch.inference_mode():
+        if amp and device.type == "cuda":
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                yield
+        else:
+            yield
+
+
+def affine_ras(volume: Volume) -> np.ndarray:
+    """4x4 affine from MONAI voxel indices ``(i, j, k) = (x, y, z)`` to RAS mm."""
+    direction = np.asarray(volume.direction, dtype=float)
+    spacing = np.asarray(volume.spacing, dtype=float)
+    lps = np.eye(4)
+    # Column i is the step of array axis i: x (row direction), y (column direction), z (slice step).
+    lps[:3, 0] = direction[2] * spacing[2]
+    lps[:3, 1] = direction[1] * spacing[1]
+    lps[:3, 2] = direction[0] * spacing[0]
+    lps[:3, 3] = np.asarray(volume.origin, dtype=float)
+    return _LPS_TO_RAS @ lps
+
+
+def to_metatensor(volume: Volume, channel: bool = False) -> MetaTensor:
+    """The volume as MONAI's ``LoadImage`` would return it: ``[x, y, z]``, RAS affine, float32.
+
+    Parameters
+    ----------
+    channel:
+        Add a leading channel axis (``[1, x, y, z]``); without it the metadata
+        says "no channel", as for a NIfTI file, so ``EnsureChannelFirstd`` works.
+    """
+    array = np.ascontiguousarray(np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0))
+    affine = torch.as_tensor(affine_ras(volume), dtype=torch.float64)
+    meta: dict[str, Any] = {
+        "affine": affine.clone(),
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(array.shape),
+        "original_channel_dim": 0 if channel else float("nan"),
+        "filename_or_obj": "dicom-node-volume",
+        "space": "RAS",
+    }
+    data = torch.from_numpy(array[None] if channel else array)
+    return MetaTensor(data, meta=meta)
+
+
+def to_volume_order(array: np.ndarray) -> np.ndarray:
+    """A ``[x, y, z]`` array (MONAI's order) as ``[z, y, x]`` (the node's order)."""
+    return np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))
+
+
+def decode_segmentation(pred: torch.Tensor, activation: str) -> torch.Tensor:
+    """Network output ``[C, x, y, z]`` (no batch axis) to a label map ``[1, x, y, z]`` (float).
+
+    ``C > 1`` with ``softmax`` (or ``none``): argmax, channel ``c`` is label
+    ``c`` and channel 0 background.  One channel, or ``sigmoid``: channel ``c``
+    is label ``c + 1`` where its probability is at least 0.5 (a later channel
+    wins where several are).
+    """
+    pred = pred.float()
+    if pred.shape[0] > 1 and activation != "sigmoid":
+        return torch.argmax(pred, dim=0, keepdim=True).float()
+    probs = torch.sigmoid(pred) if activation == "sigmoid" or pred.shape[0] == 1 and activation != "none" else pred
+    labels = torch.zeros_like(pred[:1])
+    for c in range(pred.shape[0]):
+        labels[0][probs[c] >= 0.5] = float(c + 1)
+    return labels
+
+
+def labelmap_from_output(pred: Any, card: ModelCard, expected_shape: tuple[int, ...]) -> np.ndarray:
+    """A post-processed label map ``[1, x, y, z]`` (or ``[x, y, z]``) as the node's ``[z, y, x]`` array.
+
+    Labels the card does not declare are set to background (a bundle whose
+    labels were narrowed in the config, e.g. one organ of a whole-body model).
+
+    Raises
+    ------
+    ValueError
+        If the label map is not on the input grid.
+    """
+    if isinstance(pred, torch.Tensor):  # round and narrow on the device: less to copy back
+        t = pred.detach()
+        if t.ndim == 4:
+            t = torch.argmax(t, dim=0) if t.shape[0] != 1 else t[0]
+        arr = (t if not t.is_floating_point() else torch.round(t)).to(torch.int32).cpu().numpy()
+    else:
+        arr = np.asarray(pred)
+        if arr.ndim == 4:
+            arr = np.argmax(arr, axis=0) if arr.shape[0] != 1 else arr[0]
+        arr = np.rint(arr)
+    known = np.array(sorted({s.label for s in card.segments}), dtype=np.int64)
+    top = int(known.max()) if known.size else 0
+    dtype = np.uint16 if top > 255 else np.uint8
+    # Lookup table: declared labels map to themselves, anything else (undeclared, negative) to 0.
+    lut = np.zeros(top + 2, dtype=dtype)
+    lut[known] = known
+    flat = np.clip(arr, -1, top + 1).astype(np.int64)
+    flat[flat < 0] = top + 1
+    mapped = lut[np.minimum(flat, top + 1)]
+    dropped = int(np.count_nonzero(arr)) - int(np.count_nonzero(mapped))
+    if dropped:
+        logger.debug("Model %s: %d voxels with undeclared labels set to background", card.name, dropped)
+    labels = to_volume_order(mapped)
+    if labels.shape != expected_shape:
+        raise ValueError(f"model {card.name}: output shape {labels.shape} (z, y, x) is not the input grid "
+                         f"{expected_shape}; the model's postprocessing must invert its spatial transforms")
+    return labels
+
+
+def classify(scores: Any, card: ModelCard, activation: str, threshold: float) -> tuple[Classification, ...]:
+    """Network scores (one per class, in ``card.classes`` order) as classifications.
+
+    ``softmax`` over the scores, ``sigmoid`` on each, or ``none`` (already
+    probabilities).  A class is positive when its probability is at least
+    ``threshold``.
+
+    Raises
+    ------
+    ValueError
+        If the number of scores is not the number of classes.
+    """
+    t = torch.as_tensor(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores).float().flatten()
+    if t.numel() != len(card.classes):
+        raise ValueError(f"model {card.name}: {t.numel()} output score(s) for {len(card.classes)} "
+                         f"class(es) {list(card.classes)}")
+    if activation == "softmax":
+        t = torch.softmax(t, dim=0)
+    elif activation == "sigmoid":
+        t = torch.sigmoid(t)
+    probs = [float(p) for p in t.tolist()]
+    if any(not 0.0 <= p <= 1.0 or p != p for p in probs):
+        raise ValueError(f"model {card.name}: scores {probs} are not probabilities; set activation")
+    return tuple(Classification(name, p, p >= threshold) for name, p in zip(card.classes, probs))

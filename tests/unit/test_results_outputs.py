@@ -1,0 +1,342 @@
+"""Overlay (secondary capture), label-map SEG, empty-segment policy, provenance, PDF and routing.
+
+Every object is checked with dciodvfy and read back (highdicom or pydicom).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
+
+from dicom_node.errors import InvalidUIDError, ResultError
+from dicom_node.results.identity import SOFTWARE_VERSION
+from dicom_node.results.pdf import build_pdf, key_slices
+from dicom_node.results.routing import Route, files_for, plan_outputs
+from dicom_node.results.sc import CT_DEFAULT_WINDOW, OverlayStyle, build_overlays, overlay_uid, window_of
+from dicom_node.results.seg import build_seg
+from dicom_node.results.sr import build_sr
+from dicom_node.settings import load_settings_text
+from dicom_node.spool import Spool
+from inference.types import SCT_VOLUME, UCUM_ML, Measurement, Prediction
+from tests.unit.test_results import (
+    CARD,
+    _assert_dciodvfy_clean,
+    _ct_labelmap,
+    _dciodvfy,
+    _identity,
+    _read_required,
+    _roundtrip_seg,
+    _roundtrip_sr,
+    _slice_position,
+    _synthetic_ct,
+    CT_FILES,
+)
+
+HASH = "sha256:" + "0123456789abcdef" * 4
+HASHED = replace(CARD, model_hash=HASH)
+LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+@pytest.fixture(scope="module")
+def ct_slices() -> list[Dataset]:
+    return sorted(_read_required(CT_FILES), key=_slice_position)
+
+
+def _prediction(labelmap: np.ndarray | None = None) -> Prediction:
+    return Prediction(
+        HASHED,
+        _ct_labelmap() if labelmap is None else labelmap,
+        measurements={1: (Measurement(SCT_VOLUME, 12.25, UCUM_ML),)},
+        findings=("spleen borders uncertain",),
+    )
+
+
+def _save(ds: Dataset) -> io.BytesIO:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
+
+
+# --------------------------------------------------------------------------- overlay
+
+
+@pytest.fixture(scope="module")
+def overlays(ct_slices: list[Dataset]) -> list[hd.sc.SCImage]:
+    return build_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903))
+
+
+def test_overlay_has_one_image_per_slice_with_findings(ct_slices: list[Dataset]) -> None:
+    labelmap = _ct_labelmap()
+    labelmap[2] = 0  # slice 2 has no finding: no image for it
+    images = build_overlays(_prediction(labelmap), ct_slices, _identity(ct_slices, "sc", HASHED))
+    assert [int(i.InstanceNumber) for i in images] == [1, 2]
+    referenced = [i.SourceImageSequence[0].ReferencedSOPInstanceUID for i in images]
+    assert referenced == [ct_slices[0].SOPInstanceUID, ct_slices[1].SOPInstanceUID]
+
+
+def test_overlay_identity_is_deterministic_per_source_slice(
+    ct_slices: list[Dataset], overlays: list[hd.sc.SCImage]
+) -> None:
+    again = build_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903))
+    assert [i.SOPInstanceUID for i in again] == [i.SOPInstanceUID for i in overlays]
+    identity = _identity(ct_slices, "sc", HASHED, 903)
+    assert {i.SeriesInstanceUID for i in overlays} == {identity.series_instance_uid}
+    assert overlays[0].SOPInstanceUID == overlay_uid(identity, ct_slices[0], 0)
+    assert len({i.SOPInstanceUID for i in overlays}) == len(overlays)
+    other_version = build_overlays(
+        Prediction(replace(HASHED, version="9"), _ct_labelmap()), ct_slices,
+        _identity(ct_slices, "sc", replace(HASHED, version="9"), 903),
+    )
+    assert not {i.SOPInstanceUID for i in other_version} & {i.SOPInstanceUID for i in overlays}
+
+
+def test_overlay_is_in_the_source_study_with_provenance(
+    ct_slices: list[Dataset], overlays: list[hd.sc.SCImage]
+) -> None:
+    image = pydicom.dcmread(_save(overlays[0]))
+    source = ct_slices[0]
+    assert image.StudyInstanceUID == source.StudyInstanceUID
+    assert image.PatientID == source.PatientID
+    assert image.SeriesNumber == 903 and image.SeriesDescription == "AI SC"
+    assert image.PhotometricInterpretation == "RGB" and image.SamplesPerPixel == 3
+    assert image.BurnedInAnnotation == "YES"
+    assert list(image.SoftwareVersions) == [SOFTWARE_VERSION, "abdomen-ai 1.4.2", HASH[:63]]
+    assert HASH in image.DerivationDescription
+    assert [float(v) for v in image.PixelSpacing] == [float(v) for v in source.PixelSpacing]
+
+
+def test_overlay_pixels_show_segments_in_their_colours(
+    ct_slices: list[Dataset], overlays: list[hd.sc.SCImage], tmp_path: Path
+) -> None:
+    rgb = pydicom.dcmread(_save(overlays[1])).pixel_array  # slice 1 has liver and spleen
+    Image.fromarray(rgb).save(tmp_path / "overlay.png")
+    rows = int(ct_slices[1].Rows)
+    assert rgb.shape[0] > rows and rgb.shape[1] == int(ct_slices[1].Columns)  # legend strip below
+    # Contours are drawn in the exact card colour, fills are tinted towards it.
+    assert tuple(rgb[200, 150]) == (200, 100, 50)  # liver top edge
+    assert tuple(rgb[300, 400]) == (0, 255, 0)  # spleen top edge
+    inside_spleen = rgb[340, 400].astype(int)
+    assert inside_spleen[1] > inside_spleen[0] + 50 and inside_spleen[1] > inside_spleen[2] + 50
+    outside = rgb[100, 30]
+    assert outside[0] == outside[1] == outside[2]  # untouched grey
+    strip = rgb[rows:]
+    assert (np.all(strip == (255, 255, 0), axis=2)).any()  # banner text
+    assert (np.all(strip == (0, 255, 0), axis=2)).sum() > 50  # spleen swatch in the legend
+
+
+def test_overlay_window_comes_from_the_source_or_a_ct_default(ct_slices: list[Dataset]) -> None:
+    source = Dataset()
+    source.Modality = "CT"
+    assert window_of(source, np.zeros((2, 2))) == CT_DEFAULT_WINDOW
+    source.WindowCenter, source.WindowWidth = ["-600", "40"], ["1500", "400"]
+    assert window_of(source, np.zeros((2, 2))) == (-600.0, 1500.0)
+    mr = Dataset()
+    mr.Modality = "MR"
+    center, width = window_of(mr, np.arange(100, dtype=float).reshape(10, 10))
+    assert 40 < center < 60 and 90 < width < 100
+
+
+def test_overlay_rejects_bad_input(ct_slices: list[Dataset]) -> None:
+    identity = _identity(ct_slices, "sc")
+    with pytest.raises(ResultError, match="3 source images"):
+        build_overlays(_prediction(np.ones((2, 512, 512), np.uint8)), ct_slices, identity)
+    with pytest.raises(ResultError, match="does not declare"):
+        build_overlays(_prediction(np.full((3, 512, 512), 7, np.uint8)), ct_slices, identity)
+    with pytest.raises(ResultError, match="banner"):
+        OverlayStyle(banner="\u00e9t\u00e9")
+    with pytest.raises(ResultError, match="opacity"):
+        OverlayStyle(fill_opacity=1.5)
+    assert build_overlays(_prediction(np.zeros((3, 512, 512), np.uint8)), ct_slices, identity) == []
+
+
+def test_overlay_of_a_multiframe_source() -> None:
+    source = _synthetic_ct(1, 32, 32)[0]
+    frames = np.stack([np.full((32, 32), 10 * i, np.int16) for i in range(4)])
+    source.NumberOfFrames = 4
+    source.PixelData = frames.tobytes()
+    labelmap = np.zeros((4, 32, 32), np.uint8)
+    labelmap[2, 8:20, 8:20] = 2
+    images = build_overlays(Prediction(CARD, labelmap), [source], _identity([source], "sc"))
+    assert len(images) == 1 and int(images[0].InstanceNumber) == 3
+    assert images[0].SourceImageSequence[0].ReferencedFrameNumber == 3
+    assert tuple(images[0].pixel_array[8, 10]) == (0, 255, 0)
+
+
+def test_dciodvfy_overlay(overlays: list[hd.sc.SCImage], tmp_path: Path) -> None:
+    _assert_dciodvfy_clean(overlays[0], tmp_path / "sc.dcm", "SCImage")
+
+
+# --------------------------------------------------------------------------- SEG options
+
+
+def test_labelmap_seg_round_trip(ct_slices: list[Dataset]) -> None:
+    result = build_seg(_prediction(), ct_slices, _identity(ct_slices, "seg"), segmentation_type="LABELMAP")
+    seg = _roundtrip_seg(result.dataset)
+    assert seg.SOPClassUID == LABEL_MAP_SEG
+    assert seg.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
+    expected = _ct_labelmap()
+    for label, number in result.segment_numbers.items():
+        for z, source in enumerate(ct_slices):
+            mask = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[number],
+                combine_segments=False, skip_overlap_checks=True,
+            )[0, :, :, 0]
+            assert np.array_equal(mask > 0, expected[z] == label), (label, z)
+    assert seg.get_segment_description(1).segment_label == "Liver"
+    algorithm = seg.SegmentSequence[1].SegmentationAlgorithmIdentificationSequence[0]
+    assert HASH in algorithm.AlgorithmParameters
+
+
+def test_labelmap_seg_and_dciodvfy(ct_slices: list[Dataset], tmp_path: Path) -> None:
+    """dciodvfy of dicom3tools 1.00~20220618 predates Label Map Segmentation Storage (2024).
+
+    It says so ("Information Object Not found") and checks no module.  The
+    same object relabelled as Segmentation Storage is then checked module by
+    module: the only errors allowed are the differences the label-map IOD makes
+    (Segmentation Type LABELMAP, background segment 0, no per-frame Segment
+    Identification).
+    """
+    tool = _dciodvfy()
+    result = build_seg(_prediction(), ct_slices, _identity(ct_slices, "seg"), segmentation_type="labelmap")
+    path = tmp_path / "labelmap.dcm"
+    result.dataset.save_as(path, enforce_file_format=True)
+    output = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120).stderr
+    errors = [line for line in output.splitlines() if "Error" in line]
+    if "Error - Information Object Not found" not in errors:
+        _assert_dciodvfy_clean(result.dataset, tmp_path / "labelmap2.dcm", "Segmentation")
+        return  # a dciodvfy that knows the label-map IOD validated it fully
+    relabelled = pydicom.dcmread(path)
+    relabelled.SOPClassUID = SegmentationStorage
+    relabelled.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    relabelled.save_as(tmp_path / "relabelled.dcm", enforce_file_format=True)
+    run = subprocess.run([tool, str(tmp_path / "relabelled.dcm")], capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert "Segmentation" in output.splitlines()
+    errors = [line for line in output.splitlines() if "Error" in line]
+    # Exactly what the label-map IOD changes: its Segmentation Type, the background
+    # segment 0, and no per-frame Segment Identification (the pixel values are segment numbers).
+    allowed = re.compile(
+        r"Unrecognized enumerated value <LABELMAP> for value 1 of attribute <Segmentation Type>$"
+        r"|SegmentNumber not monotonically increasing .* SegmentNumber of 0$"
+        r"|Value is zero for value 1 of attribute <Segment Number>$"
+        r"|Missing attribute Type 1 Required Element=<SegmentIdentificationSequence> Module=<SegmentationMacro>$"
+    )
+    assert errors, "the relabelled label map should differ from a binary SEG"
+    assert [e for e in errors if not allowed.search(e)] == [], output
+
+
+def test_empty_segments_kept_when_configured(ct_slices: list[Dataset], tmp_path: Path) -> None:
+    result = build_seg(_prediction(), ct_slices, _identity(ct_slices, "seg"), omit_empty_segments=False)
+    seg = _roundtrip_seg(result.dataset)
+    assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == [
+        "Liver", "Spleen", "Right kidney"]
+    _assert_dciodvfy_clean(result.dataset, tmp_path / "keep.dcm", "Segmentation")
+
+
+def test_unknown_segmentation_type_is_refused(ct_slices: list[Dataset]) -> None:
+    for value in ("FRACTIONAL", "bitmap"):
+        with pytest.raises(ResultError, match="BINARY|label maps"):
+            build_seg(_prediction(), ct_slices, _identity(ct_slices, "seg"), segmentation_type=value)
+
+
+def test_model_hash_recorded_in_seg_and_sr(ct_slices: list[Dataset]) -> None:
+    result = build_seg(_prediction(), ct_slices, _identity(ct_slices, "seg"))
+    sr = build_sr(_prediction(), ct_slices, _identity(ct_slices, "sr", HASHED), seg=result.dataset,
+                  segment_numbers=result.segment_numbers)
+    for ds in (_roundtrip_seg(result.dataset), _roundtrip_sr(sr)):
+        assert list(ds.SoftwareVersions) == [SOFTWARE_VERSION, "abdomen-ai 1.4.2", HASH[:63]]
+    assert f"model_hash={HASH}" in _text_values(sr)
+
+
+def _text_values(ds: Dataset) -> list[str]:
+    found = [str(ds.TextValue)] if "TextValue" in ds else []
+    for item in ds.get("ContentSequence", []):
+        found.extend(_text_values(item))
+    return found
+
+
+# --------------------------------------------------------------------------- PDF
+
+
+def test_pdf_summary(ct_slices: list[Dataset], tmp_path: Path) -> None:
+    ds = build_pdf(_prediction(), ct_slices, _identity(ct_slices, "pdf", HASHED, 904))
+    back = pydicom.dcmread(_save(ds))
+    document = bytes(back.EncapsulatedDocument)[: int(back.EncapsulatedDocumentLength)]
+    assert document.startswith(b"%PDF-") and document.rstrip().endswith(b"%%EOF")
+    assert back.StudyInstanceUID == ct_slices[0].StudyInstanceUID and back.Modality == "DOC"
+    assert back.SeriesNumber == 904 and HASH[:63] in list(back.SoftwareVersions)
+    assert key_slices(_prediction()) == [0, 1]
+    referenced = [item.ReferencedSOPInstanceUID for item in back.SourceInstanceSequence]
+    assert referenced == [ct_slices[0].SOPInstanceUID, ct_slices[1].SOPInstanceUID]
+    assert str(ct_slices[0].PatientID).encode() not in document
+    _assert_dciodvfy_clean(ds, tmp_path / "pdf.dcm", "EncapsulatedPDF")
+
+
+def test_pdf_of_a_classifier_has_no_key_images(tmp_path: Path) -> None:
+    source = _synthetic_ct(2)
+    ds = build_pdf(Prediction(replace(CARD, segments=()), findings=("nothing",)), source, _identity(source, "pdf"))
+    assert "SourceInstanceSequence" not in ds
+    _assert_dciodvfy_clean(ds, tmp_path / "pdf_cls.dcm", "EncapsulatedPDF")
+
+
+# --------------------------------------------------------------------------- routing and config
+
+
+def test_plan_outputs_per_destination() -> None:
+    settings = load_settings_text(
+        "destinations:\n"
+        "  pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}\n"
+        "  old: {ae_title: OLD, host: 127.0.0.1, port: 105, outputs: [sc, sr]}\n"
+        "  strict: {ae_title: S, host: 127.0.0.1, port: 106, seg_fallback: none}\n"
+    )
+    produce, routes = plan_outputs(["seg", "sr"], ["pacs", "old", "strict"], settings.destinations)
+    assert produce == ("seg", "sr", "sc")
+    assert routes["pacs"] == Route(("seg", "sr"), "sc")
+    assert routes["old"] == Route(("sr", "sc"), None)
+    assert routes["strict"] == Route(("seg", "sr"), None)
+    assert plan_outputs(["sr"], [], settings.destinations) == (("sr",), {})
+    objects = [("seg", "a/seg.dcm"), ("sr", "a/sr.dcm"), ("sc", "a/sc-00000.dcm")]
+    assert files_for(routes["pacs"], objects) == (["a/seg.dcm", "a/sr.dcm"], ["a/sc-00000.dcm"])
+    assert files_for(routes["old"], objects) == (["a/sr.dcm", "a/sc-00000.dcm"], [])
+    assert files_for(routes["pacs"], objects[1:]) == (["a/sr.dcm"], [])  # no SEG made: no fallback
+    assert Route.from_payload(routes["pacs"].as_payload()) == routes["pacs"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("outputs: {sc: {series_number: 9901, series_description: x}}", "seg and sc"),
+        ("outputs: {seg_type: fractional}", "seg_type"),
+        ("outputs: {empty_segments: maybe}", "empty_segments"),
+        ("outputs: {banner: ''}", "banner"),
+        ("outputs: {fill_opacity: 2}", "fill_opacity"),
+        ("destinations: {p: {ae_title: A, host: h, port: 1, outputs: [seg, seg]}}", "duplicate"),
+        ("destinations: {p: {ae_title: A, host: h, port: 1, outputs: [png]}}", "outputs"),
+        ("destinations: {p: {ae_title: A, host: h, port: 1, seg_fallback: pdf}}", "seg_fallback"),
+    ],
+)
+def test_output_settings_are_validated(text: str, message: str) -> None:
+    from dicom_node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_settings_text(text)
+
+
+def test_spool_result_part_path(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    path = spool.result_part_path("1.2.3", "lungs", "sc", 7)
+    assert path.name == "sc-00007.dcm" and path.parent == spool.result_path("1.2.3", "lungs", "sc").parent
+    with pytest.raises(InvalidUIDError):
+        spool.result_part_path("1.2.3", "lungs", "sc", -1)
