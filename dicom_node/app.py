@@ -35,7 +35,7 @@ from dicom_node.receive.handlers import StoreHandler
 from dicom_node.receive.server import Receiver
 from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
-from dicom_node.scheduler.worker import WorkerProcess
+from dicom_node.scheduler.worker import WorkerProcess, worker_gpus
 from dicom_node.send.deliver import deliver
 from dicom_node.spool import Spool
 from dicom_node.spool.reconcile import reconcile
@@ -85,7 +85,7 @@ class Node:
                                           clock=clock, on_stored=self.metrics.on_stored,
                                           on_recorded=self._on_recorded)
         self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
-        self.workers = [WorkerProcess(settings) for _ in range(settings.workers.infer)]
+        self.workers = [WorkerProcess(settings, gpu) for gpu in worker_gpus(settings.workers.infer)]
         self.pipeline = Pipeline(settings, self.db, self.spool, self.workers[0], deliver,
                                  on_event=self._on_event)
         self.retention = Retention(self.db, self.spool, settings.storage, on_purged=self._on_purged)

@@ -416,7 +416,8 @@ class WorkersSettings(BaseModel):
 
     model_config = _FROZEN
 
-    infer: Annotated[int, Field(ge=1, le=64)] = 1
+    # "auto": one worker per visible GPU (one on a machine without GPU).
+    infer: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     infer_timeout_s: Seconds = 1800.0
     max_warm_models: Annotated[int, Field(ge=1, le=64)] = 4
     shutdown_grace_s: Seconds = 600.0
@@ -1106,6 +1107,9 @@ WhenValue = TypeAliasType("WhenValue", Annotated[
     Discriminator(_when_tag),
 ])
 
+#: Model types that take several series of one study (``predict_study``), as study rules with several roles need.
+MULTI_INPUT_MODEL_TYPES = ("python",)
+
 #: Job priority (``jobs.priority``, higher runs first) of each rule ``priority``.
 PRIORITY_LEVELS: dict[str, int] = {"stat": 10, "normal": 0, "low": -10}
 
@@ -1226,6 +1230,11 @@ class Settings(BaseModel):
                     problems.append(
                         (("rules", i, "run", j), f"rule {rule.name!r} runs unknown model {model!r} (models: {known})")
                     )
+                elif rule.study is not None and len(rule.study.series) > 1 and \
+                        self.models[model].type not in MULTI_INPUT_MODEL_TYPES:
+                    problems.append((("rules", i, "run", j), f"study rule {rule.name!r} gives model {model!r} "
+                                     f"{len(rule.study.series)} series ({', '.join(rule.study.series)}) but a "
+                                     f"{self.models[model].type} model takes one series; use a type: python model"))
             for j, dest in enumerate(rule.send_to):
                 if dest not in self.destinations:
                     known = ", ".join(sorted(self.destinations)) or "none defined"

@@ -46,7 +46,8 @@ def resolve_device(name: str) -> torch.device:
         If a CUDA device is asked for and none (or not that index) is available.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # The worker process has bound its GPU (torch.cuda.set_device): use that one.
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -190,8 +191,17 @@ class Prediction:
         """Segments of the card with at least one voxel in the label map."""
         if self.labelmap is None:
             return ()
-        labels = set(np.unique(self.labelmap).tolist())
-        return tuple(s for s in self.card.segments if s.label in labels)
+        labelmap = self.labelmap
+        if labelmap.dtype.kind != "u" or labelmap.ndim == 0 or labelmap.size == 0:
+            labels = set(np.unique(labelmap).tolist())
+            return tuple(s for s in self.card.segments if s.label in labels)
+        # Counting per slice (bincount casts its input to intp: slice by slice keeps that
+        # small) is several times faster than np.unique, which sorts or hashes every voxel.
+        counts = np.zeros(int(labelmap.max()) + 1, dtype=np.int64)
+        for plane in labelmap.reshape(labelmap.shape[0], -1):
+            if plane.any():
+                counts += np.bincount(plane, minlength=counts.shape[0])
+        return tuple(s for s in self.card.segments if 0 <= s.label < counts.shape[0] and counts[s.label])
 
 
 # Frequently used codes (facts of SNOMED CT / UCUM / DCM).
@@ -212,5 +222,32 @@ class Model:
 
     card: ModelCard
 
+    #: Whether :meth:`predict_study` is implemented (the model takes several series of one study).
+    takes_several_inputs: bool = False
+
     def predict(self, volume: Volume) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def predict_study(self, volumes: Mapping[str, Volume], primary: str) -> Prediction:
+        """Predict from several series of one study (e.g. arterial and venous CT phases).
+
+        Parameters
+        ----------
+        volumes:
+            Role name -> volume, one per required series of a study rule, in
+            the rule's order.  The volumes may have different grids.
+        primary:
+            The role whose grid the result is on: a label map must have the
+            shape (and geometry) of ``volumes[primary]``.
+
+        Raises
+        ------
+        SingleInputError
+            For a model that takes one series (the default).
+        """
+        raise SingleInputError(f"model {self.card.name} takes one series; it was given {len(volumes)} "
+                               f"({', '.join(volumes)}): use a model that takes several inputs (type: python)")
+
+
+class SingleInputError(ValueError):
+    """A model that takes one series was given several (a study rule pairs it with several series)."""

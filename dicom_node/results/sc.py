@@ -23,6 +23,7 @@ position of the source slice in the volume (1-based).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Final
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
@@ -176,7 +178,9 @@ def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~inner
 
 
+@functools.lru_cache(maxsize=16)
 def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's default font at ``size`` pixels, loaded once per process and size."""
     try:
         return ImageFont.load_default(size=size)
     except (ImportError, OSError):  # Pillow without FreeType: the fixed-size bitmap font
@@ -187,6 +191,15 @@ def _legend_strip(
     columns: int, banner: str, segments: Sequence[SegmentSpec], font_size: int
 ) -> np.ndarray:
     """Black strip with the banner (wrapped at spaces) and the legend entries wrapped below it."""
+    entries = tuple((spec.name, tuple(int(c) for c in spec.color)) for spec in segments)
+    return _legend_strip_of(columns, banner, entries, font_size)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def _legend_strip_of(
+    columns: int, banner: str, segments: tuple[tuple[str, tuple[int, int, int]], ...], font_size: int
+) -> np.ndarray:
+    """:func:`_legend_strip` of ``(name, colour)`` entries; cached, so the array is read-only."""
     font = load_font(font_size)
     pad = max(2, font_size // 3)
     line = font_size + pad
@@ -199,14 +212,14 @@ def _legend_strip(
             banner_lines.append(word)
         else:
             banner_lines[-1] = candidate
-    entries: list[list[tuple[SegmentSpec, int]]] = [[]]
+    entries: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
     x = pad
-    for spec in segments:
-        width = swatch + pad + int(measure.textlength(spec.name, font=font)) + 2 * pad
+    for name, color in segments:
+        width = swatch + pad + int(measure.textlength(name, font=font)) + 2 * pad
         if entries[-1] and x + width > columns:
             entries.append([])
             x = pad
-        entries[-1].append((spec, x))
+        entries[-1].append((name, color, x))
         x += width
     height = pad + line * (len(banner_lines) + len(entries))
     strip = Image.new("RGB", (columns, height), (0, 0, 0))
@@ -215,10 +228,33 @@ def _legend_strip(
         draw.text((pad, pad + row * line), text, fill=_BANNER_COLOR, font=font)
     for row, items in enumerate(entries, start=len(banner_lines)):
         y = pad + row * line
-        for spec, x in items:
-            draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=tuple(spec.color))
-            draw.text((x + swatch + pad, y), spec.name, fill=_TEXT_COLOR, font=font)
-    return np.asarray(strip)
+        for name, color, x in items:
+            draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=color)
+            draw.text((x + swatch + pad, y), name, fill=_TEXT_COLOR, font=font)
+    array = np.asarray(strip).copy()
+    array.flags.writeable = False
+    return array
+
+
+@functools.lru_cache(maxsize=256)
+def _blend_table(color: tuple[float, float, float], alpha: float) -> np.ndarray:
+    """Fill colour over each grey level 0-255: ``(256, 3)`` ``uint8``, read-only.
+
+    The same float32 arithmetic as blending pixel by pixel (``grey * (1 - a) +
+    colour * a``, rounded half to even), done once per grey level.
+    """
+    opacity = np.float32(alpha)
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    table = (levels * (1 - opacity) + np.asarray(color, dtype=np.float32) * opacity).round().astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def segment_boxes(labels: np.ndarray, max_label: int) -> list[tuple[slice, slice] | None]:
+    """Bounding box of each label ``1..max_label`` in a slice (index ``label - 1``; ``None`` if absent)."""
+    if max_label < 1:
+        return []
+    return ndimage.find_objects(labels, max_label=max_label)  # type: ignore[no-any-return]
 
 
 def render_overlay(
@@ -227,6 +263,8 @@ def render_overlay(
     labels: np.ndarray,
     segments: Sequence[SegmentSpec],
     style: OverlayStyle,
+    *,
+    boxes: Sequence[tuple[slice, slice] | None] | None = None,
 ) -> np.ndarray:
     """Draw one slice with its segments, banner and legend.
 
@@ -242,6 +280,9 @@ def render_overlay(
         The segments to draw (those present in the slice), in legend order.
     style:
         Banner text and fill opacity.
+    boxes:
+        :func:`segment_boxes` of ``labels`` covering every label of
+        ``segments``, when the caller already has them; computed otherwise.
 
     Returns
     -------
@@ -251,20 +292,30 @@ def render_overlay(
     """
     rows, columns = values.shape
     gray = windowed_gray(values, *window)
-    rgb = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
-    contour_width = max(1, min(rows, columns) // 256)
-    alpha = np.float32(style.fill_opacity)
-    for spec in segments:
-        mask = labels == spec.label
-        if not mask.any():
-            continue
-        color = np.asarray(spec.color, dtype=np.float32)
-        rgb[mask] = rgb[mask] * (1 - alpha) + color * alpha
-        rgb[_boundary(mask, contour_width)] = color
-    image = rgb.round().astype(np.uint8)
     font_size = max(10, min(24, columns // 32))
     strip = _legend_strip(columns, style.banner, segments, font_size)
-    return np.concatenate([image, strip], axis=0)
+    image = np.empty((rows + strip.shape[0], columns, 3), dtype=np.uint8)
+    image[:rows] = gray[:, :, None]
+    image[rows:] = strip
+    if not segments:
+        return image
+    if boxes is None or len(boxes) < max(spec.label for spec in segments):
+        boxes = segment_boxes(labels, max(spec.label for spec in segments))
+    contour_width = max(1, min(rows, columns) // 256)
+    for spec in segments:
+        box = boxes[spec.label - 1] if spec.label >= 1 else None
+        if box is None:
+            continue
+        # One pixel of margin (background) around the segment: the erosion in
+        # _boundary then sees the same neighbours as on the whole slice.
+        y0, y1 = max(box[0].start - 1, 0), min(box[0].stop + 1, rows)
+        x0, x1 = max(box[1].start - 1, 0), min(box[1].stop + 1, columns)
+        mask = labels[y0:y1, x0:x1] == spec.label
+        region = image[y0:y1, x0:x1]
+        color = tuple(float(c) for c in spec.color)
+        region[mask] = _blend_table(color, float(style.fill_opacity))[gray[y0:y1, x0:x1][mask]]  # type: ignore[arg-type]
+        region[_boundary(mask, contour_width)] = np.asarray(spec.color, dtype=np.float32).round().astype(np.uint8)
+    return image
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -379,6 +430,10 @@ def build_overlays(
         raise ResultError(f"Model {card.name!r} produced no 3D label map; no overlay produced")
     if not source_images:
         raise ResultError("No source images given: an overlay is drawn over its source image")
+    if labelmap.dtype.kind not in "ui":
+        raise ResultError(f"Label map must be of an integer type, got {labelmap.dtype}")
+    if labelmap.dtype.kind == "i" and labelmap.size and int(labelmap.min()) < 0:
+        raise ResultError("Label map has negative values; labels are 0 (background) or SegmentSpec.label")
     slices = source_slices(source_images, labelmap.shape[0])
     specs = {spec.label: spec for spec in card.segments}
     cache: dict[int, np.ndarray] = {}
@@ -387,7 +442,8 @@ def build_overlays(
         plane = labelmap[z]
         if not plane.any():
             continue
-        present = [int(v) for v in np.unique(plane) if v != 0]
+        boxes = ndimage.find_objects(plane)  # one pass: the labels present and where
+        present = [label for label, box in enumerate(boxes, start=1) if box is not None]
         unknown = [v for v in present if v not in specs]
         if unknown:
             raise ResultError(f"Label map of model {card.name!r} contains labels {unknown} its card does not declare")
@@ -398,7 +454,7 @@ def build_overlays(
             raise ResultError(f"Label map slices are {plane.shape} but a source frame is {pixels.shape}")
         values = modality_values(source, pixels, frame)
         rgb = render_overlay(values, window_of(source, values, frame), plane,
-                             [specs[v] for v in present], style)
+                             [specs[v] for v in present], style, boxes=boxes)
         images.append(_sc_image(source, frame, z, rgb, identity, card.name, software_versions(card),
                                 device_serial_number, card.model_hash))
     logger.info("Overlay series %s: %d images (model %s %s)", identity.series_instance_uid, len(images),

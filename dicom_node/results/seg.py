@@ -216,11 +216,12 @@ def drop_invalid_copied(result: Dataset, source: Dataset) -> list[str]:
         Keywords of the removed attributes.
     """
     removed = []
-    for element in list(result):
+    # Only patient attributes are checked: select them by tag before touching any element.
+    for tag in sorted(tag for tag in result.keys() if tag >> 16 == _PATIENT_GROUP):
+        element = result[tag]
         keyword = element.keyword
         if (
             element.VR in _UNCHECKED_VRS
-            or element.tag.group != _PATIENT_GROUP
             or keyword in _COPIED_TYPE2
             or keyword not in source
             or source[element.tag].value != element.value

@@ -363,7 +363,8 @@ def build_sr(
         )
 
         texts = [text for text in prediction.findings if text.strip()]
-        if card.segments and prediction.labelmap is not None and not prediction.present_segments():
+        # A SEG is only made when a segment is present: no need to scan the label map then.
+        if card.segments and prediction.labelmap is not None and seg is None and not prediction.present_segments():
             texts.append(NO_SEGMENT_FINDING)
         if not groups and not texts:
             texts.append(NO_RESULT_FINDING)

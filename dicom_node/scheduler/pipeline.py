@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.domain import OutputKind
-from dicom_node.errors import DicomNodeError, ModelError
-from dicom_node.imaging import load_series
+from dicom_node.errors import DicomNodeError, ImagingError, ModelError
+from dicom_node.imaging import SeriesVolume, load_series
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.pdf import build_pdf
 from dicom_node.results.sc import OverlayStyle, build_overlays
@@ -26,20 +27,51 @@ from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.spool import Spool
 from inference.registry import ModelRegistry
-from inference.types import Prediction, Task
+from inference.types import Model, Prediction, Task
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class InferTask:
-    """What the scheduler hands to a worker: validated UIDs and spool paths only."""
+    """What the scheduler hands to a worker: validated UIDs and spool paths only.
+
+    Parameters
+    ----------
+    series_uid, paths:
+        The series the results belong to (their grid, the instances they
+        reference) and its instance files, relative to the spool root.
+    inputs:
+        For a study rule, ``(role, paths)`` of every series of the study the
+        model takes, primary (``series_uid``) first; empty for a series rule.
+    rule:
+        The rule that queued the job (for error messages).
+    """
 
     job_id: int
     series_uid: str
     model: str
     paths: tuple[str, ...]
     outputs: tuple[str, ...]
+    inputs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    rule: str = ""
+
+
+def study_inputs(primary_uid: str, inputs: Mapping[str, str],
+                 instance_paths: Callable[[str], Iterable[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The :attr:`InferTask.inputs` of a study rule's job: each role's instance paths, the primary first.
+
+    Parameters
+    ----------
+    primary_uid:
+        The job's series (the primary role's series).
+    inputs:
+        ``role -> series UID`` from the job payload, in the rule's role order.
+    instance_paths:
+        ``series UID -> instance paths`` (relative to the spool root).
+    """
+    ordered = sorted(inputs.items(), key=lambda item: item[1] != primary_uid)  # stable: rule order otherwise
+    return tuple((role, tuple(instance_paths(uid))) for role, uid in ordered)
 
 
 @dataclass(frozen=True)
@@ -62,7 +94,11 @@ class InferOutcome:
 
 
 def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any) -> InferOutcome:
-    """Run one model on one series and write its result objects to the spool.
+    """Run one model on one series (or the series of a study rule) and write its result objects to the spool.
+
+    For a study rule (``task.inputs``), every input is loaded and the model's
+    ``predict_study`` gets them by role; the result is on the primary
+    series' grid and the objects reference its instances.
 
     Parameters
     ----------
@@ -77,13 +113,23 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     """
     t0 = time.perf_counter()
     times: dict[str, float] = {}
+    notes: list[str] = []
     try:
-        sv = load_series([spool.absolute(p) for p in task.paths])
+        if task.inputs:
+            loaded = _load_inputs(task, spool)
+            sv = loaded[task.inputs[0][0]]
+            notes = [f"{role}: {note}" for role, one in loaded.items() for note in one.notes]
+        else:
+            sv = load_series([spool.absolute(p) for p in task.paths])
+            notes = list(sv.notes)
         times["load"] = time.perf_counter() - t0
         model = registry.get(task.model)
-        _require_modality(task.model, model.card, sv.volume)
         t1 = time.perf_counter()
-        prediction = model.predict(sv.volume)
+        if task.inputs:
+            prediction = _predict_study(task, model, loaded)
+        else:
+            _require_modality(task.model, model.card, sv.volume)
+            prediction = model.predict(sv.volume)
         times["model"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), list(sv.sources), spool,
@@ -101,8 +147,51 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         logger.exception("Job %d: model %s failed", task.job_id, task.model)
         return InferOutcome(ok=False, error=f"model {task.model} raised {type(exc).__name__}: {exc}"[:500],
                             seconds=times)
-    return InferOutcome(ok=True, objects=objects, findings=list(prediction.findings), notes=list(sv.notes),
+    return InferOutcome(ok=True, objects=objects, findings=list(prediction.findings), notes=notes,
                         model_version=prediction.card.version, seconds=times)
+
+
+def _load_inputs(task: InferTask, spool: Spool) -> dict[str, SeriesVolume]:
+    """Load every series of a study rule's job, by role (primary first).
+
+    Raises
+    ------
+    ModelError
+        When the primary series is not the job's series or an input has no
+        instances left in the spool.
+    ImagingError
+        When an input is not one regular volume (the message names its role).
+    """
+    primary_role, primary_paths = task.inputs[0]
+    if set(primary_paths) != set(task.paths):
+        raise ModelError(f"study rule {task.rule!r}: the job's series {task.series_uid} is not among its inputs "
+                         f"({', '.join(role for role, _ in task.inputs)})")
+    loaded: dict[str, SeriesVolume] = {}
+    for role, paths in task.inputs:
+        if not paths:
+            raise ModelError(f"study rule {task.rule!r}: input {role!r} has no instances in the spool "
+                             "(removed by retention?); re-send the series")
+        try:
+            loaded[role] = load_series([spool.absolute(p) for p in paths])
+        except ImagingError as exc:
+            raise ImagingError(f"input {role!r}: {exc}") from exc
+    return loaded
+
+
+def _predict_study(task: InferTask, model: Model, loaded: dict[str, SeriesVolume]) -> Prediction:
+    """Run ``model`` on every input of a study rule; a model that takes one series only gets one."""
+    for role, sv in loaded.items():
+        try:
+            _require_modality(task.model, model.card, sv.volume)
+        except ModelError as exc:
+            raise ModelError(f"input {role!r}: {exc}") from exc
+    primary = task.inputs[0][0]
+    if len(loaded) == 1 and not model.takes_several_inputs:
+        return model.predict(loaded[primary].volume)
+    if not model.takes_several_inputs:
+        raise ModelError(f"model {task.model} takes one series; rule {task.rule!r} gives it {len(loaded)} "
+                         f"({', '.join(loaded)}): use a type: python model for this study rule")
+    return model.predict_study({role: sv.volume for role, sv in loaded.items()}, primary)
 
 
 def _require_modality(name: str, card: Any, volume: Any) -> None:
@@ -183,4 +272,4 @@ def result_files(outcome: InferOutcome) -> list[str]:
     return [o.path for o in outcome.objects]
 
 
-__all__ = ["InferOutcome", "InferTask", "ProducedObject", "Path", "run_infer"]
+__all__ = ["InferOutcome", "InferTask", "ProducedObject", "Path", "run_infer", "study_inputs"]

@@ -37,7 +37,11 @@ _FINISHED_SQL = (
     f" WHERE s.state IN ({','.join('?' * len(FINISHED))})"
     " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid"
     f" AND j.state IN ({','.join('?' * len(_ACTIVE_JOBS))}))"
+    # An input of a study rule's pending job (payload inputs: {role: series_uid}) is still needed.
+    " AND NOT EXISTS (SELECT 1 FROM jobs j2, json_each(j2.payload, '$.inputs') AS inp"
+    f" WHERE inp.value = s.series_uid AND j2.state IN ({','.join('?' * len(_ACTIVE_JOBS))}))"
 )
+_FINISHED_PARAMS = (*FINISHED, *_ACTIVE_JOBS, *_ACTIVE_JOBS)
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Retention:
 
     def finished_series(self, older_than: float | None = None) -> list[dict[str, Any]]:
         """Finished series, oldest finished first; only those finished at or before ``older_than``."""
-        sql, params = _FINISHED_SQL, [*FINISHED, *_ACTIVE_JOBS]
+        sql, params = _FINISHED_SQL, list(_FINISHED_PARAMS)
         if older_than is not None:
             sql += " AND s.updated_at <= ?"
             params.append(older_than)
@@ -120,7 +124,7 @@ class Retention:
         freed = 0
         with self.db.transaction() as c:
             row = c.execute(_FINISHED_SQL + " AND s.series_uid = ?",
-                            (*FINISHED, *_ACTIVE_JOBS, series_uid)).fetchone()
+                            (*_FINISHED_PARAMS, series_uid)).fetchone()
             if row is None:
                 return None
             study_uid = row["study_uid"]

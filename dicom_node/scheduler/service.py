@@ -22,7 +22,7 @@ from dicom_node.results.routing import SEG_SOP_CLASSES, Route, files_for, plan_o
 from dicom_node.rules.matcher import match, study_roles
 from dicom_node.rules.summary import never_process_reason, read_series
 from dicom_node.scheduler.completion import SeriesCompletion
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, study_inputs
 from dicom_node.scheduler.study import WAITING, StudyRules
 from dicom_node.spool import Spool
 from dicom_node.store import Database, Job, JobStore, SeriesStore
@@ -162,7 +162,9 @@ class Pipeline:
 
     def _run_infer(self, job: Job, now_fn: Callable[[], float], runner: InferRunner) -> None:
         paths = tuple(self.series.instance_paths(job.series_uid))
-        task = InferTask(job.id, job.series_uid, job.model, paths, tuple(job.payload.get("outputs", ())))
+        inputs = study_inputs(job.series_uid, job.payload.get("inputs") or {}, self.series.instance_paths)
+        task = InferTask(job.id, job.series_uid, job.model, paths, tuple(job.payload.get("outputs", ())),
+                         inputs=inputs, rule=job.rule)
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
         outcome = runner.run(task, self.settings.workers.infer_timeout_s)

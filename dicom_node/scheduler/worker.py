@@ -20,13 +20,34 @@ from dicom_node.scheduler.pipeline import InferOutcome, InferTask
 logger = logging.getLogger(__name__)
 
 
-def _child_main(conn: Connection, settings: Any, log_level: int) -> None:
-    """Entry point of the worker process: serve tasks until the pipe closes."""
+def worker_gpus(infer: int | str) -> list[int | None]:
+    """The GPU of each worker process for the ``workers.infer`` setting.
+
+    ``auto`` gives one worker per visible GPU (one CPU worker without GPU);
+    a number gives that many workers spread round-robin over the GPUs.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = max(1, gpus) if infer == "auto" else int(infer)
+    return [i % gpus if gpus else None for i in range(count)]
+
+
+def _child_main(conn: Connection, settings: Any, gpu: int | None) -> None:
+    """Entry point of the worker process: serve tasks until the pipe closes.
+
+    ``gpu`` is this worker's GPU: models with ``device: auto`` run on it.
+    """
     import signal
 
     from dicom_node.logs import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.journald, process="worker")
+    if gpu is not None:
+        import torch
+
+        torch.cuda.set_device(gpu)
+        logger.info("Worker bound to GPU %d (%s)", gpu, torch.cuda.get_device_name(gpu))
     # The parent owns shutdown: a Ctrl-C in a terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -57,8 +78,9 @@ class WorkerProcess:
         The node's settings (pickled to the child at start).
     """
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, gpu: int | None = None) -> None:
         self.settings = settings
+        self.gpu = gpu
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
         self._conn: Connection | None = None
@@ -67,12 +89,13 @@ class WorkerProcess:
     def start(self) -> None:
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_child_main, name="dicom-node-worker",
-                                       args=(child, self.settings, logging.getLogger().level or logging.INFO),
+                                       args=(child, self.settings, self.gpu),
                                        daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
-        logger.info("Worker process %d started", self._proc.pid)
+        logger.info("Worker process %d started%s", self._proc.pid,
+                    f" on GPU {self.gpu}" if self.gpu is not None else " (CPU)")
 
     @property
     def alive(self) -> bool:

@@ -5,6 +5,14 @@ The function receives ``(array, geometry)``: a numpy array shaped
 ``(dz, dy, dx)``, ``origin`` and ``direction`` (see :class:`inference.types.Volume`).
 It returns a label map of the same shape (segmentation) or a mapping
 ``class name -> probability`` (classification).
+
+Under a study rule (several series of one study, e.g. arterial and venous
+phase) the function is called as ``func(arrays, geometries)`` instead: two
+dicts keyed by the rule's role names (``study.series``), in the rule's order,
+holding each series' array and geometry.  The first role is the *primary*
+series: a label map must be on its grid (its shape), and the result objects
+reference its instances.  The grids of the other series may differ; resampling
+them is the function's business (their geometries say how).
 """
 
 from __future__ import annotations
@@ -75,8 +83,26 @@ class PythonModel(Model):
         self.func = func
         self.threshold = threshold
 
+    takes_several_inputs = True
+
     def predict(self, volume: Volume) -> Prediction:
-        out = self.func(volume.array, volume.geometry())
+        return self._prediction(self.func(volume.array, volume.geometry()), volume)
+
+    def predict_study(self, volumes: Mapping[str, Volume], primary: str) -> Prediction:
+        """Call ``func(arrays, geometries)`` with every role's array and geometry; the primary role first.
+
+        Raises
+        ------
+        KeyError
+            If ``primary`` is not one of the roles.
+        """
+        if primary not in volumes:
+            raise KeyError(f"primary role {primary!r} is not among the inputs ({', '.join(volumes)})")
+        roles = [primary, *(r for r in volumes if r != primary)]
+        out = self.func({r: volumes[r].array for r in roles}, {r: volumes[r].geometry() for r in roles})
+        return self._prediction(out, volumes[primary], f" (the grid of the primary series {primary!r})")
+
+    def _prediction(self, out: Any, volume: Volume, grid: str = "") -> Prediction:
         if self.card.task is Task.CLASSIFICATION:
             if not isinstance(out, Mapping):
                 raise TypeError(f"classification model {self.card.name} must return a dict "
@@ -86,7 +112,7 @@ class PythonModel(Model):
         labelmap = np.asarray(out)
         if labelmap.shape != volume.array.shape:
             raise ValueError(f"model {self.card.name} returned shape {labelmap.shape}, "
-                             f"expected {volume.array.shape} (z, y, x)")
+                             f"expected {volume.array.shape} (z, y, x){grid}")
         known = {s.label for s in self.card.segments}
         unknown = set(np.unique(labelmap).tolist()) - known - {0}
         if unknown:

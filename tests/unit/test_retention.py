@@ -153,3 +153,19 @@ def test_a_series_reopened_meanwhile_is_kept(env: Env) -> None:
     env.series.set_state("1.2.3.1", SeriesState.RECEIVING, 100)
     assert retention.purge("1.2.3.1", "test") is None
     assert env.series.get("1.2.3.1") is not None
+
+
+def test_input_of_a_pending_study_rule_job_is_kept(env: Env) -> None:
+    """A study rule's second series is 'ignored' itself, but a queued job still needs its files."""
+    arterial_files = env.add_series("1.2.3.10", 0)
+    venous_files = env.add_series("1.2.3.11", 0)
+    env.series.set_state("1.2.3.11", SeriesState.IGNORED, 40, "input of study rule 'phases'")
+    job = env.jobs.enqueue(JobKind.INFER, "1.2.3.10", 50, model="enhancing",
+                           payload={"inputs": {"arterial": "1.2.3.10", "venous": "1.2.3.11"}})
+    report = env.retention().run(now=100 * HOUR)
+    assert report.expired == []
+    assert all(f.exists() for f in arterial_files + venous_files)
+    env.jobs.claim(JobKind.INFER, 100 * HOUR)
+    env.jobs.complete(job, 100 * HOUR)
+    report = env.retention().run(now=200 * HOUR)
+    assert sorted(report.expired) == ["1.2.3.10", "1.2.3.11"]

@@ -27,7 +27,11 @@ STUDY = "1.2.826.0.1.3680043.10.1"
 
 def settings_with(rules: list[dict[str, Any]], **completion: Any) -> Settings:
     return Settings.model_validate({
-        "models": {"lungs": {"type": "builtin", "name": "lungs-ct"}},
+        "models": {"lungs": {"type": "builtin", "name": "lungs-ct"},
+                   # A study rule's model takes several series: a python model (never loaded here).
+                   "phases": {"type": "python", "callable": "phases:segment",
+                              "labels": [{"value": 1, "name": "Liver",
+                                          "snomed": {"value": "10200004", "meaning": "Liver"}}]}},
         "completion": {"quiet_seconds": 30, **completion},
         "rules": rules,
     })
@@ -152,7 +156,7 @@ def test_a_stop_rule_shortens_the_quiet_time_and_orders_the_queue(env: dict[str,
 
 # --------------------------------------------------------------------------- study rules
 
-PHASES = {"name": "phases", "when": {"Modality": "CT"}, "run": ["lungs"], "priority": "stat",
+PHASES = {"name": "phases", "when": {"Modality": "CT"}, "run": ["phases"], "priority": "stat",
           "study": {"series": {"arterial": {"SeriesDescription": {"regex": "(?i)arterial"}},
                                "venous": {"SeriesDescription": {"regex": "(?i)venous"}}},
                     "quiet_seconds": 20, "max_wait_seconds": 300}}

@@ -1,0 +1,96 @@
+"""The CUDA path: worker-per-GPU binding, device selection, AMP, GPU memory.
+
+These tests need an NVIDIA GPU and are skipped (with that reason) elsewhere;
+CI machines have none. Run them on a GPU machine with
+``.venv/bin/python -m pytest tests/gpu -v``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.imaging import load_series
+from dicom_node.scheduler.pipeline import InferTask
+from dicom_node.scheduler.worker import WorkerProcess, worker_gpus
+from dicom_node.settings import load_settings_text
+from dicom_node.spool import Spool
+from inference.registry import ModelRegistry
+from inference.runner import inference_context, resolve_device
+from tests.models_factory import TISSUE, threshold_conv, write_torchscript
+from tests.phantoms import make_chest_phantom, write_ct_series
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+
+LABELS = [{"value": 1, "name": "Tissue", "snomed": TISSUE}]
+
+
+def _settings(tmp_path: Path, model_path: Path) -> object:
+    import json
+
+    models = {"ts": {"type": "torchscript", "path": str(model_path), "labels": LABELS, "device": "auto",
+                     "amp": True, "preprocessing": {"roi_size": [32, 32, 32], "sw_batch_size": 4}}}
+    text = json.dumps({"storage": {"path": str(tmp_path / "state")}, "models": models,
+                       "workers": {"infer": "auto"}, "http": {"enabled": False}})
+    return load_settings_text(text)
+
+
+def _series(tmp_path: Path) -> tuple[Spool, list[Path], np.ndarray]:
+    spool = Spool(tmp_path / "state")
+    hu, _ = make_chest_phantom(shape=(40, 96, 96), spacing=(2.5, 2.0, 2.0))
+    files = write_ct_series(hu, (2.5, 2.0, 2.0), spool.incoming / "phantom")
+    return spool, files, hu
+
+
+def test_auto_gives_one_worker_per_gpu() -> None:
+    assert worker_gpus("auto") == list(range(torch.cuda.device_count()))
+    assert worker_gpus(3) == [i % torch.cuda.device_count() for i in range(3)]
+
+
+def test_auto_device_is_the_bound_gpu_and_amp_runs_float16() -> None:
+    torch.cuda.set_device(0)
+    device = resolve_device("auto")
+    assert device == torch.device("cuda", 0)
+    with inference_context(device, amp=True):
+        a = torch.ones(64, 64, device=device)
+        assert (a @ a).dtype == torch.float16
+    with inference_context(device, amp=False):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_model_runs_on_gpu_and_matches_cpu(tmp_path: Path) -> None:
+    ts = write_torchscript(threshold_conv(-499.5), tmp_path / "threshold.ts")
+    settings = _settings(tmp_path, ts)
+    _, files, hu = _series(tmp_path)
+    volume = load_series(files).volume
+    torch.cuda.set_device(0)
+    torch.cuda.reset_peak_memory_stats()
+    model = ModelRegistry(settings.models).get("ts")
+    assert model.device.type == "cuda"
+    gpu = model.predict(volume).labelmap
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    assert peak_mb > 0
+    expected = (volume.array > -499.5).astype(np.uint8)
+    # float16 rounding may flip voxels within a hair of the threshold only.
+    near = np.abs(volume.array + 499.5) < 1.0
+    assert np.array_equal(gpu[~near], expected[~near])
+    print(f"GPU {torch.cuda.get_device_name(0)}: peak {peak_mb:.1f} MiB for a {volume.array.shape} volume")
+
+
+def test_worker_process_bound_to_gpu_runs_a_job(tmp_path: Path) -> None:
+    ts = write_torchscript(threshold_conv(-499.5), tmp_path / "threshold.ts")
+    settings = _settings(tmp_path, ts)
+    spool, files, _ = _series(tmp_path)
+    worker = WorkerProcess(settings, gpu=0)
+    worker.start()
+    try:
+        task = InferTask(1, str(load_series(files).sources[0].SeriesInstanceUID), "ts",
+                         tuple(spool.relative(f) for f in files), ("seg", "sr"))
+        outcome = worker.run(task, timeout_s=300)
+    finally:
+        worker.stop()
+    assert outcome.ok, outcome.error
+    assert {o.kind for o in outcome.objects} == {"seg", "sr"}
