@@ -1,6 +1,7 @@
 # dicom-node: every target does its own set-up on a fresh Debian machine.
 #   make run    install into .venv and start the node on the embedded default
-#   make test   install test needs (Debian orthanc, dcmtk, dicom3tools when root) and run the suite
+#   make test   install test needs (Debian orthanc, orthanc-dicomweb, dcmtk, dicom3tools, openjph-tools,
+#               chromium, systemd when root) and run the whole suite
 #   make bench  run the benchmarks under bench/ (one: make bench NAME=receive)
 
 PYTHON ?= python3.11

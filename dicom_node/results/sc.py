@@ -295,7 +295,8 @@ def render_overlay(
     font_size = max(10, min(24, columns // 32))
     strip = _legend_strip(columns, style.banner, segments, font_size)
     image = np.empty((rows + strip.shape[0], columns, 3), dtype=np.uint8)
-    image[:rows] = gray[:, :, None]
+    for channel in range(3):  # one plane at a time: much faster than broadcasting gray[:, :, None]
+        image[:rows, :, channel] = gray
     image[rows:] = strip
     if not segments:
         return image

@@ -391,7 +391,10 @@ def _label_counts(labelmap: np.ndarray) -> np.ndarray:
     length = int(labelmap.max()) + 1
     counts = np.zeros(length, dtype=np.int64)
     for plane in labelmap:
-        counts += np.bincount(plane.ravel(), minlength=length)
+        if plane.any():
+            counts += np.bincount(plane.ravel(), minlength=length)
+        else:  # an empty slice (most of a volume, often): only background
+            counts[0] += plane.size
     return counts
 
 

@@ -248,8 +248,9 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
 
     seg_ds: Dataset | None = None
     segment_numbers: dict[int, int] | None = None
+    present = bool(prediction.present_segments())  # one pass over the label map for every output
     if OutputKind.SEG in task.outputs and card.task is Task.SEGMENTATION:
-        if prediction.present_segments():
+        if present:
             seg = build_seg(prediction, sources, identity(OutputKind.SEG), segmentation_type=outputs.seg_type.upper(),
                             omit_empty_segments=outputs.empty_segments == "drop")
             seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
@@ -260,7 +261,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         sr = build_sr(prediction, sources, identity(OutputKind.SR), seg=seg_ds, segment_numbers=segment_numbers)
         write(OutputKind.SR, sr)
     style = OverlayStyle(banner=outputs.banner, fill_opacity=outputs.fill_opacity)
-    if OutputKind.SC in task.outputs and prediction.present_segments():
+    if OutputKind.SC in task.outputs and present:
         for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style):
             write(OutputKind.SC, image, int(image.InstanceNumber) - 1)
     if OutputKind.PDF in task.outputs:

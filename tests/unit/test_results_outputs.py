@@ -340,3 +340,55 @@ def test_spool_result_part_path(tmp_path: Path) -> None:
     assert path.name == "sc-00007.dcm" and path.parent == spool.result_path("1.2.3", "lungs", "sc").parent
     with pytest.raises(InvalidUIDError):
         spool.result_part_path("1.2.3", "lungs", "sc", -1)
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _reference_overlay_pixels(gray: np.ndarray, labels: np.ndarray, segments: list, opacity: float) -> np.ndarray:
+    """Overlay rows drawn on the whole slice, pixel by pixel (no bounding boxes, no tables)."""
+    rgb = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
+    width = max(1, min(gray.shape) // 256)
+    alpha = np.float32(opacity)
+    for spec in segments:
+        mask = labels == spec.label
+        color = np.asarray(spec.color, dtype=np.float32)
+        rgb[mask] = rgb[mask] * (1 - alpha) + color * alpha
+        inner = mask.copy()
+        for _ in range(width):
+            padded = np.pad(inner, 1, constant_values=False)
+            inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        rgb[mask & ~inner] = color
+    return rgb.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("opacity", [0.0, 0.35, 1.0])
+def test_overlay_segments_drawn_in_their_boxes_match_whole_slice_drawing(opacity: float) -> None:
+    from dicom_node.results.sc import render_overlay, windowed_gray
+
+    rng = np.random.default_rng(7)
+    values = rng.normal(40, 200, (512, 512)).astype(np.float32)
+    labels = np.zeros((512, 512), np.uint8)
+    yy, xx = np.mgrid[:512, :512]
+    for label, (cy, cx, radius) in enumerate([(0, 0, 90), (256, 256, 120), (300, 300, 60), (511, 400, 40)], 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2] = label  # touching edges and each other
+    labels[:, 508:] = 2
+    labels[100, 100] = 3  # a one-pixel segment
+    segments = [s for s in (replace(CARD.segments[0], label=i, color=(200, 10 * i, 30)) for i in (1, 2, 3, 4))]
+    image = render_overlay(values, (40.0, 400.0), labels, segments, OverlayStyle(fill_opacity=opacity))
+    expected = _reference_overlay_pixels(windowed_gray(values, 40.0, 400.0), labels, segments, opacity)
+    assert image.shape[0] > 512
+    np.testing.assert_array_equal(image[:512], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_present_segments_agrees_with_the_set_of_values(dtype: type) -> None:
+    card = replace(CARD, segments=tuple(replace(CARD.segments[0], label=i, name=f"S{i}") for i in (1, 2, 3, 300)))
+    labelmap = np.zeros((6, 32, 32), dtype)
+    labelmap[2, 5, 5] = 3
+    labelmap[4, 0, 31] = 1
+    if dtype is not np.uint8:
+        labelmap[5, 31, 0] = 300
+    present = Prediction(card, labelmap).present_segments()
+    assert [s.label for s in present] == sorted({int(v) for v in np.unique(labelmap)} - {0})
+    assert Prediction(card, np.zeros((3, 4, 4), dtype)).present_segments() == ()
