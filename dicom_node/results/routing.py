@@ -4,14 +4,18 @@ A rule's ``outputs`` is what its destinations receive, unless a destination
 sets its own ``outputs`` (e.g. ``[sc, sr]`` for a PACS that cannot show
 SEG), which then replaces the rule's for that destination.  The INFER job
 produces the union of what the destinations receive (the rule's outputs when
-it sends nowhere), plus the overlay series (``sc``) when a destination that
-receives the SEG has ``seg_fallback: sc``: the node cannot know before the
-association whether that destination accepts the SEG SOP class.
+it sends nowhere).  A destination that receives the SEG and has
+``seg_fallback: sc`` gets the overlay series (``sc``) instead when it refuses
+the SEG SOP class in association negotiation.  The overlay is produced up
+front only for destinations already known to refuse the SEG (an earlier send
+was refused); for any other, the node cannot know before the association,
+and rendering an overlay series nobody needs would cost seconds per series,
+so the first refusal queues a job that renders it then.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +62,8 @@ def _ordered(kinds: Iterable[str]) -> tuple[str, ...]:
 
 
 def plan_outputs(
-    rule_outputs: Sequence[str], destination_names: Sequence[str], destinations: Mapping[str, Any]
+    rule_outputs: Sequence[str], destination_names: Sequence[str], destinations: Mapping[str, Any],
+    refusing_seg: Collection[str] = (),
 ) -> tuple[tuple[str, ...], dict[str, Route]]:
     """Kinds to produce and the route of each destination of a rule.
 
@@ -71,6 +76,8 @@ def plan_outputs(
     destinations:
         Configured destinations by name (objects with an optional ``outputs``
         and, for DIMSE, ``seg_fallback``); unknown names get the rule's outputs.
+    refusing_seg:
+        Destinations known to refuse the SEG SOP class: their fallback is produced up front.
 
     Returns
     -------
@@ -88,7 +95,7 @@ def plan_outputs(
         use_fallback = OutputKind.SEG.value in kinds and OutputKind.SC.value not in kinds and fallback == "sc"
         routes[name] = Route(kinds, OutputKind.SC.value if use_fallback else None)
         produce.update(kinds)
-        if use_fallback:
+        if use_fallback and name in refusing_seg:
             produce.add(OutputKind.SC.value)
     return _ordered(produce), routes
 

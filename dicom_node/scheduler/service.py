@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from pydicom.uid import UID
 
-from dicom_node.domain import JobKind, SeriesState, SeriesSummary
+from dicom_node.domain import JobKind, OutputKind, SeriesState, SeriesSummary
 from dicom_node.errors import SendError
 from dicom_node.results.routing import SEG_SOP_CLASSES, Route, files_for, plan_outputs
 from dicom_node.rules.matcher import match, study_roles
@@ -136,7 +136,7 @@ class Pipeline:
     def _queue_rule(self, series_uid: str, rule: Any, now: float, extra: dict[str, Any]) -> list[int]:
         """Queue one INFER job per model of ``rule`` on ``series_uid``, at the rule's priority."""
         produce, routes = plan_outputs([str(o) for o in rule.outputs], list(rule.send_to),
-                                       self.settings.destinations)
+                                       self.settings.destinations, self.jobs.destinations_refusing_seg())
         return [self.jobs.enqueue(JobKind.INFER, series_uid, now, rule=rule.name, model=model,
                                   payload={"outputs": list(produce), "destinations": list(rule.send_to),
                                            "routes": {d: r.as_payload() for d, r in routes.items()}, **extra},
@@ -192,11 +192,16 @@ class Pipeline:
         produced = [(o.kind, o.path) for o in outcome.objects]
         for dest in job.payload.get("destinations", []):
             route = job.payload.get("routes", {}).get(dest)
-            dest_files, fallback = files_for(Route.from_payload(route), produced) if route else (files, [])
+            plan = Route.from_payload(route) if route else None
+            dest_files, fallback = files_for(plan, produced) if plan else (files, [])
+            sends_seg = any(k == OutputKind.SEG.value and p in dest_files for k, p in produced)
+            extra: dict[str, Any] = {}
+            if plan and plan.seg_fallback and sends_seg:
+                # Overlay files when produced up front; otherwise rendered on a first refusal.
+                extra = {"fallback": {"seg": fallback, "kind": plan.seg_fallback}}
             if dest_files:
                 self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
-                                  destination=dest, payload={"files": dest_files,
-                                                             **({"fallback": {"seg": fallback}} if fallback else {})})
+                                  destination=dest, payload={"files": dest_files, **extra})
         self.jobs.complete(job.id, now, payload=result)
         logger.info("Job %d: model %s produced %s%s", job.id, job.model,
                     ", ".join(o.kind for o in outcome.objects) or "no objects",
@@ -265,6 +270,7 @@ class Pipeline:
             self.jobs.bury(job.id, f"destination {job.destination!r} is no longer configured", now_fn())
             return True
         files = [self.spool.absolute(p) for p in job.payload["files"]]
+        has_fallback = "fallback" in job.payload
         fallback = [self.spool.absolute(p) for p in job.payload.get("fallback", {}).get("seg", [])]
         missing = [str(f.name) for f in [*files, *fallback] if not Path(f).exists()]
         if missing:
@@ -272,9 +278,9 @@ class Pipeline:
             return True
         conf = self.settings.send
         try:
-            if fallback:
+            if has_fallback:
                 report = self.sender(files, dest, self.settings.node.ae_title, skip_refused=True)
-                note = self._send_seg_fallback(job, dest, report, fallback)
+                note = self._send_seg_fallback(job, dest, report, fallback, now_fn())
             else:
                 report, note = self.sender(files, dest, self.settings.node.ae_title), None
         except SendError as exc:
@@ -301,8 +307,14 @@ class Pipeline:
                                "series": job.series_uid, "job": job.id, "files": list(job.payload["files"])})
         return True
 
-    def _send_seg_fallback(self, job: Job, dest: Any, report: Any, fallback: list[Path]) -> dict[str, Any] | None:
+    def _send_seg_fallback(self, job: Job, dest: Any, report: Any, fallback: list[Path],
+                           now: float) -> dict[str, Any] | None:
         """After a send that skipped refused SOP classes: send the overlay instead of a refused SEG.
+
+        When the overlay was not produced up front (the destination was not
+        known to refuse the SEG), an INFER job of the same rule and model is
+        queued that renders only the overlay series and sends it here; later
+        series for this destination get their overlay produced with the SEG.
 
         Returns what was done, recorded in the job's payload (``None`` when nothing was refused).
 
@@ -321,6 +333,17 @@ class Pipeline:
             raise SendError(f"{job.destination} does not accept {names} (refused in association negotiation): "
                             "configure it to store this SOP class, or remove the kind from its outputs",
                             retryable=False)
+        if not fallback:
+            kind = job.payload["fallback"].get("kind", OutputKind.SC.value)
+            render = self.jobs.enqueue(
+                JobKind.INFER, job.series_uid, now, rule=job.rule, model=job.model,
+                payload={"outputs": [kind], "destinations": [job.destination],
+                         "routes": {job.destination: Route((kind,), None).as_payload()}})
+            logger.warning("Job %d: %s refused the SEG SOP class in association negotiation; job %d renders "
+                           "the overlay series to send instead", job.id, job.destination, render)
+            self.on_event("seg_fallback", {"destination": job.destination, "series": job.series_uid,
+                                           "job": job.id, "count": 0})
+            return {"refused": sorted(refused), "sent_instead": kind, "rendering_job": render}
         sent = self.sender(fallback, dest, self.settings.node.ae_title)
         logger.warning("Job %d: %s refused the SEG SOP class in association negotiation; sent the overlay "
                        "series instead (%d images)", job.id, job.destination, sent.sent)

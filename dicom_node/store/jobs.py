@@ -288,6 +288,12 @@ class JobStore:
                              (kind, JobState.QUEUED, JobState.RETRYING))
         return rows[0]["t"]
 
+    def destinations_refusing_seg(self) -> set[str]:
+        """Destinations whose SEND jobs recorded a refused SEG (``seg_fallback`` in the payload)."""
+        rows = self.db.query("SELECT DISTINCT destination FROM jobs WHERE kind=? AND payload LIKE ?",
+                             (JobKind.SEND, '%"sent_instead"%'))
+        return {r["destination"] for r in rows}
+
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self.db.query("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
         return {(r["kind"], r["state"]): r["n"] for r in rows}

@@ -133,8 +133,10 @@ def test_destination_refusing_seg_receives_the_overlay_series(tmp_path: Path, no
             "noseg": {"ae_title": "NOSEG", "host": "127.0.0.1", "port": scp.port}}))
         files, hu = _phantom(tmp_path)
         assert storescu(node.port, files, aec="DICOMNODE").returncode == 0
-        wait_until(lambda: _sends_done(node, 1), 240, "the send to the SEG-refusing destination")
+        # First send: SR delivered, SEG refused -> a job renders the overlay -> second send delivers it.
+        wait_until(lambda: _sends_done(node, 2), 240, "the SR and then the overlay series to be sent")
         got = scp.by_modality()
+        jobs = [j for row in node.status_json() for j in row["jobs"]]
     finally:
         scp.stop()
 
@@ -142,10 +144,13 @@ def test_destination_refusing_seg_receives_the_overlay_series(tmp_path: Path, no
     overlays = sorted(got["OT"], key=lambda ds: int(ds.InstanceNumber))
     assert overlays, got.keys()
     assert len({ds.SeriesInstanceUID for ds in overlays}) == 1
-    send = [j for row in node.status_json() for j in row["jobs"] if j["kind"] == "send"][0]
-    record = send["payload"]["seg_fallback"]
-    assert record["sent_instead"] == "sc" and record["count"] == len(overlays)
-    assert record["refused"] == ["1.2.840.10008.5.1.4.1.1.66.4"]
+    first_send = min((j for j in jobs if j["kind"] == "send"), key=lambda j: j["id"])
+    record = first_send["payload"]["seg_fallback"]
+    assert record["sent_instead"] == "sc" and record["refused"] == ["1.2.840.10008.5.1.4.1.1.66.4"]
+    render = [j for j in jobs if j["id"] == record["rendering_job"]][0]
+    assert render["kind"] == "infer" and render["state"] == "done" and render["payload"]["outputs"] == ["sc"]
+    overlay_send = max((j for j in jobs if j["kind"] == "send"), key=lambda j: j["id"])
+    assert len(overlay_send["payload"]["files"]) == len(overlays)
 
     # Look at the overlays: the middle one is saved for people, and checked by its pixels.
     sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: z for z, f in enumerate(files)}

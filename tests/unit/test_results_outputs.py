@@ -307,6 +307,10 @@ def test_plan_outputs_per_destination() -> None:
     assert routes["old"] == Route(("sr", "sc"), None)
     assert routes["strict"] == Route(("seg", "sr"), None)
     assert plan_outputs(["sr"], [], settings.destinations) == (("sr",), {})
+    # The overlay is produced up front only for a destination known to refuse the SEG.
+    assert plan_outputs(["seg", "sr"], ["pacs"], settings.destinations)[0] == ("seg", "sr")
+    assert plan_outputs(["seg", "sr"], ["pacs"], settings.destinations, {"pacs"})[0] == ("seg", "sr", "sc")
+    assert plan_outputs(["seg", "sr"], ["strict"], settings.destinations, {"strict"})[0] == ("seg", "sr")
     objects = [("seg", "a/seg.dcm"), ("sr", "a/sr.dcm"), ("sc", "a/sc-00000.dcm")]
     assert files_for(routes["pacs"], objects) == (["a/seg.dcm", "a/sr.dcm"], ["a/sc-00000.dcm"])
     assert files_for(routes["old"], objects) == (["a/sr.dcm", "a/sc-00000.dcm"], [])
