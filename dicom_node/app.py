@@ -32,6 +32,7 @@ from dicom_node.http.server import HttpServer
 from dicom_node.http.status import render_status
 from dicom_node.http.thumbnail import get_thumbnail
 from dicom_node.receive.handlers import StoreHandler
+from dicom_node.receive.pool import ReceiverPool, receiver_count
 from dicom_node.receive.server import Receiver
 from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
@@ -84,7 +85,13 @@ class Node:
         self.store_handler = StoreHandler(self.spool, self._series_store(), settings.storage.min_free_mb,
                                           clock=clock, on_stored=self.metrics.on_stored,
                                           on_recorded=self._on_recorded)
-        self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
+        self.receiver: Receiver | ReceiverPool
+        receivers = receiver_count(settings.node.receivers)
+        if receivers > 1:
+            self.receiver = ReceiverPool(settings, receivers, on_stored=self.metrics.on_stored,
+                                         on_recorded=self._on_recorded, on_association=self._on_association)
+        else:
+            self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
         self.workers = [WorkerProcess(settings, gpu) for gpu in worker_gpus(settings.workers.infer)]
         self.pipeline = Pipeline(settings, self.db, self.spool, self.workers[0], deliver,
                                  on_event=self._on_event)
@@ -354,6 +361,10 @@ class Node:
         alive = sum(w.alive for w in self.workers)
         checks["workers"] = f"{alive}/{len(self.workers)} alive"
         ok = ok and alive == len(self.workers) and not self._stopping.is_set()
+        if isinstance(self.receiver, ReceiverPool):
+            listening = self.receiver.alive
+            checks["receivers"] = f"{listening}/{self.receiver.count} alive"
+            ok = ok and listening == self.receiver.count
         return ok, checks
 
     def refresh_gauges(self) -> None:

@@ -294,6 +294,8 @@ class NodeSettings(BaseModel):
     host: Host = "0.0.0.0"
     port: Port = 11112
     allowed_peers: tuple[PeerSettings, ...] = ()
+    # Listener processes sharing the port: "auto" = one per CPU core, at most 4.
+    receivers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
     max_pdu_bytes: Annotated[int, Field(ge=0, le=2**32 - 1)] = 16382
     acse_timeout_s: Seconds = 30.0

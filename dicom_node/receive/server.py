@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,28 @@ def server_ssl_context(tls: Any) -> ssl.SSLContext:
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """A listener that shares its port with the node's other receiver processes."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _SharedContexts(list):  # type: ignore[type-arg]
+    """The listener's supported presentation contexts, shared by every association.
+
+    pynetdicom deep-copies the server's contexts for each new association;
+    for every storage SOP class times every transfer syntax that is about
+    0.8 s of CPU under the GIL, which serialised concurrent senders.
+    Negotiation only reads them, so each association gets a new list of the
+    same context objects.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
 
 
 class Receiver:
@@ -171,9 +194,14 @@ class Receiver:
         self.on_association(False, str(requested.calling_ae_title).strip(), str(event.assoc.requestor.address),
                             reason)
 
-    def start(self) -> tuple[str, int]:
-        """Start listening without blocking; returns the bound (host, port)."""
-        if not self.node.allowed_peers:
+    def start(self, reuse_port: bool = False) -> tuple[str, int]:
+        """Start listening without blocking; returns the bound (host, port).
+
+        ``reuse_port`` lets several receiver processes listen on the same
+        port (``SO_REUSEPORT``): the kernel spreads incoming associations
+        over them.
+        """
+        if not self.node.allowed_peers and not reuse_port:
             logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
         handlers = [
             (evt.EVT_C_STORE, self.store_handler),
@@ -182,8 +210,12 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self.server = self.ae.start_server((self.node.host, self.node.port), block=False,
-                                           evt_handlers=handlers, ssl_context=self.ssl_context)
+        self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=handlers,
+                                          ssl_context=self.ssl_context,
+                                          server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer)
+        self.server.contexts = _SharedContexts(self.server.contexts)
+        self.ae._servers.append(self.server)  # as start_server does: shutdown() removes it from there
+        threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
         host, port = self.server.server_address[:2]
         logger.info("Listening as %s on %s:%d%s", self.node.ae_title, host, port,
                     " (DICOM TLS)" if self.ssl_context is not None else "")

@@ -1,0 +1,75 @@
+"""Several receiver processes on one port: every instance recorded once, events reach the main process,
+and no receiver outlives the node."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from tests.integration.conftest import node_config, wait_until
+from tests.phantoms import make_chest_phantom, write_ct_series
+
+pytestmark = pytest.mark.integration
+
+
+def _send(port: int, files: list[Path], statuses: list[int]) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    for f in files:
+        statuses.append(int(assoc.send_c_store(pydicom.dcmread(f)).Status))
+    assoc.release()
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_four_senders_over_two_receiver_processes(tmp_path: Path, node_factory: Any) -> None:
+    config = node_config(tmp_path, rules=[])
+    config["node"]["receivers"] = 2
+    node = node_factory(config)
+    hu, _ = make_chest_phantom(shape=(16, 48, 48), spacing=(3.0, 4.0, 4.0))
+    series = [write_ct_series(hu, (3.0, 4.0, 4.0), tmp_path / f"ct{i}") for i in range(4)]
+    statuses: list[int] = []
+    threads = [threading.Thread(target=_send, args=(node.port, files, statuses)) for files in series]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses == [0] * 64
+    rows = node.status_json()
+    assert sorted(r["instance_count"] for r in rows) == [16, 16, 16, 16]
+    assert "2 receiver processes share port" in node.log()
+    # The processes' events reach the main process's metrics: exactly the instances sent.
+    metrics = f"http://127.0.0.1:{config['http']['port']}/metrics"
+    wait_until(lambda: _metric(metrics, "dicomnode_instances_received_total") == 64, 10,
+               "the receivers' events in /metrics")
+    assert _metric(metrics, "dicomnode_associations_total") >= 4
+
+
+def test_receivers_die_with_the_node(tmp_path: Path, node_factory: Any) -> None:
+    config = node_config(tmp_path, rules=[])
+    config["node"]["receivers"] = 2
+    node = node_factory(config)
+    node.stop(signal.SIGKILL)
+
+    def port_closed() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", node.port)) != 0
+
+    # A receiver left behind would keep acknowledging instances nobody processes.
+    wait_until(port_closed, 10, "the receiver processes to exit with the killed node")
