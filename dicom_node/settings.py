@@ -32,7 +32,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -45,11 +44,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 from typing_extensions import TypeAliasType
 
 from dicom_node.domain import OutputKind
 from dicom_node.errors import ConfigError
+from dicom_node.settings_yaml import describe, dotted, duplicate_keys, format_problem, parse_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -1293,7 +1292,7 @@ class _ReferenceError(ConfigError):
     """Cross-reference problems; propagates through pydantic because it is not a ``ValueError``."""
 
     def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
-        super().__init__("\n".join(f"{_dotted(loc)}: {msg}" for loc, msg in problems))
+        super().__init__("\n".join(f"{dotted(loc)}: {msg}" for loc, msg in problems))
         self.problems = problems
 
 
@@ -1348,21 +1347,21 @@ def load_settings_text(text: str, source: str = "<string>") -> Settings:
     ConfigError
         As :func:`load_settings`.
     """
-    root, data = _parse_yaml(text, source)
+    root, data = parse_yaml(text, source)
     if root is None:
         raise ConfigError(f"{source}: the configuration is empty; start from config/node.example.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:{root.start_mark.line + 1}: the configuration must be a mapping of sections")
-    duplicates = _duplicate_keys(root)
+    duplicates = duplicate_keys(root)
     if duplicates:
         raise ConfigError("\n".join(f"{source}:{line}: {msg}" for line, msg in duplicates))
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(error, root, source) for error in exc.errors()]
+        lines = [describe(error, root, source, OPERATORS) for error in exc.errors()]
         raise ConfigError("\n".join(dict.fromkeys(lines))) from None
     except _ReferenceError as exc:
-        lines = [_format_problem(root, source, loc, msg) for loc, msg in exc.problems]
+        lines = [format_problem(root, source, loc, msg) for loc, msg in exc.problems]
         raise ConfigError("\n".join(lines)) from None
     logger.debug("Configuration %s: %d models, %d rules", source, len(settings.models), len(settings.rules))
     return settings
@@ -1382,132 +1381,3 @@ def default_settings() -> Settings:
         Only if the packaged default is broken (a packaging bug).
     """
     return load_settings_text(default_config_text(), source="<embedded default_config.yaml>")
-
-
-def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    """Compose (for line numbers) and construct (for values) one YAML document."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        detail = f"{exc.problem} ({exc.context})" if exc.context else str(exc.problem)
-        raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: YAML syntax error: {exc}") from None
-    finally:
-        loader.dispose()
-    return root, data
-
-
-def _duplicate_keys(root: yaml.Node) -> list[tuple[int, str]]:
-    """Keys given twice in one mapping (PyYAML would silently keep the last)."""
-    found: list[tuple[int, str]] = []
-    seen_nodes: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first: dict[str, int] = {}
-            for key, value in node.value:
-                line = key.start_mark.line + 1
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in first:
-                        found.append((line, f"duplicate key {key.value!r} (first at line {first[key.value]})"))
-                    first.setdefault(key.value, line)
-                stack.append(value)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-    return sorted(found)
-
-
-def _locate(root: yaml.Node, loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], int | None]:
-    """Map a pydantic error location to the key path the user wrote and its YAML line.
-
-    Pydantic adds union tags (``models.x.python.callable``) and ``[key]``
-    markers, and conditions are normalised (``Modality: CT`` is validated as
-    ``{equals: CT}``); such elements are dropped.  Keys that are missing from
-    the document (``Field required``) are kept, at the line of their parent.
-    """
-    node: yaml.Node | None = root
-    path: list[str | int] = []
-    line: int | None = root.start_mark.line + 1
-    for element in loc:
-        if element == "[key]" or (isinstance(element, str) and element.startswith("~")):
-            continue  # dict-key marker, or a tag of the rule-condition union (see WhenValue)
-        if len(path) == 2 and path[0] in ("models", "destinations") and element in (
-            "dimse", "dicomweb", "builtin", "python", "monai_bundle", "torchscript", "chain"
-        ):
-            continue  # discriminated-union tag
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == str(element):
-                    path.append(element)
-                    line = key.start_mark.line + 1
-                    node = value
-                    break
-            else:
-                path.append(element)
-                node = None
-        elif isinstance(node, yaml.SequenceNode):
-            if isinstance(element, int) and 0 <= element < len(node.value):
-                node = node.value[element]
-                path.append(element)
-                line = node.start_mark.line + 1
-            # a str element here is a normalisation artefact ({in: [...]} from a list)
-        elif isinstance(node, yaml.ScalarNode):
-            break  # the value itself is what is wrong
-        else:
-            path.append(element)  # below a missing key
-    return tuple(path), line
-
-
-def _dotted(path: Sequence[str | int]) -> str:
-    text = ""
-    for element in path:
-        text += f"[{element}]" if isinstance(element, int) else (f".{element}" if text else str(element))
-    return text or "(top level)"
-
-
-def _format_problem(root: yaml.Node, source: str, loc: Sequence[str | int], msg: str) -> str:
-    path, line = _locate(root, loc)
-    where = f"{source}:{line}" if line is not None else source
-    return f"{where}: {_dotted(path)}: {msg}"
-
-
-def _describe(error: ErrorDetails, root: yaml.Node, source: str) -> str:
-    """One line for one pydantic error, in the node's words."""
-    kind = error["type"]
-    loc = tuple(error["loc"])
-    ctx = error.get("ctx") or {}
-    msg = error["msg"]
-    if kind == "extra_forbidden":
-        path, _ = _locate(root, loc)
-        if loc and loc[-2:-1] == ("~cond",) or (len(loc) > 1 and loc[-2] == "not" and "~cond" in loc):
-            msg = f"unknown operator (allowed: {', '.join(OPERATORS)})"
-        else:
-            msg = "unknown key (check its spelling and indentation)"
-    elif kind == "missing":
-        msg = "required key is missing"
-    elif kind == "union_tag_invalid":
-        msg = f"unknown type {ctx.get('tag')!r} (valid: {ctx.get('expected_tags')})"
-        loc = (*loc, "type")
-    elif kind == "union_tag_not_found":
-        if isinstance(error.get("input"), Mapping):
-            msg = "required key 'type' is missing (valid: 'builtin', 'python', 'monai_bundle', 'torchscript', 'chain')"
-        else:
-            msg = "expected a mapping of settings"
-    elif kind == "value_error":
-        msg = str(ctx.get("error", msg))
-    elif kind == "assertion_error":
-        msg = msg.removeprefix("Assertion failed, ")
-    else:
-        value = error.get("input")
-        if isinstance(value, (str, int, float)) and len(repr(value)) <= 80:
-            msg = f"{msg} (got {value!r})"
-    return _format_problem(root, source, loc, msg)
