@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -107,6 +108,7 @@ class Node:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._last_tick = clock()
+        self._completion_wake: float | None = None  # when the next tick is brought forward to
         self.dicom_address: tuple[str, int] | None = None
 
     def _series_store(self) -> Any:
@@ -140,8 +142,25 @@ class Node:
         try:
             if self.pipeline.tick(self.clock()):
                 self._wake("infer-")  # new work: no need to wait for the next interval
+            self._schedule_completion()
         except Exception:
             logger.exception("Completion tick failed; will try again at the next tick")
+
+    def _on_instance(self) -> None:
+        """An instance arrived: make sure a tick comes when its series' quiet time ends."""
+        if self._completion_wake is None:
+            self._schedule_completion()
+
+    def _schedule_completion(self) -> None:
+        """Bring the next tick forward to the moment the earliest receiving series can complete."""
+        due = self.pipeline.completion.next_due(self.clock())
+        self._completion_wake = due
+        if due is None or self._stopping.is_set():
+            return
+        job = self.scheduler.get_job("tick")
+        when = datetime.fromtimestamp(due + 0.01).astimezone()
+        if job is not None and (job.next_run_time is None or when < job.next_run_time):
+            job.modify(next_run_time=when)
 
     def _wake(self, prefix: str) -> None:
         """Run the interval jobs named ``prefix*`` now (they are skipped if already running)."""
@@ -183,6 +202,8 @@ class Node:
         self.audit.on_association(accepted, ae_title, host, reason)
 
     def _on_recorded(self, record: Any, outcome: str) -> None:
+        if outcome != "duplicate":
+            self._on_instance()
         if outcome == "duplicate" or record.series_uid in self._receiving:
             return
         self._receiving.add(record.series_uid)

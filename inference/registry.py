@@ -7,10 +7,14 @@ package does not depend on the node's settings module.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from inference.types import Code, Model, ModelCard, SegmentSpec, Task
@@ -96,11 +100,41 @@ class ModelRegistry:
                 raise KeyError(f"no model named {name!r} in the configuration")
             logger.info("Model %s: loading (%s)", name, spec.type)
             model = self._load(name, spec)
+            if not model.card.model_hash:
+                model.card = replace(model.card, model_hash=self._fingerprint(spec, model))
             self._cache[name] = model
             while len(self._cache) > self.max_warm:
                 evicted, _ = self._cache.popitem(last=False)
                 logger.info("Model %s: unloaded (warm cache holds %d)", evicted, self.max_warm)
             return model
+
+    def _fingerprint(self, spec: Any, model: Model) -> str:
+        """``sha256:`` of what defines the model's behaviour, recorded in its result objects.
+
+        TorchScript: the file; MONAI bundle: its configs and weights; python:
+        the function's module source; builtin: the node's algorithm source;
+        chain: its two models' fingerprints.
+        """
+        digest = hashlib.sha256()
+        if spec.type == "chain":
+            for part in (spec.first, spec.then):
+                digest.update(self.get(part).card.model_hash.encode())
+        else:
+            if spec.type == "torchscript":
+                files = [Path(spec.path)]
+            elif spec.type == "monai_bundle":
+                root = Path(spec.path)
+                files = sorted(f for sub in ("configs", "models") for f in (root / sub).rglob("*") if f.is_file())
+            else:  # python, builtin: the source of the code that computes the result
+                func = getattr(model, "func", None)
+                source = inspect.getsourcefile(func if func is not None else type(model))
+                files = [Path(source)] if source else []
+            for f in files:
+                digest.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+        return "sha256:" + digest.hexdigest()[:32]
 
     def _load(self, name: str, spec: Any) -> Model:
         if spec.type == "builtin":

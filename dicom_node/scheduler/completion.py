@@ -120,6 +120,24 @@ class SeriesCompletion:
         self.count_instances = count_instances
         self._asked: dict[str, float] = {}  # series UID -> when its peer was last asked
 
+    def next_due(self, now: float) -> float | None:
+        """Earliest time a receiving series may complete (its last instance + the shortest quiet time).
+
+        The node schedules its next tick then, so a series completes when its
+        quiet time ends rather than up to a tick interval later.  ``None``
+        when nothing is receiving.
+        """
+        settings = self.settings()
+        conf = settings.completion
+        overrides = [r.quiet_seconds for r in settings.rules if r.quiet_seconds is not None]
+        shortest = min([conf.quiet_seconds, *overrides, *(p.after_seconds for p in conf.cfind)])
+        receiving = self.series.in_state(SeriesState.RECEIVING)
+        if not receiving:
+            return None
+        # A series still short of its quiet time after the earliest guess is checked again at the next tick.
+        due = min(row["last_received"] for row in receiving) + shortest
+        return max(due, now)
+
     def complete(self, now: float) -> list[str]:
         """Mark every receiving series that is complete at ``now``; returns their UIDs.
 

@@ -146,3 +146,20 @@ def test_affine_maps_voxel_indices_to_ras_positions() -> None:
     lps = np.asarray(volume.origin) + z * steps[0] + y * steps[1] + x * steps[2]
     ras = affine @ np.array([x, y, z, 1.0])
     np.testing.assert_allclose(ras[:3], lps * np.array([-1, -1, 1]))
+
+
+def test_registry_records_a_fingerprint_of_the_model_file(tmp_path: Path) -> None:
+    """The weights' hash goes into every result (SoftwareVersions, algorithm parameters)."""
+    from inference.registry import ModelRegistry
+
+    first = write_torchscript(threshold_conv(0.0), tmp_path / "a.ts")
+    second = write_torchscript(threshold_conv(1.0), tmp_path / "b.ts")
+    settings = load_settings_text(
+        "models:\n"
+        f"  a: {{type: torchscript, path: '{first}', labels: [{{value: 1, name: T, snomed: {{value: '85756007', meaning: Tissue}}}}]}}\n"
+        f"  b: {{type: torchscript, path: '{second}', labels: [{{value: 1, name: T, snomed: {{value: '85756007', meaning: Tissue}}}}]}}\n")
+    registry = ModelRegistry(settings.models)
+    a, b = registry.get("a").card.model_hash, registry.get("b").card.model_hash
+    assert a.startswith("sha256:") and len(a) == 39
+    assert a != b
+    assert ModelRegistry(settings.models).get("a").card.model_hash == a  # deterministic
