@@ -7,7 +7,9 @@ what lets the C-STORE handler answer success only after the commit.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -117,11 +119,26 @@ class Database:
         )
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        with self._lock:
+        # Writers in other processes (the receivers) queue on this file lock: a blocked writer
+        # wakes as soon as the lock is free, where SQLite's own busy handler sleeps and polls.
+        self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600) if path != ":memory:" else None
+        with self._writer():
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        """This thread, and no other thread or process, may write now."""
+        with self._lock:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -136,8 +153,8 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An IMMEDIATE transaction holding the node-wide lock; committed on exit."""
-        with self._lock:
+        """An IMMEDIATE transaction holding the node-wide write lock; committed on exit."""
+        with self._writer():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
@@ -161,3 +178,6 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
