@@ -100,10 +100,10 @@ def _print_verdicts(settings: Any, summary: Any, extra: str, explain: Any, never
 def cmd_rules_replay(args: argparse.Namespace) -> int:
     from dicom_node.app import state_paths
     from dicom_node.rules.matcher import explain
-    from dicom_node.rules.replay import parse_duration, replay
+    from dicom_node.durations import parse_duration
+    from dicom_node.rules.replay import replay
     from dicom_node.rules.summary import never_process_reason
     from dicom_node.spool import Spool
-    from dicom_node.store import Database
 
     try:
         since_s = parse_duration(args.since)
@@ -111,13 +111,12 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
         print(f"error: --since: {exc}", file=sys.stderr)
         return 2
     settings = _load(args.config)
-    root, db_path = state_paths(settings)
-    if not db_path.exists():
-        print(f"no state database at {db_path}: the node has not run with this configuration")
+    db = _state_db(settings)
+    if db is None:
         return 1
-    db = Database(db_path)
     try:
-        items = replay(settings, db, Spool(root), time.time() - since_s, apply=args.apply, now=time.time())
+        items = replay(settings, db, Spool(state_paths(settings)[0]), time.time() - since_s, apply=args.apply,
+                       now=time.time())
     finally:
         db.close()
     if not items:
@@ -139,21 +138,29 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_db(settings: Any) -> Any:
+    """The node's state database for ``settings``, or ``None`` (said on stdout) when it never ran."""
+    from dicom_node.app import state_paths
+    from dicom_node.store import Database
+
+    _, db_path = state_paths(settings)
+    if not db_path.exists():
+        print(f"no state database at {db_path}: the node has not run with this configuration")
+        return None
+    return Database(db_path)
+
+
 def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicom_node.app import state_paths
-    from dicom_node.store import Database, JobStore, SeriesStore
+    from dicom_node.store import JobStore, SeriesStore
     from dicom_node.store.jobs import state_label
 
-    settings = _load(args.config)
-    _, db_path = state_paths(settings)
-    if not db_path.exists():
-        print(f"no state database at {db_path}: the node has not run with this configuration")
+    db = _state_db(_load(args.config))
+    if db is None:
         return 1
-    db = Database(db_path)
     series, jobs = SeriesStore(db), JobStore(db)
     rows = series.recent(args.limit)
     if args.json:
@@ -187,21 +194,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from dicom_node.app import state_paths
-    from dicom_node.store import Database
-    from dicom_node.store.audit import AuditLog, parse_duration
+    from dicom_node.durations import parse_duration
+    from dicom_node.store.audit import AuditLog
 
-    settings = _load(args.config)
-    _, db_path = state_paths(settings)
-    if not db_path.exists():
-        print(f"no state database at {db_path}: the node has not run with this configuration")
-        return 1
     try:
         since = time.time() - parse_duration(args.since) if args.since else None
     except ValueError as exc:
-        print(f"--since: {exc}", file=sys.stderr)
+        print(f"error: --since: {exc}", file=sys.stderr)
         return 2
-    db = Database(db_path)
+    db = _state_db(_load(args.config))
+    if db is None:
+        return 1
     try:
         records = AuditLog(db).query(since=since, series_uid=args.series, event=args.event, limit=args.limit)
     finally:
@@ -221,12 +224,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
-    from dicom_node.app import state_paths
     from dicom_node.domain import JobState
-    from dicom_node.store import Database, JobStore
+    from dicom_node.store import JobStore
 
-    settings = _load(args.config)
-    db = Database(state_paths(settings)[1])
+    db = _state_db(_load(args.config))
+    if db is None:
+        return 1
     jobs = JobStore(db)
     ids = [j.id for j in jobs.in_state(JobState.DEAD)] if args.dead else args.ids
     n = jobs.requeue(ids, time.time())

@@ -22,7 +22,6 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from pynetdicom import events as evt
 
@@ -142,16 +141,4 @@ class StoreHandler:
         return SUCCESS
 
 
-def set_nodelay(event: evt.Event) -> None:
-    """``EVT_CONN_OPEN``: disable Nagle so small PDUs are not held back by delayed ACK."""
-    import socket
-
-    sock: Any = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            logger.debug("TCP_NODELAY not set on a closed socket")
-
-
-__all__ = ["StoreHandler", "set_nodelay", "InstanceOutcome"]
+__all__ = ["StoreHandler", "InstanceOutcome"]

@@ -35,7 +35,8 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.errors import ConfigError
-from dicom_node.receive.handlers import StoreHandler, set_nodelay
+from dicom_node.receive.handlers import StoreHandler
+from dicom_node.tcp import set_nodelay
 
 logger = logging.getLogger(__name__)
 

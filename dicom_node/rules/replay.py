@@ -9,10 +9,10 @@ running node dispatches them at its next tick with the rules it has loaded
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicom_node.durations import parse_duration
 from dicom_node.domain import JobKind, RuleVerdict, SeriesState, SeriesSummary
 from dicom_node.rules.matcher import explain, match, study_roles
 from dicom_node.rules.summary import never_process_reason, read_series
@@ -20,23 +20,6 @@ from dicom_node.spool import Spool
 from dicom_node.store import Database, JobStore, SeriesStore
 
 __all__ = ["ReplayItem", "parse_duration", "replay"]
-
-_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
-_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """``"24h"``, ``"30m"``, ``"2d"``, ``"90s"`` (a bare number is hours) as seconds.
-
-    Raises
-    ------
-    ValueError
-        Not a positive duration.
-    """
-    m = _DURATION_RE.fullmatch(text)
-    if m is None or float(m[1]) <= 0:
-        raise ValueError(f"{text!r} is not a duration such as 24h, 30m, 2d or 90s")
-    return float(m[1]) * _UNIT_S[m[2]]
 
 
 @dataclass

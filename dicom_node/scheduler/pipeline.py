@@ -7,11 +7,11 @@ it touches neither the database nor the network.
 from __future__ import annotations
 
 import logging
+from io import BytesIO
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,8 +238,6 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     def write(kind: OutputKind, ds: Dataset, index: int | None = None) -> None:
         path = (spool.result_path(task.series_uid, task.model, kind.value) if index is None
                 else spool.result_part_path(task.series_uid, task.model, kind.value, index))
-        from io import BytesIO
-
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         spool.write_atomic(path, buf.getvalue())
@@ -269,8 +267,4 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     return produced
 
 
-def result_files(outcome: InferOutcome) -> list[str]:
-    return [o.path for o in outcome.objects]
-
-
-__all__ = ["InferOutcome", "InferTask", "ProducedObject", "Path", "run_infer", "study_inputs"]
+__all__ = ["InferOutcome", "InferTask", "ProducedObject", "run_infer", "study_inputs"]

@@ -24,10 +24,8 @@ SOP class refused    no accepted presentation context: permanent
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -36,6 +34,7 @@ from pynetdicom.association import Association
 
 from dicom_node.errors import SendError
 from dicom_node.send import SendReport
+from dicom_node.tcp import set_nodelay
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +42,6 @@ __all__ = ["SendReport", "echo", "proposed_contexts", "send_files"]
 
 #: Transfer syntaxes every context offers besides the file's own, most preferred first.
 _FALLBACK = (UID(ExplicitVRLittleEndian), UID(ImplicitVRLittleEndian))
-
-
-def _nodelay(event: evt.Event) -> None:
-    """Disable Nagle's algorithm: every C-STORE would otherwise wait ~40 ms on a delayed ACK."""
-    sock: Any = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def proposed_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
@@ -161,7 +150,7 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
     _configure(ae, timeout_s)
     for sop_class, syntaxes in proposed_contexts(datasets):
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             refused = ", ".join(sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts}))
@@ -218,7 +207,7 @@ def echo(*, ae_title: str, host: str, port: int, calling_ae_title: str, timeout_
     ae = AE(ae_title=calling_ae_title)
     _configure(ae, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         return None
     try:

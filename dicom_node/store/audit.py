@@ -22,18 +22,16 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dicom_node.durations import parse_duration  # noqa: F401  (re-exported for `dicom-node audit`)
 from dicom_node.store.database import Database
 
 logger = logging.getLogger(__name__)
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class AuditEvent(enum.StrEnum):
@@ -67,20 +65,6 @@ class AuditRecord:
         return {"id": self.id, "at": self.at, "event": self.event, "study_uid": self.study_uid,
                 "series_uid": self.series_uid, "peer_ae": self.peer_ae, "peer_host": self.peer_host,
                 "detail": self.detail}
-
-
-def parse_duration(text: str) -> float:
-    """``"24h"`` -> seconds.  Units: s, m, h, d, w (no unit: seconds).
-
-    Raises
-    ------
-    ValueError
-        If ``text`` is not a number followed by an optional unit.
-    """
-    m = _DURATION_RE.match(text)
-    if m is None:
-        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 30m, 24h, 7d or 2w")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
 class AuditLog:
