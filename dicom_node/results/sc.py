@@ -23,6 +23,7 @@ position of the source slice in the volume (1-based).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from pydicom import Dataset
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node.errors import ResultError
@@ -238,14 +241,16 @@ def _legend_strip_of(
 
 @functools.lru_cache(maxsize=256)
 def _blend_table(color: tuple[float, float, float], alpha: float) -> np.ndarray:
-    """Fill colour over each grey level 0-255: ``(256, 3)`` ``uint8``, read-only.
+    """Fill colour over each grey level 0-255: ``(3, 256)`` ``uint8``, one row per channel, read-only.
 
     The same float32 arithmetic as blending pixel by pixel (``grey * (1 - a) +
-    colour * a``, rounded half to even), done once per grey level.
+    colour * a``, rounded half to even), done once per grey level.  Rows are
+    contiguous so a channel's lookup is a plain ``take``.
     """
     opacity = np.float32(alpha)
-    levels = np.arange(256, dtype=np.float32)[:, None]
-    table = (levels * (1 - opacity) + np.asarray(color, dtype=np.float32) * opacity).round().astype(np.uint8)
+    levels = np.arange(256, dtype=np.float32)[None, :]
+    colors = np.asarray(color, dtype=np.float32)[:, None]
+    table = (levels * (1 - opacity) + colors * opacity).round().astype(np.uint8)
     table.flags.writeable = False
     return table
 
@@ -313,9 +318,15 @@ def render_overlay(
         x0, x1 = max(box[1].start - 1, 0), min(box[1].stop + 1, columns)
         mask = labels[y0:y1, x0:x1] == spec.label
         region = image[y0:y1, x0:x1]
-        color = tuple(float(c) for c in spec.color)
-        region[mask] = _blend_table(color, float(style.fill_opacity))[gray[y0:y1, x0:x1][mask]]  # type: ignore[arg-type]
-        region[_boundary(mask, contour_width)] = np.asarray(spec.color, dtype=np.float32).round().astype(np.uint8)
+        table = _blend_table(tuple(float(c) for c in spec.color), float(style.fill_opacity))  # type: ignore[arg-type]
+        contour = _boundary(mask, contour_width)
+        under = gray[y0:y1, x0:x1]
+        # Channel by channel: a masked copy into each strided plane is several
+        # times faster than boolean indexing of the (rows, columns, 3) array.
+        for channel, value in enumerate(np.asarray(spec.color, dtype=np.float32).round().astype(np.uint8)):
+            plane = region[:, :, channel]
+            np.copyto(plane, table[channel].take(under), where=mask)
+            plane[contour] = value
     return image
 
 
@@ -395,8 +406,15 @@ def build_overlays(
     *,
     style: OverlayStyle = OverlayStyle(),
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
-) -> list[hd.sc.SCImage]:
+) -> list[Dataset]:
     """Encode a prediction as one RGB Secondary Capture image per slice with findings.
+
+    The first image with a given header (patient, study, geometry: everything
+    taken from the source except its SOP Instance UID) is built and checked by
+    :class:`highdicom.sc.SCImage`; the next images with the same header are
+    copies of it that differ only in their own attributes (SOP Instance UID,
+    Instance Number, Rows, pixels, source reference).  The result is the same
+    as building each with highdicom, at a fraction of the cost.
 
     Parameters
     ----------
@@ -416,7 +434,7 @@ def build_overlays(
 
     Returns
     -------
-    list of highdicom.sc.SCImage
+    list of pydicom.Dataset
         The images in slice order; empty when no segment is present.
 
     Raises
@@ -438,13 +456,19 @@ def build_overlays(
     slices = source_slices(source_images, labelmap.shape[0])
     specs = {spec.label: spec for spec in card.segments}
     cache: dict[int, np.ndarray] = {}
-    images: list[hd.sc.SCImage] = []
+    templates: dict[tuple[str, ...], Dataset] = {}
+    images: list[Dataset] = []
+    versions = software_versions(card)
     for z, (source, frame) in enumerate(slices):
         plane = labelmap[z]
-        if not plane.any():
+        box = _nonzero_box(plane)
+        if box is None:
             continue
-        boxes = ndimage.find_objects(plane)  # one pass: the labels present and where
-        present = [label for label, box in enumerate(boxes, start=1) if box is not None]
+        # The labels present and where, found in the labelled part of the slice only.
+        local = ndimage.find_objects(plane[box])
+        boxes = [None if b is None else tuple(slice(b[i].start + box[i].start, b[i].stop + box[i].start)
+                                              for i in range(2)) for b in local]
+        present = [label for label, found in enumerate(boxes, start=1) if found is not None]
         unknown = [v for v in present if v not in specs]
         if unknown:
             raise ResultError(f"Label map of model {card.name!r} contains labels {unknown} its card does not declare")
@@ -455,12 +479,79 @@ def build_overlays(
             raise ResultError(f"Label map slices are {plane.shape} but a source frame is {pixels.shape}")
         values = modality_values(source, pixels, frame)
         rgb = render_overlay(values, window_of(source, values, frame), plane,
-                             [specs[v] for v in present], style, boxes=boxes)
-        images.append(_sc_image(source, frame, z, rgb, identity, card.name, software_versions(card),
-                                device_serial_number, card.model_hash))
+                             [specs[v] for v in present], style, boxes=boxes)  # type: ignore[arg-type]
+        key = _header_key(source, frame)
+        template = templates.get(key)
+        if template is None:
+            image = _sc_image(source, frame, z, rgb, identity, card.name, versions,
+                              device_serial_number, card.model_hash)
+            templates[key] = image
+        else:
+            image = _copy_of(template, source, frame, z, rgb, identity)
+        images.append(image)
     logger.info("Overlay series %s: %d images (model %s %s)", identity.series_instance_uid, len(images),
                 card.name, card.version)
     return images
+
+
+def _nonzero_box(plane: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box of the non-zero pixels of a slice, ``None`` when there are none."""
+    rows = np.flatnonzero(plane.any(axis=1))
+    if not rows.size:
+        return None
+    columns = np.flatnonzero(plane[rows[0]:rows[-1] + 1].any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
+
+
+_HEADER_KEYWORDS: Final[tuple[str, ...]] = (
+    "StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "SpecificCharacterSet", "Laterality",
+    "BodyPartExamined", "SOPClassUID",
+)
+"""Source attributes an overlay's header is built from (with pixel spacing and orientation)."""
+
+
+def _header_key(source: Dataset, frame: int) -> tuple[str, ...]:
+    """Everything :func:`_sc_image` takes from a source except the image's own identity."""
+    values = tuple(repr(source.get(keyword)) for keyword in _HEADER_KEYWORDS)
+    return values + (repr(_pixel_spacing(source, frame)), repr(_patient_orientation(source, frame)))
+
+
+_OWN_TAGS: Final[frozenset[int]] = frozenset(
+    {0x00080018, 0x00200013, 0x00280010, 0x00280011, 0x7FE00010, 0x00082112}
+)
+"""SOP Instance UID, Instance Number, Rows, Columns, Pixel Data, Source Image Sequence."""
+
+
+def _copied(dataset: Dataset, skip: frozenset[int] = frozenset()) -> Dataset:
+    """A copy of ``dataset`` sharing no element or sequence item with it (values are immutable or copied)."""
+    return Dataset({tag: _copied_element(element) for tag, element in dataset.items() if tag not in skip})
+
+
+def _copied_element(element: DataElement | RawDataElement) -> DataElement | RawDataElement:
+    if element.VR == "SQ" and isinstance(element, DataElement):
+        return DataElement(element.tag, "SQ", [_copied(item) for item in element.value])
+    return copy.copy(element)
+
+
+def _copy_of(template: Dataset, source: Dataset, frame: int, z: int, rgb: np.ndarray,
+             identity: OutputIdentity) -> Dataset:
+    """An overlay with ``template``'s header and its own identity, size, pixels and source reference.
+
+    Elements are copied (sequences item by item), never shared, so changing
+    one image later cannot change another.
+    """
+    image = _copied(template, skip=_OWN_TAGS)
+    sop_instance_uid = overlay_uid(identity, source, frame)
+    image.SOPInstanceUID = sop_instance_uid
+    image.InstanceNumber = z + 1
+    image.Rows, image.Columns = rgb.shape[0], rgb.shape[1]
+    image.add_new(0x7FE00010, "OB", np.ascontiguousarray(rgb).tobytes())
+    image.SourceImageSequence = DicomSequence([_source_reference(source, frame)])
+    image.file_meta = FileMetaDataset(_copied(template.file_meta))
+    image.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    image.is_little_endian, image.is_implicit_VR = template.is_little_endian, template.is_implicit_VR
+    return image
 
 
 def _sc_image(source: Dataset, frame: int, z: int, rgb: np.ndarray, identity: OutputIdentity,

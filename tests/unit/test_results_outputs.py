@@ -23,7 +23,8 @@ from dicom_node.errors import InvalidUIDError, ResultError
 from dicom_node.results.identity import SOFTWARE_VERSION
 from dicom_node.results.pdf import build_pdf, key_slices
 from dicom_node.results.routing import Route, files_for, plan_outputs
-from dicom_node.results.sc import CT_DEFAULT_WINDOW, OverlayStyle, build_overlays, overlay_uid, window_of
+from dicom_node.results.identity import DEFAULT_DEVICE_SERIAL_NUMBER, software_versions
+from dicom_node.results.sc import CT_DEFAULT_WINDOW, OverlayStyle, _sc_image, build_overlays, overlay_uid, window_of
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.settings import load_settings_text
@@ -73,7 +74,7 @@ def _save(ds: Dataset) -> io.BytesIO:
 
 
 @pytest.fixture(scope="module")
-def overlays(ct_slices: list[Dataset]) -> list[hd.sc.SCImage]:
+def overlays(ct_slices: list[Dataset]) -> list[Dataset]:
     return build_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903))
 
 
@@ -87,7 +88,7 @@ def test_overlay_has_one_image_per_slice_with_findings(ct_slices: list[Dataset])
 
 
 def test_overlay_identity_is_deterministic_per_source_slice(
-    ct_slices: list[Dataset], overlays: list[hd.sc.SCImage]
+    ct_slices: list[Dataset], overlays: list[Dataset]
 ) -> None:
     again = build_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903))
     assert [i.SOPInstanceUID for i in again] == [i.SOPInstanceUID for i in overlays]
@@ -103,7 +104,7 @@ def test_overlay_identity_is_deterministic_per_source_slice(
 
 
 def test_overlay_is_in_the_source_study_with_provenance(
-    ct_slices: list[Dataset], overlays: list[hd.sc.SCImage]
+    ct_slices: list[Dataset], overlays: list[Dataset]
 ) -> None:
     image = pydicom.dcmread(_save(overlays[0]))
     source = ct_slices[0]
@@ -118,7 +119,7 @@ def test_overlay_is_in_the_source_study_with_provenance(
 
 
 def test_overlay_pixels_show_segments_in_their_colours(
-    ct_slices: list[Dataset], overlays: list[hd.sc.SCImage], tmp_path: Path
+    ct_slices: list[Dataset], overlays: list[Dataset], tmp_path: Path
 ) -> None:
     rgb = pydicom.dcmread(_save(overlays[1])).pixel_array  # slice 1 has liver and spleen
     Image.fromarray(rgb).save(tmp_path / "overlay.png")
@@ -174,8 +175,49 @@ def test_overlay_of_a_multiframe_source() -> None:
     assert tuple(images[0].pixel_array[8, 10]) == (0, 255, 0)
 
 
-def test_dciodvfy_overlay(overlays: list[hd.sc.SCImage], tmp_path: Path) -> None:
+def test_dciodvfy_overlay(overlays: list[Dataset], tmp_path: Path) -> None:
+    # The first image is built by highdicom, the others are copies of its header.
     _assert_dciodvfy_clean(overlays[0], tmp_path / "sc.dcm", "SCImage")
+    _assert_dciodvfy_clean(overlays[-1], tmp_path / "sc-copy.dcm", "SCImage")
+
+
+def test_overlay_copies_equal_images_built_by_highdicom(ct_slices: list[Dataset], overlays: list[Dataset]) -> None:
+    identity = _identity(ct_slices, "sc", HASHED, 903)
+    assert len(overlays) == 3
+    for z, image in enumerate(overlays):
+        rgb = image.pixel_array
+        built = _sc_image(ct_slices[z], 0, z, rgb, identity, HASHED.name, software_versions(HASHED),
+                          DEFAULT_DEVICE_SERIAL_NUMBER, HASH)
+        copied, reference = pydicom.dcmread(_save(image)), pydicom.dcmread(_save(built))
+        for ds in (copied, reference):
+            del ds.ContributingEquipmentSequence[0].ContributionDateTime
+        # highdicom stamps the time of each call; a copy keeps its template's (same series, same run).
+        moments = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+                   "DateOfSecondaryCapture", "TimeOfSecondaryCapture"}
+        assert {e.keyword for e in copied} == {e.keyword for e in reference}
+        for element in reference:
+            if element.keyword not in moments:
+                assert copied[element.tag] == element, element.keyword
+        assert copied.file_meta == reference.file_meta
+
+
+def test_overlay_copies_share_nothing(overlays: list[Dataset]) -> None:
+    first, second = overlays[1], overlays[2]
+    second.ContributingEquipmentSequence[0].Manufacturer = "changed"
+    second.file_meta.ImplementationVersionName = "changed"
+    assert first.ContributingEquipmentSequence[0].Manufacturer != "changed"
+    assert overlays[0].ContributingEquipmentSequence[0].Manufacturer != "changed"
+    assert first.file_meta.ImplementationVersionName != "changed"
+
+
+def test_overlay_header_follows_each_source(ct_slices: list[Dataset]) -> None:
+    sources = list(ct_slices)
+    sources[2] = Dataset(dict(ct_slices[2].items()))
+    sources[2].file_meta = ct_slices[2].file_meta
+    sources[2].PixelSpacing = [0.5, 0.5]
+    images = build_overlays(_prediction(), sources, _identity(sources, "sc", HASHED, 903))
+    assert [float(v) for v in images[2].PixelSpacing] == [0.5, 0.5]
+    assert [float(v) for v in images[1].PixelSpacing] == [float(v) for v in ct_slices[1].PixelSpacing]
 
 
 # --------------------------------------------------------------------------- SEG options
