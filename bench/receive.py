@@ -195,11 +195,13 @@ def main(argv: list[str]) -> int:
                 for t in targets:  # interleaved, so a busy moment of the machine hits every target
                     results.setdefault((t.name, assocs), []).append(send(t, next(fresh), assocs))
         median: Callable[[str, int], float] = lambda name, a: statistics.median(results[(name, a)])
-        print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}   (median of {args.rounds})")
+        print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}   range (median of {args.rounds})")
         for assocs in (1, 4):
             for t in targets:
                 s = median(t.name, assocs)
-                print(f"{t.name:<10}{assocs:>7}{s:>9.2f}{args.slices / s:>9.1f}{size_mb / s:>8.1f}")
+                runs = results[(t.name, assocs)]
+                print(f"{t.name:<10}{assocs:>7}{s:>9.2f}{args.slices / s:>9.1f}{size_mb / s:>8.1f}   "
+                      f"{min(runs):.2f}-{max(runs):.2f} s")
         for assocs in (1, 4):
             node = median("node", assocs)
             print(f"{assocs} assoc: node/Orthanc = {node / median('Orthanc', assocs):.2f}   "

@@ -1,13 +1,19 @@
-"""Several receiver processes on one DICOM port.
+"""Several receiver processes behind one DICOM port.
 
 pynetdicom decodes PDUs and answers C-STOREs in Python, so one process
 receives on one core whatever the number of associations.  With
-``node.receivers`` above 1 the node starts that many listener processes,
-all bound to the same port with ``SO_REUSEPORT`` (the kernel spreads new
-associations over them).  Each writes to the spool and records in the
-state database itself (SQLite's own locking orders the writers), so an
-instance is still durable before its success status.  What the main process
-needs to know (metrics, audit trail) comes back as events on a queue.
+``node.receivers`` above 1 the node starts that many receiver processes.
+The main process listens on the port; each connection it accepts is handed
+(the socket itself, ``SCM_RIGHTS`` over a Unix socket pair) to the receiver
+process with the fewest running associations, so concurrent senders are
+spread evenly.  (``SO_REUSEPORT`` would let the kernel pick a process by a
+hash of the peer's address: with 4 senders and 2 processes, all 4 land on
+one process one time in 8, and 3 on one process half the time.)
+
+Each receiver writes to the spool and records in the state database itself
+(a file lock orders the writers), so an instance is still durable before
+its success status.  What the main process needs to know (metrics, audit
+trail) comes back as events on a queue.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -50,8 +57,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _child_main(settings: Any, events: Any, stop: Any, parent_pid: int) -> None:
-    """Entry point of one receiver process: listen until ``stop`` is set."""
+def _child_main(settings: Any, events: Any, parent_pid: int, channel: socket.socket,
+                index: int, finished: Any, address: tuple[str, int]) -> None:
+    """Entry point of one receiver process: serve the connections handed over ``channel`` until it closes.
+
+    ``finished[index]`` counts the associations this process has ended; only
+    this process writes it (under a lock of its own), the main process reads it.
+    """
     import signal
 
     from dicom_node.app import state_paths
@@ -62,9 +74,16 @@ def _child_main(settings: Any, events: Any, stop: Any, parent_pid: int) -> None:
     from dicom_node.store import Database, SeriesStore
 
     _die_with_parent(parent_pid)
-    configure_logging(settings.logging.level, settings.logging.journald, process="receiver")
+    configure_logging(settings.logging.level, settings.logging.journald, process=f"receiver-{index}")
     # The main process owns shutdown (it sets ``stop``); Ctrl-C in a terminal must not cut a C-STORE.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    count_lock = threading.Lock()
+
+    def ended() -> None:
+        with count_lock:
+            finished[index] += 1
+
     try:
         root, db_path = state_paths(settings)
         db = Database(db_path)
@@ -74,25 +93,53 @@ def _child_main(settings: Any, events: Any, stop: Any, parent_pid: int) -> None:
                                on_recorded=lambda record, outcome: events.put(("recorded", record, outcome)))
         receiver = Receiver(settings.node, handler,
                             on_association=lambda *args: events.put(("association", *args)))
-        host, port = receiver.start(reuse_port=True)
-    except BaseException as exc:  # bind failure, bad certificate...: the parent reports it
+        receiver.start_handed(address, on_finished=ended)
+    except BaseException as exc:  # certificate unreadable...: the parent reports it
         events.put(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    events.put(("listening", host, port))
-    stop.wait()
+    events.put(("listening", *address))
+    logger.info("Receiver process %d (pid %d) serves connections accepted on %s:%d", index, os.getpid(), *address)
+    _take_connections(channel, receiver)  # until the main process closes the channel: stop
     receiver.stop()
+    channel.close()
     db.close()
 
 
+def _take_connections(channel: socket.socket, receiver: Any) -> None:
+    """Run an association for every connection the main process hands over, until it closes the channel."""
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+        except OSError:
+            return
+        if not fds:  # the main process closed the channel: stopping
+            return
+        receiver.serve_connection(socket.socket(fileno=fds[0]))
+
+
+def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """The node's DICOM port, bound and listening (IPv4 or IPv6, as ``host`` is)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class ReceiverPool:
-    """The node's receiver processes.
+    """The node's receiver processes and the listener that hands them connections.
 
     Parameters
     ----------
     settings:
         Node settings (pickled to each process).
     processes:
-        How many listener processes.
+        How many receiver processes.
     on_stored, on_recorded, on_association:
         The main process's hooks, called from a thread that drains the
         processes' events (same signatures as on :class:`StoreHandler` and
@@ -109,25 +156,40 @@ class ReceiverPool:
             "stored": on_stored, "recorded": on_recorded, "association": on_association}
         self._ctx = mp.get_context("spawn")
         self._events: Any = self._ctx.Queue()
-        self._stop = self._ctx.Event()
+        # Associations handed to each process (written here only) and ended by it (written there only):
+        # no lock shared between processes, which one that died holding it would leave locked.
+        self._handed = [0] * processes
+        self._finished: Any = self._ctx.RawArray("q", processes)
         self._procs: list[Any] = []
+        self._channels: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._drain: threading.Thread | None = None
         self._closing = threading.Event()
 
     def start(self) -> tuple[str, int]:
-        """Start the processes; returns the (host, port) they listen on once all do.
+        """Listen, start the processes; returns the (host, port) listened on once all serve.
 
         Raises
         ------
+        OSError
+            If the port cannot be bound.
         RuntimeError
-            If a process could not listen (port in use, certificate unreadable...).
+            If a process could not start (certificate unreadable...).
         """
+        node = self.settings.node
+        self._listener = listening_socket(node.host, node.port)
+        address = tuple(self._listener.getsockname()[:2])
         for i in range(self.count):
-            proc = self._ctx.Process(target=_child_main, name=f"dicom-node-receiver-{i}",
-                                     args=(self.settings, self._events, self._stop, os.getpid()), daemon=True)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            proc = self._ctx.Process(
+                target=_child_main, name=f"dicom-node-receiver-{i}",
+                args=(self.settings, self._events, os.getpid(), theirs, i, self._finished, address),
+                daemon=True)
             proc.start()
+            theirs.close()
             self._procs.append(proc)
-        address: tuple[str, int] | None = None
+            self._channels.append(ours)
         for _ in range(self.count):
             try:
                 event = self._events.get(timeout=_START_TIMEOUT_S)
@@ -136,18 +198,50 @@ class ReceiverPool:
                 raise RuntimeError(f"receiver processes did not start within {_START_TIMEOUT_S:.0f} s") from None
             if event[0] == "failed":
                 self.stop()
-                raise RuntimeError(f"a receiver process could not listen: {event[1]}")
-            if event[0] == "listening":
-                address = (str(event[1]), int(event[2]))
-            else:  # a very early association: hand it to the hooks like the rest
+                raise RuntimeError(f"a receiver process could not start: {event[1]}")
+            if event[0] != "listening":  # a very early event: hand it to the hooks like the rest
                 self._dispatch(event)
         self._drain = threading.Thread(target=self._drain_events, name="receiver-events", daemon=True)
         self._drain.start()
-        assert address is not None
-        if not self.settings.node.allowed_peers:
+        self._acceptor = threading.Thread(target=self._accept, name="dicom-listener", daemon=True)
+        self._acceptor.start()
+        if not node.allowed_peers:
             logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
-        logger.info("%d receiver processes share port %d", self.count, address[1])
-        return address
+        logger.info("Listening as %s on %s:%d; %d receiver processes serve the associations",
+                    node.ae_title, address[0], address[1], self.count)
+        return str(address[0]), int(address[1])
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._closing.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError as exc:
+                if self._closing.is_set() or listener.fileno() < 0:
+                    return
+                logger.error("Accepting a DICOM connection failed: %s", exc)  # e.g. out of descriptors
+                self._closing.wait(0.1)
+                continue
+            try:
+                self._hand_over(conn)
+            finally:
+                conn.close()  # the receiver process holds its own descriptor now
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        """Give ``conn`` to the live receiver process running the fewest associations."""
+        running = self.running
+        for i in sorted(range(self.count), key=lambda i: running[i]):
+            if not self._procs[i].is_alive():
+                continue
+            self._handed[i] += 1
+            try:
+                socket.send_fds(self._channels[i], [b"c"], [conn.fileno()])
+                return
+            except OSError as exc:
+                self._handed[i] -= 1
+                logger.error("Receiver process %d did not take a connection: %s", i, exc)
+        logger.error("No receiver process is alive: DICOM connection closed unanswered")
 
     def _dispatch(self, event: tuple[Any, ...]) -> None:
         hook = self.hooks.get(event[0])
@@ -173,9 +267,24 @@ class ReceiverPool:
         """How many receiver processes are running."""
         return sum(p.is_alive() for p in self._procs)
 
+    @property
+    def running(self) -> list[int]:
+        """Associations each receiver process is running (handed over and not yet ended)."""
+        return [handed - finished for handed, finished in zip(self._handed, self._finished)]
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Close every listener (running associations end), then the event channel."""
-        self._stop.set()
+        """Stop listening, then stop every process (running associations end), then the event channel."""
+        self._closing.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the acceptor thread
+            except OSError:
+                pass
+            self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join(5)
+        for channel in self._channels:  # a receiver process stops when its channel closes
+            channel.close()
         for proc in self._procs:
             proc.join(timeout_s)
             if proc.is_alive():
@@ -188,7 +297,6 @@ class ReceiverPool:
                 self._dispatch(self._events.get_nowait())
             except (queue.Empty, EOFError, OSError):
                 break
-        self._closing.set()
         if self._drain is not None:
             self._drain.join(2)
-        self._procs = []
+        self._procs, self._channels = [], []

@@ -32,7 +32,7 @@ from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.errors import ConfigError
 from dicom_node.receive.handlers import StoreHandler
@@ -100,12 +100,48 @@ def server_ssl_context(tls: Any) -> ssl.SSLContext:
     return ctx
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """A listener that shares its port with the node's other receiver processes."""
+class _JoiningRequestHandler(RequestHandler):
+    """Runs one association and returns when it has ended (pynetdicom's returns once it started)."""
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
+class _HandedServer(ThreadedAssociationServer):
+    """Serves connections another process accepted and handed over; it has no socket of its own.
+
+    ``server_address`` is the address the connections were accepted on.
+    ``on_finished`` is called once for every handed connection, when its
+    association (or failed attempt at one) has ended.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, on_finished: Callable[[], None], **kwargs: Any) -> None:
+        self.on_finished = on_finished
+        super().__init__(*args, request_handler=_JoiningRequestHandler, **kwargs)
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.on_finished()
+
+    def shutdown(self) -> None:
+        """Stop: nothing listens here, so there is no accept loop to wait for."""
+        self.server_close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
 
 
 class _SharedContexts(list):  # type: ignore[type-arg]
@@ -195,25 +231,21 @@ class Receiver:
         self.on_association(False, str(requested.calling_ae_title).strip(), str(event.assoc.requestor.address),
                             reason)
 
-    def start(self, reuse_port: bool = False) -> tuple[str, int]:
-        """Start listening without blocking; returns the bound (host, port).
-
-        ``reuse_port`` lets several receiver processes listen on the same
-        port (``SO_REUSEPORT``): the kernel spreads incoming associations
-        over them.
-        """
-        if not self.node.allowed_peers and not reuse_port:
-            logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
-        handlers = [
+    def _handlers(self) -> list[Any]:
+        return [
             (evt.EVT_C_STORE, self.store_handler),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=handlers,
-                                          ssl_context=self.ssl_context,
-                                          server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer)
+
+    def start(self) -> tuple[str, int]:
+        """Listen on ``node.host``:``node.port`` without blocking; returns the bound (host, port)."""
+        if not self.node.allowed_peers:
+            logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
+        self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=self._handlers(),
+                                          ssl_context=self.ssl_context, server_class=ThreadedAssociationServer)
         self.server.contexts = _SharedContexts(self.server.contexts)
         self.ae._servers.append(self.server)  # as start_server does: shutdown() removes it from there
         threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
@@ -221,6 +253,38 @@ class Receiver:
         logger.info("Listening as %s on %s:%d%s", self.node.ae_title, host, port,
                     " (DICOM TLS)" if self.ssl_context is not None else "")
         return str(host), int(port)
+
+    def start_handed(self, address: tuple[str, int], on_finished: Callable[[], None]) -> None:
+        """Serve connections accepted elsewhere (:meth:`serve_connection`) instead of listening.
+
+        Parameters
+        ----------
+        address:
+            The (host, port) the connections are accepted on.
+        on_finished:
+            Called when a handed connection's association has ended.
+        """
+        self.server = self.ae.make_server(
+            address, evt_handlers=self._handlers(), ssl_context=self.ssl_context,
+            server_class=_HandedServer, on_finished=on_finished)  # type: ignore[arg-type]
+        self.server.contexts = _SharedContexts(self.server.contexts)
+        self.server.server_address = address
+        logger.info("Serving as %s connections accepted on %s:%d%s", self.node.ae_title, *address,
+                    " (DICOM TLS)" if self.ssl_context is not None else "")
+
+    def serve_connection(self, sock: socket.socket) -> None:
+        """Run an association on a connection accepted elsewhere, in its own thread."""
+        assert isinstance(self.server, _HandedServer), "start_handed() first"
+        sock.setblocking(True)
+        try:
+            address = sock.getpeername()
+            request = self.ssl_context.wrap_socket(sock, server_side=True) if self.ssl_context else sock
+        except OSError as exc:  # the peer has already gone
+            logger.info("Handed connection closed before its association started: %s", exc)
+            sock.close()
+            self.server.on_finished()
+            return
+        self.server.process_request(request, address)
 
     def stop(self) -> None:
         """Stop accepting associations; running associations are closed."""

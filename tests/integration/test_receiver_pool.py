@@ -3,9 +3,11 @@ and no receiver outlives the node."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ from tests.phantoms import make_chest_phantom, write_ct_series
 pytestmark = pytest.mark.integration
 
 
-def _send(port: int, files: list[Path], statuses: list[int]) -> None:
+def _send(port: int, files: list[Path], statuses: list[int], together: threading.Barrier | None = None) -> None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
     assert assoc.is_established
+    if together is not None:  # every sender's association is open before anyone sends
+        together.wait(60)
     for f in files:
         statuses.append(int(assoc.send_c_store(pydicom.dcmread(f)).Status))
     assoc.release()
@@ -45,7 +49,8 @@ def test_four_senders_over_two_receiver_processes(tmp_path: Path, node_factory: 
     hu, _ = make_chest_phantom(shape=(16, 48, 48), spacing=(3.0, 4.0, 4.0))
     series = [write_ct_series(hu, (3.0, 4.0, 4.0), tmp_path / f"ct{i}") for i in range(4)]
     statuses: list[int] = []
-    threads = [threading.Thread(target=_send, args=(node.port, files, statuses)) for files in series]
+    together = threading.Barrier(4)
+    threads = [threading.Thread(target=_send, args=(node.port, files, statuses, together)) for files in series]
     for t in threads:
         t.start()
     for t in threads:
@@ -53,7 +58,11 @@ def test_four_senders_over_two_receiver_processes(tmp_path: Path, node_factory: 
     assert statuses == [0] * 64
     rows = node.status_json()
     assert sorted(r["instance_count"] for r in rows) == [16, 16, 16, 16]
-    assert "2 receiver processes share port" in node.log()
+    log = node.log()
+    assert "2 receiver processes serve the associations" in log
+    # Four associations open at once are spread evenly: each process runs two.
+    accepted = [line.split()[3] for line in log.splitlines() if "Association accepted from MODALITY" in line]
+    assert sorted(accepted) == ["receiver-0", "receiver-0", "receiver-1", "receiver-1"], accepted
     # The processes' events reach the main process's metrics: exactly the instances sent.
     metrics = f"http://127.0.0.1:{config['http']['port']}/metrics"
     wait_until(lambda: _metric(metrics, "dicomnode_instances_received_total") == 64, 10,
@@ -73,3 +82,24 @@ def test_receivers_die_with_the_node(tmp_path: Path, node_factory: Any) -> None:
 
     # A receiver left behind would keep acknowledging instances nobody processes.
     wait_until(port_closed, 10, "the receiver processes to exit with the killed node")
+
+
+def test_connections_go_to_the_live_receivers_when_one_dies(tmp_path: Path, node_factory: Any) -> None:
+    config = node_config(tmp_path, rules=[])
+    config["node"]["receivers"] = 2
+    node = node_factory(config)
+    wait_until(lambda: "Receiver process 1 (pid" in node.log(), 30, "receiver 1 to start")
+    pid = int(node.log().split("Receiver process 1 (pid ")[1].split(")")[0])
+    os.kill(pid, signal.SIGKILL)
+    hu, _ = make_chest_phantom(shape=(16, 48, 48), spacing=(3.0, 4.0, 4.0))
+    files = write_ct_series(hu, (3.0, 4.0, 4.0), tmp_path / "ct")
+    statuses: list[int] = []
+    for _ in range(3):  # receiver 1 would have had its turn: every association is served all the same
+        _send(node.port, files, statuses)
+    assert statuses == [0] * 48
+    accepted = [line.split()[3] for line in node.log().splitlines() if "Association accepted from MODALITY" in line]
+    assert accepted == ["receiver-0"] * 3
+    health = f"http://127.0.0.1:{config['http']['port']}/readyz"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(health, timeout=10)
+    assert refused.value.code == 503 and "1/2 alive" in refused.value.read().decode()
