@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -57,6 +57,9 @@ DEFAULT_BANNER: Final[str] = "AI result - not for primary diagnosis"
 
 CT_DEFAULT_WINDOW: Final[tuple[float, float]] = (40.0, 400.0)
 """(center, width) in HU used for CT sources that carry no window (soft tissue)."""
+
+CLEARED_NOTE: Final[str] = "No finding on this slice: replaces an earlier result"
+"""Written on an overlay that replaces an earlier one of a slice where a re-run found nothing."""
 
 _MAX_BANNER_LENGTH: Final[int] = 64
 _BANNER_COLOR: Final[tuple[int, int, int]] = (255, 255, 0)
@@ -191,16 +194,29 @@ def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _legend_strip(
-    columns: int, banner: str, segments: Sequence[SegmentSpec], font_size: int
+    columns: int, banner: str, segments: Sequence[SegmentSpec], font_size: int, note: str = ""
 ) -> np.ndarray:
-    """Black strip with the banner (wrapped at spaces) and the legend entries wrapped below it."""
+    """Black strip with the banner and the note (each wrapped at spaces) and the legend entries below them."""
     entries = tuple((spec.name, tuple(int(c) for c in spec.color)) for spec in segments)
-    return _legend_strip_of(columns, banner, entries, font_size)  # type: ignore[arg-type]
+    return _legend_strip_of(columns, banner, entries, font_size, note)  # type: ignore[arg-type]
+
+
+def _wrapped(text: str, width: float, measure: ImageDraw.ImageDraw,
+             font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> list[str]:
+    lines = [""]
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and measure.textlength(candidate, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
 
 
 @functools.lru_cache(maxsize=64)
 def _legend_strip_of(
-    columns: int, banner: str, segments: tuple[tuple[str, tuple[int, int, int]], ...], font_size: int
+    columns: int, banner: str, segments: tuple[tuple[str, tuple[int, int, int]], ...], font_size: int,
+    note: str = "",
 ) -> np.ndarray:
     """:func:`_legend_strip` of ``(name, colour)`` entries; cached, so the array is read-only."""
     font = load_font(font_size)
@@ -208,13 +224,8 @@ def _legend_strip_of(
     line = font_size + pad
     swatch = font_size
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    banner_lines = [""]
-    for word in banner.split(" "):
-        candidate = f"{banner_lines[-1]} {word}".strip()
-        if banner_lines[-1] and measure.textlength(candidate, font=font) > columns - 2 * pad:
-            banner_lines.append(word)
-        else:
-            banner_lines[-1] = candidate
+    banner_lines = _wrapped(banner, columns - 2 * pad, measure, font)
+    note_lines = _wrapped(note, columns - 2 * pad, measure, font) if note else []
     entries: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
     x = pad
     for name, color in segments:
@@ -224,12 +235,15 @@ def _legend_strip_of(
             x = pad
         entries[-1].append((name, color, x))
         x += width
-    height = pad + line * (len(banner_lines) + len(entries))
+    entries = [row for row in entries if row]
+    height = pad + line * (len(banner_lines) + len(note_lines) + len(entries))
     strip = Image.new("RGB", (columns, height), (0, 0, 0))
     draw = ImageDraw.Draw(strip)
     for row, text in enumerate(banner_lines):
         draw.text((pad, pad + row * line), text, fill=_BANNER_COLOR, font=font)
-    for row, items in enumerate(entries, start=len(banner_lines)):
+    for row, text in enumerate(note_lines, start=len(banner_lines)):
+        draw.text((pad, pad + row * line), text, fill=_TEXT_COLOR, font=font)
+    for row, items in enumerate(entries, start=len(banner_lines) + len(note_lines)):
         y = pad + row * line
         for name, color, x in items:
             draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=color)
@@ -270,6 +284,7 @@ def render_overlay(
     style: OverlayStyle,
     *,
     boxes: Sequence[tuple[slice, slice] | None] | None = None,
+    note: str = "",
 ) -> np.ndarray:
     """Draw one slice with its segments, banner and legend.
 
@@ -288,6 +303,8 @@ def render_overlay(
     boxes:
         :func:`segment_boxes` of ``labels`` covering every label of
         ``segments``, when the caller already has them; computed otherwise.
+    note:
+        A line of text written under the banner (e.g. why there is no segment).
 
     Returns
     -------
@@ -298,7 +315,7 @@ def render_overlay(
     rows, columns = values.shape
     gray = windowed_gray(values, *window)
     font_size = max(10, min(24, columns // 32))
-    strip = _legend_strip(columns, style.banner, segments, font_size)
+    strip = _legend_strip(columns, style.banner, segments, font_size, note)
     image = np.empty((rows + strip.shape[0], columns, 3), dtype=np.uint8)
     for channel in range(3):  # one plane at a time: much faster than broadcasting gray[:, :, None]
         image[:rows, :, channel] = gray
@@ -406,6 +423,7 @@ def build_overlays(
     *,
     style: OverlayStyle = OverlayStyle(),
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    replaces: Collection[str] = (),
 ) -> list[Dataset]:
     """Encode a prediction as one RGB Secondary Capture image per slice with findings.
 
@@ -431,11 +449,18 @@ def build_overlays(
         Banner and fill opacity.
     device_serial_number:
         Device Serial Number (0018,1000) naming this node instance.
+    replaces:
+        SOP Instance UIDs of results sent earlier for this series and model.
+        A slice without findings whose overlay UID is among them gets an
+        image all the same, without segments and with :data:`CLEARED_NOTE`,
+        which replaces the earlier overlay (a re-run after late arrivals may
+        find less than the first run did).
 
     Returns
     -------
     list of pydicom.Dataset
-        The images in slice order; empty when no segment is present.
+        The images in slice order; empty when no segment is present and
+        nothing is to be replaced.
 
     Raises
     ------
@@ -459,15 +484,23 @@ def build_overlays(
     templates: dict[tuple[str, ...], Dataset] = {}
     images: list[Dataset] = []
     versions = software_versions(card)
+    replaced = frozenset(replaces)
+    cleared = 0
     for z, (source, frame) in enumerate(slices):
         plane = labelmap[z]
         box = _nonzero_box(plane)
+        note = ""
         if box is None:
-            continue
-        # The labels present and where, found in the labelled part of the slice only.
-        local = ndimage.find_objects(plane[box])
-        boxes = [None if b is None else tuple(slice(b[i].start + box[i].start, b[i].stop + box[i].start)
-                                              for i in range(2)) for b in local]
+            if not replaced or overlay_uid(identity, source, frame) not in replaced:
+                continue
+            boxes: list[tuple[slice, ...] | None] = []
+            note = CLEARED_NOTE
+            cleared += 1
+        else:
+            # The labels present and where, found in the labelled part of the slice only.
+            local = ndimage.find_objects(plane[box])
+            boxes = [None if b is None else tuple(slice(b[i].start + box[i].start, b[i].stop + box[i].start)
+                                                  for i in range(2)) for b in local]
         present = [label for label, found in enumerate(boxes, start=1) if found is not None]
         unknown = [v for v in present if v not in specs]
         if unknown:
@@ -479,7 +512,7 @@ def build_overlays(
             raise ResultError(f"Label map slices are {plane.shape} but a source frame is {pixels.shape}")
         values = modality_values(source, pixels, frame)
         rgb = render_overlay(values, window_of(source, values, frame), plane,
-                             [specs[v] for v in present], style, boxes=boxes)  # type: ignore[arg-type]
+                             [specs[v] for v in present], style, boxes=boxes, note=note)  # type: ignore[arg-type]
         key = _header_key(source, frame)
         template = templates.get(key)
         if template is None:
@@ -489,8 +522,8 @@ def build_overlays(
         else:
             image = _copy_of(template, source, frame, z, rgb, identity)
         images.append(image)
-    logger.info("Overlay series %s: %d images (model %s %s)", identity.series_instance_uid, len(images),
-                card.name, card.version)
+    logger.info("Overlay series %s: %d images, %d of them replacing earlier findings (model %s %s)",
+                identity.series_instance_uid, len(images), cleared, card.name, card.version)
     return images
 
 
@@ -550,7 +583,6 @@ def _copy_of(template: Dataset, source: Dataset, frame: int, z: int, rgb: np.nda
     image.SourceImageSequence = DicomSequence([_source_reference(source, frame)])
     image.file_meta = FileMetaDataset(_copied(template.file_meta))
     image.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    image.is_little_endian, image.is_implicit_VR = template.is_little_endian, template.is_implicit_VR
     return image
 
 

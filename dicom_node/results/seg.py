@@ -416,7 +416,7 @@ def _to_segment_numbers(labelmap: np.ndarray, segment_numbers: Mapping[int, int]
 
 
 def _select_segments(
-    prediction: Prediction, counts: np.ndarray, omit_empty_segments: bool
+    prediction: Prediction, counts: np.ndarray, omit_empty_segments: bool, clearing: bool = False
 ) -> tuple[SegmentSpec, ...]:
     card = prediction.card
     declared = {spec.label for spec in card.segments}
@@ -430,6 +430,8 @@ def _select_segments(
             "declare: add them to the card's segments or fix the model's output"
         )
     specs = sorted(card.segments, key=lambda spec: spec.label)
+    if not found and clearing and specs:
+        return tuple(specs)
     if omit_empty_segments:
         specs = [spec for spec in specs if spec.label in found]
     if not found:
@@ -472,6 +474,7 @@ def build_seg(
     omit_empty_segments: bool = True,
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
     segmentation_type: str | hd.seg.SegmentationTypeValues = hd.seg.SegmentationTypeValues.BINARY,
+    clearing: bool = False,
 ) -> SegResult:
     """Encode a prediction's label map as a DICOM Segmentation (BINARY or LABELMAP).
 
@@ -501,6 +504,12 @@ def build_seg(
         ``"LABELMAP"`` (Label Map Segmentation Storage, 1.2.840.10008.5.1.4.1.1.66.7,
         one 8/16-bit frame per slice holding segment numbers: much smaller with
         many segments, but only recent viewers read it).
+    clearing:
+        When no segment is present, make an empty SEG instead of refusing: it
+        describes every card segment and holds empty frames only (of the
+        first source slice, for single-frame sources).  It replaces an earlier
+        SEG of the same identity whose findings a re-run no longer finds, so
+        the PACS does not keep showing them.
 
     Returns
     -------
@@ -510,7 +519,8 @@ def build_seg(
     Raises
     ------
     ResultError
-        If there is no label map, no segment is present ("no SEG produced"),
+        If there is no label map, no segment is present ("no SEG produced";
+        not when ``clearing``),
         the label map does not match the source frames, the card is
         inconsistent with the label map, or highdicom rejects the input.
     """
@@ -534,7 +544,12 @@ def build_seg(
         )
     _check_frames(source_images, labelmap.shape)
     counts = _label_counts(labelmap)
-    specs = _select_segments(prediction, counts, omit_empty_segments)
+    specs = _select_segments(prediction, counts, omit_empty_segments, clearing)
+    content_description = f"{card.name} {card.version}"
+    if clearing and not counts[1:].any():
+        content_description += ": no segment found"
+        if len(source_images) > 1:  # one empty frame per segment is enough to replace the earlier SEG
+            source_images, labelmap = source_images[:1], labelmap[:1]
 
     segment_numbers = {spec.label: number for number, spec in enumerate(specs, start=1)}
     algorithm = algorithm_identification(card)
@@ -557,7 +572,7 @@ def build_seg(
             manufacturer_model_name=SOFTWARE_NAME,
             software_versions=software_versions(card),
             device_serial_number=device_serial_number,
-            content_description=f"{card.name} {card.version}"[:_MAX_LO_LENGTH],
+            content_description=content_description[:_MAX_LO_LENGTH],
             content_label=content_label,
             series_description=identity.series_description,
             specific_character_set=character_set(source_images[0]),

@@ -46,6 +46,11 @@ class InferTask:
         model takes, primary (``series_uid``) first; empty for a series rule.
     rule:
         The rule that queued the job (for error messages).
+    replaces:
+        SOP Instance UIDs of the results made earlier for this series and
+        model.  A result whose findings a re-run no longer finds is replaced
+        by an empty one of the same UID (SEG, overlay images), never left
+        showing them.
     """
 
     job_id: int
@@ -55,6 +60,7 @@ class InferTask:
     outputs: tuple[str, ...]
     inputs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     rule: str = ""
+    replaces: tuple[str, ...] = ()
 
 
 def study_inputs(primary_uid: str, inputs: Mapping[str, str],
@@ -247,20 +253,29 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     seg_ds: Dataset | None = None
     segment_numbers: dict[int, int] | None = None
     present = bool(prediction.present_segments())  # one pass over the label map for every output
+    replaces = set(task.replaces)
     if OutputKind.SEG in task.outputs and card.task is Task.SEGMENTATION:
+        seg_identity = identity(OutputKind.SEG)
         if present:
-            seg = build_seg(prediction, sources, identity(OutputKind.SEG), segmentation_type=outputs.seg_type.upper(),
+            seg = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
                             omit_empty_segments=outputs.empty_segments == "drop")
             seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
             write(OutputKind.SEG, seg_ds)
+        elif seg_identity.sop_instance_uid in replaces:
+            # An earlier run's SEG showed segments this run does not find: replace it with an empty one.
+            cleared = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
+                                clearing=True)
+            write(OutputKind.SEG, cleared.dataset)
+            logger.warning("Job %d: no segment present any more; an empty SEG replaces the earlier one",
+                           task.job_id)
         else:
             logger.info("Job %d: no segment present; no SEG produced", task.job_id)
     if OutputKind.SR in task.outputs:
         sr = build_sr(prediction, sources, identity(OutputKind.SR), seg=seg_ds, segment_numbers=segment_numbers)
         write(OutputKind.SR, sr)
     style = OverlayStyle(banner=outputs.banner, fill_opacity=outputs.fill_opacity)
-    if OutputKind.SC in task.outputs and present:
-        for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style):
+    if OutputKind.SC in task.outputs and (present or replaces):
+        for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style, replaces=replaces):
             write(OutputKind.SC, image, int(image.InstanceNumber) - 1)
     if OutputKind.PDF in task.outputs:
         write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF), style=style))

@@ -163,8 +163,10 @@ class Pipeline:
     def _run_infer(self, job: Job, now_fn: Callable[[], float], runner: InferRunner) -> None:
         paths = tuple(self.series.instance_paths(job.series_uid))
         inputs = study_inputs(job.series_uid, job.payload.get("inputs") or {}, self.series.instance_paths)
+        earlier = self.db.query("SELECT sop_uid FROM results WHERE source_series=? AND model=?",
+                                (job.series_uid, job.model))
         task = InferTask(job.id, job.series_uid, job.model, paths, tuple(job.payload.get("outputs", ())),
-                         inputs=inputs, rule=job.rule)
+                         inputs=inputs, rule=job.rule, replaces=tuple(r["sop_uid"] for r in earlier))
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
         outcome = runner.run(task, self.settings.workers.infer_timeout_s)

@@ -18,9 +18,12 @@ them is the function's business (their geometries say how).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,41 @@ from inference.types import (
 logger = logging.getLogger(__name__)
 
 
+def _source_stamp(module: Any) -> tuple[int, int] | None:
+    file = getattr(module, "__file__", None)
+    try:
+        stat = os.stat(file) if file else None
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if stat else None
+
+
+def _remember_source(module: Any) -> None:
+    module.__dicom_node_source__ = _source_stamp(module)
+
+
+def _changed_since_import(module: Any) -> bool:
+    known = getattr(module, "__dicom_node_source__", None)
+    return known is not None and known != _source_stamp(module)
+
+
+def _reimport(name: str, module: Any) -> Any:
+    """Execute ``module``'s own source file again (not whatever ``sys.path`` finds first by that name)."""
+    old = module.__spec__
+    spec = importlib.util.spec_from_file_location(name, old.origin,
+                                                  submodule_search_locations=old.submodule_search_locations)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {name!r} again from {old.origin}")
+    fresh = importlib.util.module_from_spec(spec)
+    sys.modules[name] = fresh
+    try:
+        spec.loader.exec_module(fresh)
+    except BaseException:
+        sys.modules[name] = module
+        raise
+    return fresh
+
+
 def load_callable(spec: str, path: str | None = None) -> Callable[..., Any]:
     """Import ``"package.module:function"``; ``path`` is prepended to ``sys.path`` first.
 
@@ -48,15 +86,29 @@ def load_callable(spec: str, path: str | None = None) -> Callable[..., Any]:
     ValueError
         If the spec is not ``module:function`` or the attribute is not callable.
     ImportError
-        If the module cannot be imported.
+        If the module cannot be imported, or a module of that name is
+        already loaded from another folder (another model's).
+
+    A module whose source file changed since it was imported is reloaded.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"callable {spec!r} must look like 'package.module:function'")
     path = str(path) if path else None  # settings give a Path; sys.path only honours str entries
+    module = sys.modules.get(module_name)
+    if module is not None and path:
+        loaded = Path(getattr(module, "__file__", None) or "").resolve()
+        if not loaded.is_relative_to(Path(path).resolve()):
+            # Python keeps one module per name: a second model's function would silently be the first's.
+            raise ImportError(f"module {module_name!r} is already loaded from {loaded}, not from {path}: "
+                              "python models in different folders need different module names")
     if path and path not in sys.path:
         sys.path.insert(0, path)
-    module = importlib.import_module(module_name)
+    if module is not None and _changed_since_import(module):
+        module = _reimport(module_name, module)  # the source changed (new fingerprint): run the new code
+    else:
+        module = importlib.import_module(module_name)
+    _remember_source(module)
     func = module
     for part in attr.split("."):
         func = getattr(func, part)
