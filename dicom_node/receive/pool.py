@@ -24,12 +24,15 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 60.0
+_SUPERVISE_INTERVAL_S = 1.0
+_RESTART_INTERVAL_S = 5.0
 
 
 def receiver_count(setting: int | str) -> int:
@@ -160,11 +163,12 @@ class ReceiverPool:
         # no lock shared between processes, which one that died holding it would leave locked.
         self._handed = [0] * processes
         self._finished: Any = self._ctx.RawArray("q", processes)
-        self._procs: list[Any] = []
-        self._channels: list[socket.socket] = []
+        self._procs: list[Any] = [None] * processes
+        self._channels: list[socket.socket | None] = [None] * processes
+        self._started = [0.0] * processes  # monotonic time each process was (re)started
+        self._address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
-        self._drain: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
 
     def start(self) -> tuple[str, int]:
@@ -179,17 +183,9 @@ class ReceiverPool:
         """
         node = self.settings.node
         self._listener = listening_socket(node.host, node.port)
-        address = tuple(self._listener.getsockname()[:2])
+        address = self._address = (str(self._listener.getsockname()[0]), int(self._listener.getsockname()[1]))
         for i in range(self.count):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            proc = self._ctx.Process(
-                target=_child_main, name=f"dicom-node-receiver-{i}",
-                args=(self.settings, self._events, os.getpid(), theirs, i, self._finished, address),
-                daemon=True)
-            proc.start()
-            theirs.close()
-            self._procs.append(proc)
-            self._channels.append(ours)
+            self._spawn(i)
         for _ in range(self.count):
             try:
                 event = self._events.get(timeout=_START_TIMEOUT_S)
@@ -201,15 +197,46 @@ class ReceiverPool:
                 raise RuntimeError(f"a receiver process could not start: {event[1]}")
             if event[0] != "listening":  # a very early event: hand it to the hooks like the rest
                 self._dispatch(event)
-        self._drain = threading.Thread(target=self._drain_events, name="receiver-events", daemon=True)
-        self._drain.start()
-        self._acceptor = threading.Thread(target=self._accept, name="dicom-listener", daemon=True)
-        self._acceptor.start()
+        self._threads = [threading.Thread(target=self._drain_events, name="receiver-events", daemon=True),
+                         threading.Thread(target=self._accept, name="dicom-listener", daemon=True),
+                         threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         if not node.allowed_peers:
             logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
         logger.info("Listening as %s on %s:%d; %d receiver processes serve the associations",
                     node.ae_title, address[0], address[1], self.count)
         return str(address[0]), int(address[1])
+
+    def _spawn(self, i: int) -> None:
+        """Start receiver process ``i`` (again) with a new channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc = self._ctx.Process(
+            target=_child_main, name=f"dicom-node-receiver-{i}",
+            args=(self.settings, self._events, os.getpid(), theirs, i, self._finished, self._address),
+            daemon=True)
+        proc.start()
+        theirs.close()
+        old = self._channels[i]
+        self._procs[i], self._channels[i], self._started[i] = proc, ours, time.monotonic()
+        self._handed[i] = self._finished[i]  # what a dead process was running has ended with it
+        if old is not None:
+            old.close()
+
+    def _supervise(self) -> None:
+        """Start a receiver process again when one has died (at most every ``_RESTART_INTERVAL_S`` each)."""
+        while not self._closing.wait(_SUPERVISE_INTERVAL_S):
+            for i, proc in enumerate(self._procs):
+                if proc.is_alive() or time.monotonic() - self._started[i] < _RESTART_INTERVAL_S:
+                    continue
+                if self._closing.is_set():
+                    return
+                logger.error("Receiver process %d (pid %d) died (exit code %s); starting it again",
+                             i, proc.pid, proc.exitcode)
+                try:
+                    self._spawn(i)
+                except OSError as exc:
+                    logger.error("Receiver process %d could not be started again: %s", i, exc)
 
     def _accept(self) -> None:
         listener = self._listener
@@ -232,11 +259,12 @@ class ReceiverPool:
         """Give ``conn`` to the live receiver process running the fewest associations."""
         running = self.running
         for i in sorted(range(self.count), key=lambda i: running[i]):
-            if not self._procs[i].is_alive():
+            proc, channel = self._procs[i], self._channels[i]
+            if channel is None or not proc.is_alive():
                 continue
             self._handed[i] += 1
             try:
-                socket.send_fds(self._channels[i], [b"c"], [conn.fileno()])
+                socket.send_fds(channel, [b"c"], [conn.fileno()])
                 return
             except OSError as exc:
                 self._handed[i] -= 1
@@ -244,6 +272,9 @@ class ReceiverPool:
         logger.error("No receiver process is alive: DICOM connection closed unanswered")
 
     def _dispatch(self, event: tuple[Any, ...]) -> None:
+        if event[0] == "failed":  # a process started again could not serve
+            logger.error("A receiver process could not start: %s", event[1])
+            return
         hook = self.hooks.get(event[0])
         if hook is None:
             return
@@ -265,7 +296,7 @@ class ReceiverPool:
     @property
     def alive(self) -> int:
         """How many receiver processes are running."""
-        return sum(p.is_alive() for p in self._procs)
+        return sum(p is not None and p.is_alive() for p in self._procs)
 
     @property
     def running(self) -> list[int]:
@@ -281,11 +312,14 @@ class ReceiverPool:
             except OSError:
                 pass
             self._listener.close()
-        if self._acceptor is not None:
-            self._acceptor.join(5)
+        for thread in self._threads:  # acceptor, supervisor (no new process after this) and event drain
+            thread.join(5)
         for channel in self._channels:  # a receiver process stops when its channel closes
-            channel.close()
+            if channel is not None:
+                channel.close()
         for proc in self._procs:
+            if proc is None:
+                continue
             proc.join(timeout_s)
             if proc.is_alive():
                 logger.warning("Receiver process %d did not stop in %.0f s; killing it", proc.pid, timeout_s)
@@ -297,6 +331,4 @@ class ReceiverPool:
                 self._dispatch(self._events.get_nowait())
             except (queue.Empty, EOFError, OSError):
                 break
-        if self._drain is not None:
-            self._drain.join(2)
-        self._procs, self._channels = [], []
+        self._procs, self._channels, self._threads = [], [], []
