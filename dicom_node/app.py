@@ -84,13 +84,12 @@ class Node:
         self.audit = AuditLog(self.db, clock)
         self._receiving: set[str] = set()  # series whose arrival is in the audit trail
         self.store_handler = StoreHandler(self.spool, self._series_store(), settings.storage.min_free_mb,
-                                          clock=clock, on_stored=self.metrics.on_stored,
-                                          on_recorded=self._on_recorded)
+                                          clock=clock, on_recorded=self._on_recorded)
         self.receiver: Receiver | ReceiverPool
         receivers = receiver_count(settings.node.receivers)
         if receivers > 1:
-            self.receiver = ReceiverPool(settings, receivers, on_stored=self.metrics.on_stored,
-                                         on_recorded=self._on_recorded, on_association=self._on_association)
+            self.receiver = ReceiverPool(settings, receivers, on_recorded=self._on_recorded,
+                                         on_association=self._on_association)
         else:
             self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
         self.workers = [WorkerProcess(settings, gpu) for gpu in worker_gpus(settings.workers.infer)]
@@ -202,6 +201,7 @@ class Node:
         self.audit.on_association(accepted, ae_title, host, reason)
 
     def _on_recorded(self, record: Any, outcome: str) -> None:
+        self.metrics.on_stored(record.size, outcome)
         if outcome != "duplicate":
             self._on_instance()
         if outcome == "duplicate" or record.series_uid in self._receiving:

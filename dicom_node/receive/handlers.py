@@ -50,12 +50,9 @@ class StoreHandler:
         Intake stops (``0xA700``) while the spool filesystem has less free space.
     clock:
         Returns the current time (seconds since the epoch); a parameter for tests.
-    on_stored:
-        Called after each recorded instance with ``(size_bytes, outcome)``
-        (metrics); must not raise.
     on_recorded:
         Called after each recorded instance with ``(record, outcome)``
-        (audit trail); must not raise.
+        (metrics, audit trail); must not raise.
     free_mb:
         Returns the free space of the spool filesystem in MiB; checked before
         every C-STORE, so intake resumes by itself as soon as space returns.
@@ -64,7 +61,6 @@ class StoreHandler:
 
     def __init__(self, spool: Spool, series: SeriesStore, min_free_mb: float,
                  clock: Callable[[], float] = time.time,
-                 on_stored: Callable[[int, str], None] | None = None,
                  on_recorded: Callable[[ReceivedInstance, str], None] | None = None,
                  free_mb: Callable[[], float] | None = None) -> None:
         self.on_recorded = on_recorded
@@ -72,7 +68,6 @@ class StoreHandler:
         self.series = series
         self.min_free_mb = min_free_mb
         self.clock = clock
-        self.on_stored = on_stored
         self.free_mb = free_mb if free_mb is not None else spool.free_mb
         self._low_space_logged = False
 
@@ -134,8 +129,6 @@ class StoreHandler:
             logger.error("C-STORE of %s refused (0xA700): could not record it: %s", sop_uid, exc)
             return OUT_OF_RESOURCES
         logger.debug("Stored %s (%d bytes) series %s: %s", sop_uid, len(data), series_uid, outcome)
-        if self.on_stored is not None:
-            self.on_stored(len(data), outcome)
         if self.on_recorded is not None:
             self.on_recorded(record, outcome)
         return SUCCESS

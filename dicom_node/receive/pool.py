@@ -92,7 +92,6 @@ def _child_main(settings: Any, events: Any, parent_pid: int, channel: socket.soc
         db = Database(db_path)
         series = SeriesStore(db, reopen_late=settings.completion.reprocess_late_arrivals)
         handler = StoreHandler(Spool(root), series, settings.storage.min_free_mb,
-                               on_stored=lambda size, outcome: events.put(("stored", size, outcome)),
                                on_recorded=lambda record, outcome: events.put(("recorded", record, outcome)))
         receiver = Receiver(settings.node, handler,
                             on_association=lambda *args: events.put(("association", *args)))
@@ -143,20 +142,19 @@ class ReceiverPool:
         Node settings (pickled to each process).
     processes:
         How many receiver processes.
-    on_stored, on_recorded, on_association:
+    on_recorded, on_association:
         The main process's hooks, called from a thread that drains the
         processes' events (same signatures as on :class:`StoreHandler` and
         :class:`Receiver`).
     """
 
     def __init__(self, settings: Any, processes: int, *,
-                 on_stored: Callable[[int, str], None],
                  on_recorded: Callable[[Any, str], None],
                  on_association: Callable[[bool, str, str, str], None]) -> None:
         self.settings = settings
         self.count = processes
         self.hooks: dict[str, Callable[..., None]] = {
-            "stored": on_stored, "recorded": on_recorded, "association": on_association}
+            "recorded": on_recorded, "association": on_association}
         self._ctx = mp.get_context("spawn")
         self._events: Any = self._ctx.Queue()
         # Associations handed to each process (written here only) and ended by it (written there only):

@@ -268,7 +268,6 @@ class Receiver:
             address, evt_handlers=self._handlers(), ssl_context=self.ssl_context,
             server_class=_HandedServer, on_finished=on_finished)  # type: ignore[arg-type]
         self.server.contexts = _SharedContexts(self.server.contexts)
-        self.server.server_address = address
         logger.info("Serving as %s connections accepted on %s:%d%s", self.node.ae_title, *address,
                     " (DICOM TLS)" if self.ssl_context is not None else "")
 

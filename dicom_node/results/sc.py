@@ -28,7 +28,7 @@ import functools
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import highdicom as hd
 import numpy as np
@@ -356,11 +356,17 @@ def _orientation_letter(vector: Sequence[float]) -> str:
     return positive if vector[axis] > 0 else negative
 
 
+def _value_of(source: Dataset, keyword: str, group: str, frame: int) -> object:
+    """``keyword`` of the source, or for a multi-frame source of its ``group`` functional group item."""
+    value = source.get(keyword)
+    if value is None and frame:
+        item = _frame_item(source, group, frame)
+        value = item.get(keyword) if item is not None else None
+    return value
+
+
 def _patient_orientation(source: Dataset, frame: int) -> tuple[str, str] | None:
-    orientation = source.get("ImageOrientationPatient")
-    if orientation is None and frame:
-        item = _frame_item(source, "PlaneOrientationSequence", frame)
-        orientation = item.get("ImageOrientationPatient") if item is not None else None
+    orientation: Any = _value_of(source, "ImageOrientationPatient", "PlaneOrientationSequence", frame)
     if orientation is None or len(orientation) != 6:
         return None
     values = [float(v) for v in orientation]
@@ -368,10 +374,7 @@ def _patient_orientation(source: Dataset, frame: int) -> tuple[str, str] | None:
 
 
 def _pixel_spacing(source: Dataset, frame: int) -> tuple[float, float] | None:
-    spacing = source.get("PixelSpacing")
-    if spacing is None and frame:
-        item = _frame_item(source, "PixelMeasuresSequence", frame)
-        spacing = item.get("PixelSpacing") if item is not None else None
+    spacing: Any = _value_of(source, "PixelSpacing", "PixelMeasuresSequence", frame)
     if spacing is None or len(spacing) != 2:
         return None
     return float(spacing[0]), float(spacing[1])

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_node.durations import parse_duration  # noqa: F401  (re-exported for `dicom-node audit`)
 from dicom_node.store.database import Database
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 
 from inference.models.python_callable import segment_volumes
-from inference.types import Classification, Model, ModelCard, Prediction, SegmentSpec, Task, Volume
+from inference.types import Classification, Model, ModelCard, Prediction, Task, Volume
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,18 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.tools import require_tool  # noqa: F401  (integration tests import it from here)
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def require_tool(name: str) -> str:
-    """Path of an external tool; fail under CI, skip elsewhere, when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        msg = f"{name} not found: install the Debian packages orthanc, dcmtk, dicom3tools (make test does)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 def free_port() -> int:

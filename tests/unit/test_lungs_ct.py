@@ -9,8 +9,6 @@ orientation.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from inference.types import (
     Volume,
 )
 from tests.phantoms import make_chest_phantom, write_ct_series
+from tests.tools import require_tool
 
 SPACING = (2.5, 2.0, 2.0)
 # Rows: LPS unit vectors of the array axes z, y, x for ImageOrientationPatient [1,0,0,0,1,0].
@@ -345,11 +344,7 @@ def test_written_series_reads_back_with_phantom_geometry(
 
 
 def test_written_slice_passes_dciodvfy(tmp_path: Path) -> None:
-    dciodvfy = shutil.which("dciodvfy")
-    if dciodvfy is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("dciodvfy is missing; install the Debian package dicom3tools")
-        pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
+    dciodvfy = require_tool("dciodvfy")
     hu, _ = make_chest_phantom(shape=(16, 64, 64))
     paths = write_ct_series(hu, SPACING, tmp_path)
     result = subprocess.run([dciodvfy, str(paths[len(paths) // 2])], capture_output=True, text=True, check=False)

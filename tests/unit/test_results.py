@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ from inference.types import (
     SegmentSpec,
     Task,
 )
+from tests.tools import require_tool
 
 TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
 CT_DIR = TESTDATA / "ct3slice_with_liver_seg"
@@ -627,12 +627,7 @@ def test_sr_uses_the_source_procedure_code() -> None:
 
 
 def _dciodvfy() -> str:
-    path = shutil.which("dciodvfy") or (DCIODVFY if os.path.exists(DCIODVFY) else None)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("dciodvfy is missing: install the Debian package dicom3tools")
-        pytest.skip("dciodvfy is missing (install dicom3tools); required when CI=true")
-    return path
+    return DCIODVFY if os.path.exists(DCIODVFY) else require_tool("dciodvfy")
 
 
 def _assert_dciodvfy_clean(dataset: Dataset, path: Path, iod: str) -> None:
