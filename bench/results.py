@@ -35,7 +35,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from dicom_node.results.identity import DEFAULT_UID_ROOT, derive_identity
 from dicom_node.results.sc import build_overlays
-from dicom_node.results.seg import algorithm_identification, build_seg
+from dicom_node.results.content import algorithm_identification
+from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from inference.types import SCT_ANATOMICAL_STRUCTURE, SCT_VOLUME, UCUM_ML, Code, Measurement, ModelCard, Prediction, SegmentSpec
 

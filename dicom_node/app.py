@@ -41,7 +41,11 @@ from dicom_node.scheduler.worker import WorkerProcess, worker_gpus
 from dicom_node.send.deliver import deliver
 from dicom_node.spool import Spool
 from dicom_node.spool.reconcile import reconcile
-from dicom_node.store import Database
+from dicom_node.errors import ConfigError, StartupError
+from dicom_node.settings import Settings, load_settings
+from dicom_node.store import SeriesStore, open_database
+from dicom_node.store.layout import NodeLock, state_paths, storage_problem
+from dicom_node.tcp import listen_error
 from dicom_node.store.audit import AuditEvent, AuditLog
 
 logger = logging.getLogger(__name__)
@@ -49,12 +53,6 @@ logger = logging.getLogger(__name__)
 
 class ForcedShutdown(Exception):
     """A second stop signal arrived while the node was finishing its work."""
-
-
-def state_paths(settings: Any) -> tuple[Path, Path]:
-    """(state directory, database file) for a configuration."""
-    root = settings.storage.resolved_path()
-    return root, root / "dicom-node.sqlite3"
 
 
 class Node:
@@ -70,15 +68,19 @@ class Node:
         The configuration file, re-read on SIGHUP to reload the rules.
     """
 
-    def __init__(self, settings: Any, clock: Callable[[], float] = time.time,
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
                  config_path: Path | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.config_path = config_path
         self._config_stamp = _file_stamp(config_path)
-        root, db_path = state_paths(settings)
-        root.mkdir(parents=True, exist_ok=True)
-        self.db = Database(db_path)
+        root, db_path = state_paths(settings.storage)
+        self.lock = _claim_state(root)
+        try:
+            self.db = open_database(db_path)
+        except StartupError:
+            self.lock.release()
+            raise
         self.spool = Spool(root)
         self.metrics = Metrics()
         self.audit = AuditLog(self.db, clock)
@@ -100,19 +102,23 @@ class Node:
                                              job_defaults={"coalesce": True, "max_instances": 1})
         self.http: HttpServer | None = None
         if settings.http.enabled:
-            self.http = HttpServer(settings.http.host, settings.http.port, self.metrics,
-                                   self.readiness, self.refresh_gauges, status_page=self.status_page,
-                                   thumbnail=lambda series, model: get_thumbnail(self.db, self.spool, series, model),
-                                   token=settings.http.token)
+            try:
+                self.http = HttpServer(settings.http.host, settings.http.port, self.metrics,
+                                       self.readiness, self.refresh_gauges, status_page=self.status_page,
+                                       thumbnail=lambda series, model: get_thumbnail(self.db, self.spool, series,
+                                                                                     model),
+                                       token=settings.http.token)
+            except OSError as exc:
+                self.db.close()
+                self.lock.release()
+                raise listen_error("http", settings.http.host, settings.http.port, exc) from None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._last_tick = clock()
         self._completion_wake: float | None = None  # when the next tick is brought forward to
         self.dicom_address: tuple[str, int] | None = None
 
-    def _series_store(self) -> Any:
-        from dicom_node.store import SeriesStore
-
+    def _series_store(self) -> SeriesStore:
         return SeriesStore(self.db, reopen_late=self.settings.completion.reprocess_late_arrivals)
 
     # -- lifecycle -----------------------------------------------------------
@@ -229,9 +235,6 @@ class Node:
         if self.config_path is None:
             logger.warning("Rules reload: no configuration file (embedded default); nothing to reload")
             return False
-        from dicom_node.errors import ConfigError
-        from dicom_node.settings import load_settings
-
         try:
             new = load_settings(self.config_path)
         except ConfigError as exc:
@@ -309,6 +312,7 @@ class Node:
         if self.http is not None:
             self.http.stop()
         self.db.close()
+        self.lock.release()
         self._stopped.set()
         logger.info("Stopped")
 
@@ -405,6 +409,21 @@ class Node:
         """Liveness for the systemd watchdog: database answers, scheduler ticks."""
         stale = 30 + 10 * self.settings.completion.tick_seconds
         return self.db.ping() and self.scheduler.running and self.clock() - self._last_tick < stale
+
+
+def _claim_state(root: Path) -> NodeLock:
+    """Create the state directory and claim it for this node (one line naming ``storage.path`` if not)."""
+    problem = storage_problem(root)
+    if problem is not None:
+        raise StartupError(problem)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"storage.path: cannot create {root}: {exc.strerror}: make it writable by the "
+                           "node's user or choose another storage.path") from None
+    lock = NodeLock(root)
+    lock.acquire()
+    return lock
 
 
 def _write_probe(dirs: tuple[Path, ...]) -> str | None:

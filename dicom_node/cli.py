@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError, StartupError
 
 logger = logging.getLogger("dicom_node")
 
@@ -52,8 +52,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
+    from dicom_node.store.layout import storage_problem
 
     settings = load_settings(Path(args.file))
+    problem = storage_problem(settings.storage.resolved_path())
+    if problem is not None:
+        raise ConfigError(f"{args.file}: {problem}")
     for warning in settings.warnings():
         print(f"warning: {warning}")
     print(f"{args.file}: OK ({len(settings.models)} model(s), {len(settings.rules)} rule(s), "
@@ -98,7 +102,7 @@ def _print_verdicts(settings: Any, summary: Any, extra: str, explain: Any, never
 
 
 def cmd_rules_replay(args: argparse.Namespace) -> int:
-    from dicom_node.app import state_paths
+    from dicom_node.store.layout import state_paths
     from dicom_node.rules.matcher import explain
     from dicom_node.durations import parse_duration
     from dicom_node.rules.replay import replay
@@ -115,7 +119,7 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
     if db is None:
         return 1
     try:
-        items = replay(settings, db, Spool(state_paths(settings)[0]), time.time() - since_s, apply=args.apply,
+        items = replay(settings, db, Spool(state_paths(settings.storage)[0]), time.time() - since_s, apply=args.apply,
                        now=time.time())
     finally:
         db.close()
@@ -140,10 +144,10 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
 
 def _state_db(settings: Any) -> Any:
     """The node's state database for ``settings``, or ``None`` (said on stdout) when it never ran."""
-    from dicom_node.app import state_paths
+    from dicom_node.store.layout import state_paths
     from dicom_node.store import Database
 
-    _, db_path = state_paths(settings)
+    _, db_path = state_paths(settings.storage)
     if not db_path.exists():
         print(f"no state database at {db_path}: the node has not run with this configuration")
         return None
@@ -328,7 +332,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"configuration error: {line}", file=sys.stderr)
+        code = 2
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
         code = 2
     except (DicomNodeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

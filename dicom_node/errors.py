@@ -40,3 +40,11 @@ class SendError(DicomNodeError):
 
 class ResultError(DicomNodeError):
     """A result object could not be encoded."""
+
+
+class StartupError(DicomNodeError):
+    """The node cannot start; the message is one line that begins with the key to change.
+
+    Example: ``http.port: 127.0.0.1:8080 is in use by another process: stop it or
+    choose another http.port``.  The CLI prints it as it is and exits with 2.
+    """

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from typing import Any
+
+from dicom_node.errors import StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +52,34 @@ def close_sockets_reliably() -> None:
 
 
 close_sockets_reliably()
+
+
+def listen_error(section: str, host: str, port: int, exc: OSError) -> StartupError:
+    """The one-line start-up error for a listening socket that could not be opened.
+
+    Parameters
+    ----------
+    section:
+        The configuration section that sets ``host`` and ``port`` (``node`` or ``http``).
+    host, port:
+        What was asked for.
+    exc:
+        The error of ``bind()``/``listen()`` (or of the name lookup).
+
+    Returns
+    -------
+    StartupError
+        Its message starts with the key to change (``node.port``, ``http.host``...).
+    """
+    code = exc.errno
+    if code == errno.EADDRINUSE:
+        return StartupError(f"{section}.port: {host}:{port} is already in use by another process: "
+                            f"stop that process or choose another {section}.port")
+    if code == errno.EACCES:
+        return StartupError(f"{section}.port: not permitted to listen on port {port}: ports below 1024 "
+                            "need root or CAP_NET_BIND_SERVICE (AmbientCapabilities= in the systemd unit); "
+                            f"or choose a {section}.port above 1023")
+    if code == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return StartupError(f"{section}.host: {host} is not an address of this machine: use 0.0.0.0 "
+                            f"(every interface), 127.0.0.1 or one of this machine's addresses as {section}.host")
+    return StartupError(f"{section}.port: cannot listen on {host}:{port}: {exc.strerror or exc}")

@@ -18,15 +18,26 @@ trail) comes back as events on a queue.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from dicom_node.logs import configure_logging
+from dicom_node.receive.handlers import StoreHandler
+from dicom_node.receive.server import Receiver, server_ssl_context
+from dicom_node.settings import Settings
+from dicom_node.spool import Spool
+from dicom_node.store import Database, SeriesStore
+from dicom_node.store.layout import state_paths
+from dicom_node.tcp import listen_error
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +59,6 @@ def _die_with_parent(parent_pid: int) -> None:
     The kernel kills this process when the main process dies (``PR_SET_PDEATHSIG``,
     even by SIGKILL); if it died before that was set, exit now.
     """
-    import ctypes
-    import signal
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -60,22 +68,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _child_main(settings: Any, events: Any, parent_pid: int, channel: socket.socket,
+def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socket.socket,
                 index: int, finished: Any, address: tuple[str, int]) -> None:
     """Entry point of one receiver process: serve the connections handed over ``channel`` until it closes.
 
     ``finished[index]`` counts the associations this process has ended; only
     this process writes it (under a lock of its own), the main process reads it.
     """
-    import signal
-
-    from dicom_node.app import state_paths
-    from dicom_node.logs import configure_logging
-    from dicom_node.receive.handlers import StoreHandler
-    from dicom_node.receive.server import Receiver
-    from dicom_node.spool import Spool
-    from dicom_node.store import Database, SeriesStore
-
     _die_with_parent(parent_pid)
     configure_logging(settings.logging.level, settings.logging.journald, process=f"receiver-{index}")
     # The main process owns shutdown (it sets ``stop``); Ctrl-C in a terminal must not cut a C-STORE.
@@ -88,7 +87,7 @@ def _child_main(settings: Any, events: Any, parent_pid: int, channel: socket.soc
             finished[index] += 1
 
     try:
-        root, db_path = state_paths(settings)
+        root, db_path = state_paths(settings.storage)
         db = Database(db_path)
         series = SeriesStore(db, reopen_late=settings.completion.reprocess_late_arrivals)
         handler = StoreHandler(Spool(root), series, settings.storage.min_free_mb,
@@ -148,7 +147,7 @@ class ReceiverPool:
         :class:`Receiver`).
     """
 
-    def __init__(self, settings: Any, processes: int, *,
+    def __init__(self, settings: Settings, processes: int, *,
                  on_recorded: Callable[[Any, str], None],
                  on_association: Callable[[bool, str, str, str], None]) -> None:
         self.settings = settings
@@ -174,13 +173,18 @@ class ReceiverPool:
 
         Raises
         ------
-        OSError
-            If the port cannot be bound.
+        StartupError
+            The port cannot be bound, or the TLS files cannot be loaded.
         RuntimeError
             If a process could not start (certificate unreadable...).
         """
         node = self.settings.node
-        self._listener = listening_socket(node.host, node.port)
+        if node.tls is not None:
+            server_ssl_context(node.tls)  # fails here, in one line, not in every receiver process
+        try:
+            self._listener = listening_socket(node.host, node.port)
+        except OSError as exc:
+            raise listen_error("node", node.host, node.port, exc) from None
         address = self._address = (str(self._listener.getsockname()[0]), int(self._listener.getsockname()[1]))
         for i in range(self.count):
             self._spawn(i)

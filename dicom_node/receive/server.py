@@ -34,9 +34,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from dicom_node.errors import ConfigError
+from dicom_node.errors import StartupError
 from dicom_node.receive.handlers import StoreHandler
-from dicom_node.tcp import set_nodelay
+from dicom_node.tcp import listen_error, set_nodelay
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +79,31 @@ def server_ssl_context(tls: Any) -> ssl.SSLContext:
 
     Raises
     ------
-    ConfigError
-        A certificate, key or CA file cannot be read or does not fit.
+    StartupError
+        A certificate, key or CA file cannot be read or does not fit; the
+        message names the key (``node.tls.certificate``...).
     """
+    for key in ("certificate", "private_key", "ca_certificates"):
+        path = getattr(tls, key)
+        if path is None:
+            continue
+        try:
+            Path(path).expanduser().open("rb").close()
+        except OSError as exc:
+            raise StartupError(f"node.tls.{key}: cannot read {path}: {exc.strerror}: give a PEM file the "
+                               "node's user can read") from None
     ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(Path(tls.certificate).expanduser(), Path(tls.private_key).expanduser())
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"node.tls: cannot load certificate {tls.certificate} with key {tls.private_key}: "
-                          f"{exc}; give PEM files readable by the node, the key unencrypted") from None
+        raise StartupError(f"node.tls.certificate: cannot load {tls.certificate} with node.tls.private_key "
+                           f"{tls.private_key}: {exc}; give the PEM certificate and its unencrypted key") from None
     if tls.ca_certificates is not None:
         try:
             ctx.load_verify_locations(cafile=Path(tls.ca_certificates).expanduser())
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"node.tls.ca_certificates: cannot load {tls.ca_certificates}: {exc}") from None
+            raise StartupError(f"node.tls.ca_certificates: cannot load {tls.ca_certificates}: {exc}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE
@@ -244,8 +254,11 @@ class Receiver:
         """Listen on ``node.host``:``node.port`` without blocking; returns the bound (host, port)."""
         if not self.node.allowed_peers:
             logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
-        self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=self._handlers(),
-                                          ssl_context=self.ssl_context, server_class=ThreadedAssociationServer)
+        try:
+            self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=self._handlers(),
+                                              ssl_context=self.ssl_context, server_class=ThreadedAssociationServer)
+        except OSError as exc:
+            raise listen_error("node", self.node.host, self.node.port, exc) from None
         self.server.contexts = _SharedContexts(self.server.contexts)
         self.ae._servers.append(self.server)  # as start_server does: shutdown() removes it from there
         threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()

@@ -51,7 +51,7 @@ from dicom_node.results.sc import (
     render_overlay,
     window_of,
 )
-from dicom_node.results.seg import character_set, complete_source
+from dicom_node.results.source import character_set, complete_source
 from inference.types import Prediction
 
 logger = logging.getLogger(__name__)

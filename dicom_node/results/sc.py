@@ -47,7 +47,7 @@ from dicom_node.results.identity import (
     OutputIdentity,
     software_versions,
 )
-from dicom_node.results.seg import character_set, complete_source, drop_invalid_copied
+from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
 from inference.types import Prediction, SegmentSpec
 
 logger = logging.getLogger(__name__)

@@ -33,41 +33,23 @@ from typing import Final
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.multival import MultiValue
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code as PydicomCode
-from pydicom.valuerep import VALIDATORS
 
 from dicom_node.errors import ResultError
+from dicom_node.results.content import algorithm_identification, to_coded_concept
 from dicom_node.results.identity import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     SOFTWARE_NAME,
     OutputIdentity,
-    algorithm_parameters,
     software_versions,
 )
-from inference.types import Code, ModelCard, Prediction, SegmentSpec
+from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
+from inference.types import Prediction, SegmentSpec
 
 logger = logging.getLogger(__name__)
 
 _CONTENT_LABEL_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 _MAX_LO_LENGTH: Final[int] = 64
-_UTF8: Final[str] = "ISO_IR 192"
-_COPIED_TYPE2: Final[tuple[str, ...]] = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-)
-_PATIENT_GROUP: Final[int] = 0x0010
-_UNCHECKED_VRS: Final[frozenset[str]] = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "UI"})
-_SHARED_GEOMETRY: Final[tuple[str, ...]] = ("PlaneOrientationSequence", "PixelMeasuresSequence")
-_DEFAULT_REPERTOIRE_EXTENSION: Final[str] = "ISO 2022 IR 6"
 
 
 @dataclass(frozen=True)
@@ -87,240 +69,6 @@ class SegResult:
 
     dataset: hd.seg.Segmentation
     segment_numbers: Mapping[int, int]
-
-
-def to_coded_concept(code: Code) -> hd.sr.CodedConcept:
-    """Convert a model-card :class:`~inference.types.Code` to a highdicom coded concept.
-
-    Parameters
-    ----------
-    code:
-        ``(value, scheme, meaning)`` of the concept.
-
-    Returns
-    -------
-    highdicom.sr.CodedConcept
-        The same concept; long values are encoded as Long Code Value by highdicom.
-
-    Raises
-    ------
-    ResultError
-        If the code cannot be encoded (empty value, scheme or meaning).
-    """
-    if not code.value or not code.scheme or not code.meaning:
-        raise ResultError(f"Code {code!r} needs a value, a scheme and a meaning: fix the model card")
-    try:
-        return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
-    except ValueError as exc:
-        raise ResultError(f"Code {code!r} cannot be encoded in DICOM: {exc}") from exc
-
-
-def complete_source(source: Dataset) -> Dataset:
-    """The source as highdicom needs it, without modifying it.
-
-    - highdicom copies Patient ID, Patient's Name, Birth Date, Sex, Study ID,
-      Date, Time and Accession Number from the first source; real sources
-      often leave some of these Type 2 attributes out, which PS3.3 allows
-      only as an empty value: absent ones are added empty.
-    - For a multi-frame source highdicom reads the Plane Orientation and Pixel
-      Measures from the Shared Functional Groups; many scanners (Philips
-      Enhanced MR, for one) put them in every per-frame item instead.  When
-      all frames carry the same values, they are copied into the shared item.
-
-    Parameters
-    ----------
-    source:
-        A source image; it is never modified.
-
-    Returns
-    -------
-    pydicom.Dataset
-        ``source`` itself when nothing is missing, else a new dataset that
-        shares the source's other elements and its file meta.
-
-    Raises
-    ------
-    ResultError
-        If the frames of a multi-frame source differ in orientation or pixel
-        measures (they are not one volume).
-    """
-    missing = [keyword for keyword in _COPIED_TYPE2 if keyword not in source]
-    shared = _shared_geometry(source)
-    if not missing and shared is None:
-        return source
-    completed = Dataset(dict(source.items()))
-    if hasattr(source, "file_meta"):
-        completed.file_meta = source.file_meta
-    for keyword in missing:
-        setattr(completed, keyword, "")
-    if shared is not None:
-        completed.SharedFunctionalGroupsSequence = [shared]
-    logger.debug("Source %s completed for encoding (absent: %s)", source.get("SOPInstanceUID", "?"), missing)
-    return completed
-
-
-def _shared_geometry(source: Dataset) -> Dataset | None:
-    """A Shared Functional Groups item with per-frame geometry moved in, or ``None`` if not needed."""
-    per_frame = source.get("PerFrameFunctionalGroupsSequence")
-    if not per_frame:
-        return None
-    shared_items = source.get("SharedFunctionalGroupsSequence") or [Dataset()]
-    shared = shared_items[0]
-    needed = [keyword for keyword in _SHARED_GEOMETRY if keyword not in shared]
-    if not needed:
-        return None
-    completed = Dataset(dict(shared.items()))
-    for keyword in needed:
-        items = [frame.get(keyword) for frame in per_frame]
-        if any(not item for item in items):
-            continue  # neither shared nor in every frame: highdicom says what is missing
-        values = [_geometry_values(item[0]) for item in items]
-        if any(len(v) != len(values[0]) or not np.allclose(v, values[0], atol=1e-4) for v in values):
-            raise ResultError(
-                f"Frames of the multi-frame source differ in {keyword}: it is not one volume; no SEG produced"
-            )
-        setattr(completed, keyword, items[0])
-    return completed
-
-
-def _geometry_values(item: Dataset) -> list[float]:
-    values: list[float] = []
-    for keyword in ("ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
-        value = item.get(keyword)
-        if value is None or value == "":
-            continue
-        items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-        values.extend(float(v) for v in items)
-    return values
-
-
-def drop_invalid_copied(result: Dataset, source: Dataset) -> list[str]:
-    """Remove optional attributes copied from the source whose values are invalid for their VR.
-
-    highdicom copies the Patient and Patient Study modules of the source,
-    including optional (Type 3) attributes such as Patient's Age; a value the
-    source got wrong (``"0Y"`` for AS) would make the result fail validation.
-    Only patient attributes (group 0010) equal to the source's are checked;
-    the Type 2 ones highdicom needs are kept as they are.
-
-    Parameters
-    ----------
-    result:
-        The new object; modified in place.
-    source:
-        The source image the attributes were copied from.
-
-    Returns
-    -------
-    list of str
-        Keywords of the removed attributes.
-    """
-    removed = []
-    # Only patient attributes are checked: select them by tag before touching any element.
-    for tag in sorted(tag for tag in result.keys() if tag >> 16 == _PATIENT_GROUP):
-        element = result[tag]
-        keyword = element.keyword
-        if (
-            element.VR in _UNCHECKED_VRS
-            or keyword in _COPIED_TYPE2
-            or keyword not in source
-            or source[element.tag].value != element.value
-        ):
-            continue
-        values = element.value if isinstance(element.value, MultiValue) else [element.value]
-        if element.VR in ("IS", "DS"):
-            values = [str(value) for value in values if value is not None]
-        validator = VALIDATORS.get(element.VR)
-        if validator is None:
-            continue
-        if not all(validator(element.VR, value)[0] for value in values if value is not None):
-            del result[element.tag]
-            removed.append(keyword)
-    if removed:
-        logger.info("Dropped source attributes with values invalid for their VR: %s", ", ".join(removed))
-    return removed
-
-
-def character_set(source: Dataset) -> str | list[str]:
-    """Specific Character Set for an object derived from ``source``.
-
-    highdicom copies the source's value, which must then be a defined term;
-    real sources often carry an empty value (meaning the default repertoire).
-
-    Parameters
-    ----------
-    source:
-        A source image.
-
-    Returns
-    -------
-    str or list of str
-        The source's value when it names a character set; ``"ISO_IR 192"``
-        (UTF-8, a superset of the default repertoire) when the source has no
-        or an empty value; empty components of a multi-valued source value
-        replaced by ``"ISO 2022 IR 6"``.
-    """
-    value = source.get("SpecificCharacterSet")
-    if value is None or isinstance(value, str):
-        return value.strip() if value and value.strip() else _UTF8
-    terms = [str(term).strip() or _DEFAULT_REPERTOIRE_EXTENSION for term in value]
-    if not any(term != _DEFAULT_REPERTOIRE_EXTENSION for term in terms):
-        return _UTF8
-    return terms if len(terms) > 1 else terms[0]
-
-
-def algorithm_family_code(family: str) -> PydicomCode:
-    """Return the CID 7162 "Algorithm Family" code whose meaning is ``family``.
-
-    Parameters
-    ----------
-    family:
-        Code meaning, compared without regard to case, e.g.
-        ``"Artificial Intelligence"`` or ``"Morphological Operations"``.
-
-    Returns
-    -------
-    pydicom.sr.coding.Code
-        The code of the family.
-
-    Raises
-    ------
-    ResultError
-        If no CID 7162 code has that meaning; the message lists the allowed ones.
-    """
-    cid = codes.cid7162
-    known = [getattr(cid, keyword) for keyword in cid.dir()]
-    for code in known:
-        if code.meaning.casefold() == family.strip().casefold():
-            return code
-    allowed = ", ".join(sorted(code.meaning for code in known))
-    raise ResultError(f"Model family {family!r} is not a CID 7162 algorithm family; use one of: {allowed}")
-
-
-def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
-    """Algorithm Identification Sequence (name, version, family) of a model card.
-
-    Parameters
-    ----------
-    card:
-        The card of the model that made the prediction.
-
-    Returns
-    -------
-    highdicom.AlgorithmIdentificationSequence
-        The sequence to put in every segment description.
-
-    Raises
-    ------
-    ResultError
-        If the card's family is not a CID 7162 family.
-    """
-    return hd.AlgorithmIdentificationSequence(
-        name=card.name,
-        family=algorithm_family_code(card.family),
-        version=card.version,
-        parameters=algorithm_parameters(card),
-    )
 
 
 def segment_tracking_uid(seg_identity: OutputIdentity, label: int) -> str:

@@ -46,13 +46,8 @@ from dicom_node.results.identity import (
     derive_uid,
     software_versions,
 )
-from dicom_node.results.seg import (
-    algorithm_family_code,
-    character_set,
-    complete_source,
-    drop_invalid_copied,
-    to_coded_concept,
-)
+from dicom_node.results.content import algorithm_family_code, to_coded_concept
+from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
 from inference.types import Classification, Code, Measurement, ModelCard, Prediction, SegmentSpec
 
 logger = logging.getLogger(__name__)

@@ -1,46 +1,9 @@
 """Rules: which models run on a complete series, and why the other rules do not apply.
 
-Pure functions over :class:`~dicom_node.domain.SeriesSummary`; the rule schema
-itself is :class:`dicom_node.settings.RuleSettings`, the key grammar
-:mod:`dicom_node.rules.keys`.
+- :mod:`dicom_node.rules.keys`: the grammar of a ``when`` key (imports nothing of the node,
+  so the settings can validate keys with it);
+- :mod:`dicom_node.rules.summary`: a series' headers as a :class:`~dicom_node.domain.SeriesSummary`;
+- :mod:`dicom_node.rules.matcher`: pure matching of summaries against
+  :class:`dicom_node.settings.RuleSettings`, with explanations;
+- :mod:`dicom_node.rules.replay`: re-evaluating rules over series already received.
 """
-
-from __future__ import annotations
-
-from dicom_node.rules.matcher import (
-    check_condition,
-    explain,
-    first_failure,
-    match,
-    quiet_seconds_for,
-    study_roles,
-    value_of,
-)
-from dicom_node.rules.summary import (
-    DERIVED_MODALITIES,
-    OWN_MANUFACTURER,
-    attributes_from_dataset,
-    instance_geometry,
-    never_process_reason,
-    read_series,
-    scan_paths,
-    series_facts,
-)
-
-__all__ = [
-    "DERIVED_MODALITIES",
-    "OWN_MANUFACTURER",
-    "attributes_from_dataset",
-    "check_condition",
-    "explain",
-    "first_failure",
-    "instance_geometry",
-    "match",
-    "never_process_reason",
-    "quiet_seconds_for",
-    "read_series",
-    "scan_paths",
-    "series_facts",
-    "study_roles",
-    "value_of",
-]

@@ -14,8 +14,8 @@ Grammar of a key (validated when the configuration is loaded)::
   (0-based), without it every item is searched.  The last step must have a text
   or numeric value.
 
-The facts themselves are listed in :data:`dicom_node.settings.DERIVED_FACTS`;
-settings validate keys with :func:`parse_key` (imported when first needed).
+This module imports nothing of the node: the settings validate ``when`` keys
+with :func:`parse_key`, and the matcher resolves them with :func:`resolve`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,19 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, repeater_has_keyword, tag_for_keyword
 
-from dicom_node.settings import DERIVED_FACTS
+__all__ = ["DERIVED_FACTS", "GROUP_KEYS", "OPERATORS", "Step", "parse_key", "resolve"]
 
-__all__ = ["DERIVED_FACTS", "GROUP_KEYS", "Step", "parse_key", "resolve"]
+#: Keys of a rule's ``when`` that are facts about the series, not DICOM keywords.
+DERIVED_FACTS: frozenset[str] = frozenset({
+    "instance_count", "calling_ae", "called_ae", "source_host",  # from the association and the store
+    "slice_spacing", "orientation", "image_type", "frames",  # from the headers of every instance
+})
 
-#: Keys of ``when`` that group other conditions.
+#: Keys of a rule's ``when`` that group conditions: ``all``/``any`` take a list of mappings, ``not`` one.
 GROUP_KEYS: frozenset[str] = frozenset({"all", "any", "not"})
+
+#: Operator keys of a condition mapping, in the order the matcher checks them.
+OPERATORS: tuple[str, ...] = ("exists", "absent", "equals", "iequals", "in", "regex", "contains", "min", "max", "not")
 
 # VRs whose values are bytes: never visible to rules.
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})

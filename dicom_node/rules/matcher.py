@@ -24,7 +24,7 @@ Semantics of one condition (``KEY: condition``):
   EVERY value is within bounds.
 
 Operators of one condition are checked in the order of
-:data:`dicom_node.settings.OPERATORS`; conditions in the order the rule lists
+:data:`dicom_node.rules.keys.OPERATORS`; conditions in the order the rule lists
 them; the first failure is the reason.  Groups: ``all: [..]`` (every mapping
 holds), ``any: [..]`` (at least one holds), ``not: {..}`` (the mapping does not
 hold); a mapping holds when every entry holds.
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.domain import RuleMatch, RuleVerdict, SeriesSummary
-from dicom_node.rules.keys import parse_key, resolve
-from dicom_node.settings import DERIVED_FACTS, Condition, RuleSettings
+from dicom_node.rules.keys import DERIVED_FACTS, parse_key, resolve
+from dicom_node.settings import Condition, RuleSettings
 
 __all__ = ["check_condition", "explain", "first_failure", "match", "quiet_seconds_for", "study_roles", "value_of"]
 

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dicom_node.errors import StartupError
+
 logger = logging.getLogger(__name__)
 
 # Each entry migrates the schema from version i to i+1.  Never edit a
@@ -181,3 +183,25 @@ class Database:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+def open_database(path: Path) -> Database:
+    """Open the node's state database at start, turning every failure into one line naming ``storage.path``.
+
+    Raises
+    ------
+    StartupError
+        The database is locked by another process, is not a SQLite database,
+        or cannot be opened.
+    """
+    try:
+        return Database(path)
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise StartupError(f"storage.path: the state database {path} is locked by another process "
+                               f"({exc}): stop the process that holds it (fuser {path}) and start again") from None
+        raise StartupError(f"storage.path: cannot open the state database {path}: {exc}: check the "
+                           "permissions and free space of storage.path") from None
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(f"storage.path: {path} is not a dicom-node state database ({exc}): move it "
+                           "away or choose another storage.path") from None

@@ -218,9 +218,9 @@ def test_tls_without_client_verification_accepts_anonymous_clients(receiver: Cal
     assert len(r.spool.incoming_files()) == 1
 
 
-def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
-    from dicom_node.errors import ConfigError
+def test_unreadable_tls_files_are_a_startup_error_naming_the_key(tmp_path: Path) -> None:
+    from dicom_node.errors import StartupError
 
     settings = NodeSettings(tls={"certificate": tmp_path / "missing.crt", "private_key": tmp_path / "missing.key"})
-    with pytest.raises(ConfigError, match="node.tls"):
+    with pytest.raises(StartupError, match=r"^node\.tls\.certificate: cannot read .*missing\.crt"):
         Receiver(settings, None)  # type: ignore[arg-type]

@@ -131,10 +131,10 @@ def test_model_config_errors(entry: str, message: str) -> None:
 
 
 def test_timeouts_are_per_model(tmp_path: Path) -> None:
-    settings = load_settings_text(f"""
+    settings = load_settings_text("""
 models:
-  slow: {{type: builtin, name: lungs-ct, timeout_s: 3600}}
-  quick: {{type: python, callable: "m:f", task: classification, classes: [a], timeout_s: 5}}
+  slow: {type: builtin, name: lungs-ct, timeout_s: 3600}
+  quick: {type: python, callable: "m:f", task: classification, classes: [a], timeout_s: 5}
 """)
     assert settings.models["slow"].timeout_s == 3600
     assert settings.models["quick"].timeout_s == 5

@@ -30,7 +30,9 @@ from dicom_node.results.identity import (
     OutputIdentity,
     derive_identity,
 )
-from dicom_node.results.seg import SegResult, algorithm_family_code, build_seg, character_set
+from dicom_node.results.content import algorithm_family_code
+from dicom_node.results.seg import SegResult, build_seg
+from dicom_node.results.source import character_set
 from dicom_node.results.sr import NO_RESULT_FINDING, NO_SEGMENT_FINDING, PRIVATE_SCHEME, build_sr
 from inference.types import (
     SCT_ANATOMICAL_STRUCTURE,
@@ -46,16 +48,10 @@ from inference.types import (
     SegmentSpec,
     Task,
 )
+from tests.realdata import real_ct_slices, shared
 from tests.tools import require_tool
 
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
-CT_DIR = TESTDATA / "ct3slice_with_liver_seg"
-CT_FILES = [CT_DIR / f"dcmqi__data__segmentations__ct-3slice__0{i}.dcm" for i in (1, 2, 3)]
-ENHANCED_MR = (
-    TESTDATA
-    / "enhanced_mr_8frames"
-    / "dicom2nifti__tests__data__philips_enhanced__anatomical__001__IM-0001-0170-0001.dcm"
-)
+ENHANCED_MR = "enhanced_mr_8frames/dicom2nifti__tests__data__philips_enhanced__anatomical__001__IM-0001-0170-0001.dcm"
 DCIODVFY = "/usr/bin/dciodvfy"
 
 LIVER = SegmentSpec(1, "Liver", SCT_ANATOMICAL_STRUCTURE, Code("10200004", "SCT", "Liver"), (200, 100, 50))
@@ -69,11 +65,10 @@ CARD = ModelCard(name="abdomen-ai", version="1.4.2", segments=(LIVER, SPLEEN, KI
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_required(paths: Sequence[Path]) -> list[Dataset]:
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        pytest.fail(f"Test data missing: {missing}; the shared test data folder must be next to the project")
-    return [pydicom.dcmread(p) for p in paths]
+def _shared_enhanced_mr() -> Dataset:
+    """The Philips Enhanced MR of ../shared/testdata (8 frames, anonymisation removed its Frame of Reference)."""
+    folder, name = ENHANCED_MR.split("/")
+    return pydicom.dcmread(shared(folder) / name)
 
 
 def _slice_position(ds: Dataset) -> float:
@@ -86,7 +81,7 @@ def _slice_position(ds: Dataset) -> float:
 @pytest.fixture(scope="module")
 def ct_slices() -> list[Dataset]:
     """The three real CT slices, sorted by position along the slice normal."""
-    return sorted(_read_required(CT_FILES), key=_slice_position)
+    return sorted(real_ct_slices(3), key=_slice_position)
 
 
 def _synthetic_ct(
@@ -422,7 +417,7 @@ def test_algorithm_family_lookup() -> None:
 
 
 def test_seg_of_a_multiframe_source_without_frame_of_reference_is_refused() -> None:
-    (source,) = _read_required([ENHANCED_MR])  # anonymisation removed its Frame of Reference UID
+    source = _shared_enhanced_mr()  # anonymisation removed its Frame of Reference UID
     labelmap = np.zeros((int(source.NumberOfFrames), int(source.Rows), int(source.Columns)), np.uint8)
     labelmap[0, 0, 0] = 1
     card = ModelCard(name="brain-ai", version="0.1", segments=(LIVER,))
@@ -431,7 +426,7 @@ def test_seg_of_a_multiframe_source_without_frame_of_reference_is_refused() -> N
 
 
 def test_seg_of_a_multiframe_source(tmp_path: Path) -> None:
-    (source,) = _read_required([ENHANCED_MR])
+    source = _shared_enhanced_mr()
     source.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[str(source.SOPInstanceUID), "for"])
     frames = int(source.NumberOfFrames)
     labelmap = np.zeros((frames, int(source.Rows), int(source.Columns)), np.uint8)

@@ -30,18 +30,17 @@ from dicom_node.results.sr import build_sr
 from dicom_node.settings import load_settings_text
 from dicom_node.spool import Spool
 from inference.types import SCT_VOLUME, UCUM_ML, Measurement, Prediction
+from tests.realdata import real_ct_slices
 from tests.unit.test_results import (
     CARD,
     _assert_dciodvfy_clean,
     _ct_labelmap,
     _dciodvfy,
     _identity,
-    _read_required,
     _roundtrip_seg,
     _roundtrip_sr,
     _slice_position,
     _synthetic_ct,
-    CT_FILES,
 )
 
 HASH = "sha256:" + "0123456789abcdef" * 4
@@ -51,7 +50,7 @@ LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 
 @pytest.fixture(scope="module")
 def ct_slices() -> list[Dataset]:
-    return sorted(_read_required(CT_FILES), key=_slice_position)
+    return sorted(real_ct_slices(3), key=_slice_position)
 
 
 def _prediction(labelmap: np.ndarray | None = None) -> Prediction:

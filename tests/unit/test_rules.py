@@ -16,15 +16,8 @@ from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
 from dicom_node.domain import OutputKind, RuleMatch, SeriesSummary
-from dicom_node.rules import (
-    OWN_MANUFACTURER,
-    attributes_from_dataset,
-    check_condition,
-    explain,
-    match,
-    never_process_reason,
-    scan_paths,
-)
+from dicom_node.rules.matcher import check_condition, explain, match
+from dicom_node.rules.summary import OWN_MANUFACTURER, attributes_from_dataset, never_process_reason, scan_paths
 from dicom_node.settings import Condition, RuleSettings
 
 TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"

@@ -138,6 +138,14 @@ def describe(error: ErrorDetails, root: yaml.Node, source: str, operators: Seque
         msg = str(ctx.get("error", msg))
     elif kind == "assertion_error":
         msg = msg.removeprefix("Assertion failed, ")
+    elif kind in ("int_type", "float_type", "int_from_float") and isinstance(error.get("input"), bool):
+        word = "yes/true/on" if error["input"] else "no/false/off"
+        msg = (f"expected a number, got a boolean: YAML reads an unquoted {word} as a boolean, "
+               "never as a number; write the number")
+    elif kind in ("int_type", "float_type") and isinstance(error.get("input"), str):
+        msg = f"expected a number, got the text {error['input']!r} (write it without quotes)"
+    elif kind == "bool_type":
+        msg = f"expected true or false (got {error.get('input')!r})"
     else:
         value = error.get("input")
         if isinstance(value, (str, int, float)) and len(repr(value)) <= 80:

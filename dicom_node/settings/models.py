@@ -1,0 +1,289 @@
+"""``models:``: the model types (builtin, python, torchscript, monai_bundle, chain) and their labels."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
+
+from dicom_node.settings.base import (
+    CALLABLE_RE,
+    FROZEN,
+    Flag,
+    Float,
+    Int,
+    Name,
+    Seconds,
+    check_device,
+    no_duplicates,
+    text_or_int,
+    type_of,
+)
+
+#: Names accepted by ``models.<name>: {type: builtin, name: ...}``.
+BUILTIN_MODEL_NAMES: tuple[str, ...] = ("lungs-ct",)
+
+class CodeSettings(BaseModel):
+    """A coded concept, e.g. SNOMED CT ``{value: "10200004", meaning: Liver}``."""
+
+    model_config = FROZEN
+
+    value: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)]
+    meaning: Annotated[str, Field(min_length=1, max_length=64)]
+    scheme: Annotated[str, Field(min_length=1, max_length=16)] = "SCT"
+
+
+_Channel = Annotated[Int, Field(ge=0, le=255)]
+
+
+class LabelSettings(BaseModel):
+    """One segment of a python segmentation model: label value, name, SNOMED CT codes, colour."""
+
+    model_config = FROZEN
+
+    value: Annotated[Int, Field(ge=1, le=65535)]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    snomed: CodeSettings
+    category: CodeSettings = CodeSettings(value="123037004", meaning="Anatomical Structure")
+    color: tuple[_Channel, _Channel, _Channel] = (255, 0, 0)
+
+
+def _check_modality(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Z]{0,16}", value.strip().upper()):
+        raise ValueError(f"modality must be a DICOM Modality such as CT or MR, or empty for any (got {value!r})")
+    return value.strip().upper()
+
+
+#: Input modality a model accepts ("" = any); the job fails on any other.
+Modality = Annotated[str, BeforeValidator(_check_modality)]
+
+
+class BuiltinModel(BaseModel):
+    """A model shipped with the node (``type: builtin``)."""
+
+    model_config = FROZEN
+
+    type: Literal["builtin"]
+    name: str
+    device: str = "auto"
+    timeout_s: Seconds | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in BUILTIN_MODEL_NAMES:
+            raise ValueError(f"unknown builtin model {value!r} (available: {', '.join(BUILTIN_MODEL_NAMES)})")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+
+class PythonModel(BaseModel):
+    """A model implemented by a Python callable (``type: python``).
+
+    ``callable`` is ``"package.module:function"``; ``path`` is an optional
+    directory prepended to ``sys.path`` before importing it.  Segmentation models
+    declare ``labels``; classification models declare ``classes`` and ``threshold``.
+    """
+
+    model_config = FROZEN
+
+    type: Literal["python"]
+    callable: str
+    path: Path | None = None
+    task: Literal["segmentation", "classification"] = "segmentation"
+    version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
+    labels: tuple[LabelSettings, ...] = ()
+    classes: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
+    threshold: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.5
+    device: str = "auto"
+    timeout_s: Seconds | None = None
+    modality: Modality = ""
+    intended_use: Annotated[str, Field(max_length=1024)] = ""
+
+    @field_validator("callable")
+    @classmethod
+    def _callable(cls, value: str) -> str:
+        if not CALLABLE_RE.fullmatch(value.strip()):
+            raise ValueError(f"callable must look like 'package.module:function' (got {value!r})")
+        return value.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+    @model_validator(mode="after")
+    def _outputs_declared(self) -> PythonModel:
+        if self.task == "segmentation" and not self.labels:
+            raise ValueError("a segmentation model needs at least one entry in labels")
+        if self.task == "classification" and not self.classes:
+            raise ValueError("a classification model needs at least one entry in classes")
+        no_duplicates("label value", [label.value for label in self.labels])
+        no_duplicates("label name", [label.name for label in self.labels])
+        no_duplicates("class", list(self.classes))
+        return self
+
+
+_Positive = Annotated[Float, Field(gt=0)]
+_Size = Annotated[Int, Field(ge=1, le=4096)]
+
+
+def _check_axcodes(value: Any) -> Any:
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    axes = {"L": "x", "R": "x", "P": "y", "A": "y", "I": "z", "S": "z"}
+    if len(text) != 3 or any(c not in axes for c in text) or len({axes[c] for c in text}) != 3:
+        raise ValueError(f"orientation must be three letters, one of L/R, A/P and S/I each, e.g. RAS (got {value!r})")
+    return text
+
+
+class PreprocessingSettings(BaseModel):
+    """Declared preprocessing of a ``torchscript`` model (MONAI transforms, then the network).
+
+    ``spacing`` is in mm along the model's array axes after ``orientation``
+    (MONAI's ``pixdim``); ``window`` maps ``[low, high]`` (modality units, HU
+    for CT) linearly to ``[0, 1]`` and clips; ``normalize: zscore`` scales to
+    zero mean and unit variance.  ``roi_size`` enables sliding-window inference
+    with ``overlap`` and ``sw_batch_size``; ``spatial_size`` resizes the whole
+    volume (classifiers that take a fixed input size).
+    """
+
+    model_config = FROZEN
+
+    orientation: Annotated[str | None, BeforeValidator(_check_axcodes)] = "RAS"
+    spacing: tuple[_Positive, _Positive, _Positive] | None = None
+    window: tuple[Float, Float] | None = None
+    normalize: Literal["none", "zscore"] = "none"
+    roi_size: tuple[_Size, _Size, _Size] | None = None
+    spatial_size: tuple[_Size, _Size, _Size] | None = None
+    overlap: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.25
+    sw_batch_size: Annotated[Int, Field(ge=1, le=256)] = 4
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessingSettings:
+        if self.window is not None and self.window[0] >= self.window[1]:
+            raise ValueError(f"window must be [low, high] with low < high (got {list(self.window)})")
+        if self.roi_size is not None and self.spatial_size is not None:
+            raise ValueError("use roi_size (sliding window) or spatial_size (resize), not both")
+        return self
+
+
+class _NetworkModel(BaseModel):
+    """Fields shared by models that run a neural network (``torchscript``, ``monai_bundle``)."""
+
+    model_config = FROZEN
+
+    task: Literal["segmentation", "classification"] = "segmentation"
+    labels: tuple[LabelSettings, ...] = ()
+    classes: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
+    threshold: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.5
+    intended_use: Annotated[str, Field(max_length=1024)] = ""
+    modality: Modality = ""
+    device: str = "auto"
+    amp: Flag = True
+    timeout_s: Seconds | None = None
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+    @model_validator(mode="after")
+    def _unique_outputs(self) -> _NetworkModel:
+        no_duplicates("label value", [label.value for label in self.labels])
+        no_duplicates("label name", [label.name for label in self.labels])
+        no_duplicates("class", list(self.classes))
+        return self
+
+
+class TorchscriptModel(_NetworkModel):
+    """A TorchScript network file plus declared preprocessing (``type: torchscript``).
+
+    Segmentation output channels are classes (channel 0 background, argmax),
+    or with ``activation: sigmoid`` (or one channel) each channel ``c`` is
+    label ``c + 1`` where its probability is at least 0.5; classification
+    output is one score per class in ``classes`` order, turned into
+    probabilities by ``activation`` (``none``: already probabilities).
+    """
+
+    type: Literal["torchscript"]
+    path: Path
+    version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
+    preprocessing: PreprocessingSettings = PreprocessingSettings()
+
+    @model_validator(mode="after")
+    def _outputs_declared(self) -> TorchscriptModel:
+        if self.task == "segmentation" and not self.labels:
+            raise ValueError("a segmentation model needs at least one entry in labels")
+        if self.task == "classification" and not self.classes:
+            raise ValueError("a classification model needs at least one entry in classes")
+        return self
+
+
+class MonaiBundleModel(_NetworkModel):
+    """A MONAI bundle directory (``type: monai_bundle``).
+
+    The bundle's ``network_def``, ``preprocessing``, ``inferer`` and
+    ``postprocessing`` are used; the node supplies the image in place of the
+    bundle's ``LoadImaged``.  ``version``, ``intended_use``, ``modality`` and
+    the labels / classes default to the bundle's ``metadata.json``.  For
+    segmentation the bundle's postprocessing decides the labels;
+    ``activation`` applies to classification scores only.
+    """
+
+    type: Literal["monai_bundle"]
+    path: Path
+    config_file: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] | None = None
+    overlap: Annotated[Float, Field(ge=0.0, lt=1.0)] | None = None
+    sw_batch_size: Annotated[Int, Field(ge=1, le=256)] | None = None
+
+
+class ChainModel(BaseModel):
+    """A segmentation model whose regions are each handed to a second model (``type: chain``).
+
+    ``first`` and ``then`` name other (non-chain) models; ``first`` must be a
+    segmentation model.  ``regions`` are label values of ``first`` (empty: all);
+    each region's bounding box grown by ``margin_mm`` is cropped and given to
+    ``then``.
+    """
+
+    model_config = FROZEN
+
+    type: Literal["chain"]
+    first: Name
+    then: Name
+    regions: tuple[Annotated[Int, Field(ge=1, le=65535)], ...] = ()
+    margin_mm: Annotated[Float, Field(ge=0.0, le=500.0)] = 10.0
+    version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
+    intended_use: Annotated[str, Field(max_length=1024)] = ""
+    timeout_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ChainModel:
+        if self.first == self.then:
+            raise ValueError(f"first and then must be different models (both {self.first!r})")
+        no_duplicates("region", list(self.regions))
+        return self
+
+
+
+
+ModelSpec = Annotated[
+    Union[
+        Annotated[BuiltinModel, Tag("builtin")],
+        Annotated[PythonModel, Tag("python")],
+        Annotated[MonaiBundleModel, Tag("monai_bundle")],
+        Annotated[TorchscriptModel, Tag("torchscript")],
+        Annotated[ChainModel, Tag("chain")],
+    ],
+    Discriminator(type_of(None)),
+]

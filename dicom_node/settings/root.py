@@ -1,0 +1,126 @@
+"""The whole configuration file: every section, and the checks between sections."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, model_validator
+
+from dicom_node.errors import ConfigError
+from dicom_node.settings.base import FROZEN, Name
+from dicom_node.settings.destinations import Destination
+from dicom_node.settings.models import ModelSpec
+from dicom_node.settings.node import NodeSettings
+from dicom_node.settings.operations import HttpSettings, LoggingSettings, SendSettings, WorkersSettings
+from dicom_node.settings.outputs import OutputsSettings
+from dicom_node.settings.rules import MULTI_INPUT_MODEL_TYPES, RuleSettings
+from dicom_node.settings.storage import CompletionSettings, StorageSettings
+from dicom_node.settings.yaml_lines import dotted
+
+class Settings(BaseModel):
+    """The whole configuration file.
+
+    Cross references are checked after the sections themselves are valid: rule
+    names are unique and every rule's ``run`` / ``send_to`` names an existing
+    model / destination.  Such problems raise :class:`ConfigError` directly
+    (not pydantic's ``ValidationError``), naming each key.
+    """
+
+    model_config = FROZEN
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    completion: CompletionSettings = CompletionSettings()
+    destinations: dict[Name, Destination] = {}
+    models: dict[Name, ModelSpec] = {}
+    outputs: OutputsSettings = OutputsSettings()
+    send: SendSettings = SendSettings()
+    workers: WorkersSettings = WorkersSettings()
+    rules: tuple[RuleSettings, ...] = ()
+    http: HttpSettings = HttpSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        problems = self.reference_problems()
+        if problems:
+            raise _ReferenceError(problems)
+        return self
+
+    def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems between sections, as ``(key path, reason)`` pairs (empty when consistent)."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first_rule: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            if rule.name in first_rule:
+                problems.append(
+                    (("rules", i, "name"), f"duplicate rule name {rule.name!r} (also rules[{first_rule[rule.name]}])")
+                )
+            first_rule.setdefault(rule.name, i)
+            for j, model in enumerate(rule.run):
+                if model not in self.models:
+                    known = ", ".join(sorted(self.models)) or "none defined"
+                    problems.append(
+                        (("rules", i, "run", j), f"rule {rule.name!r} runs unknown model {model!r} (models: {known})")
+                    )
+                elif rule.study is not None and len(rule.study.series) > 1 and \
+                        self.models[model].type not in MULTI_INPUT_MODEL_TYPES:
+                    problems.append((("rules", i, "run", j), f"study rule {rule.name!r} gives model {model!r} "
+                                     f"{len(rule.study.series)} series ({', '.join(rule.study.series)}) but a "
+                                     f"{self.models[model].type} model takes one series; use a type: python model"))
+            for j, dest in enumerate(rule.send_to):
+                if dest not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    problems.append(
+                        (
+                            ("rules", i, "send_to", j),
+                            f"rule {rule.name!r} sends to unknown destination {dest!r} (destinations: {known})",
+                        )
+                    )
+        for name, spec in self.models.items():
+            if spec.type != "chain":
+                continue
+            for key in ("first", "then"):
+                target = self.models.get(getattr(spec, key))
+                if target is None:
+                    problems.append((("models", name, key), f"chain {name!r} uses unknown model "
+                                     f"{getattr(spec, key)!r} (models: {', '.join(sorted(self.models))})"))
+                elif target.type == "chain":
+                    problems.append((("models", name, key), f"chain {name!r}: {getattr(spec, key)!r} is itself "
+                                     "a chain; chains take plain models"))
+                elif key == "first" and getattr(target, "task", "segmentation") != "segmentation":
+                    problems.append((("models", name, key), f"chain {name!r}: first model {spec.first!r} must "
+                                     "be a segmentation model"))
+        if self.http.enabled and self.http.port == self.node.port and (
+            self.http.host == self.node.host or {"0.0.0.0", "::"} & {self.http.host, self.node.host}
+        ):
+            problems.append((("http", "port"), f"http.port {self.http.port} is the DICOM port node.port"))
+        return problems
+
+    def warnings(self) -> list[str]:
+        """Valid but probably unintended settings, for ``check-config`` and start-up logs."""
+        notes: list[str] = []
+        if not self.node.allowed_peers:
+            notes.append("node.allowed_peers is empty: associations from any peer are accepted")
+        if not self.rules:
+            notes.append("no rules: received series are stored but no model runs")
+        for rule in self.rules:
+            if not rule.send_to:
+                notes.append(f"rule {rule.name!r} has no send_to: its results stay in the spool")
+            if not rule.when and not rule.default and rule.study is None:
+                notes.append(f"rule {rule.name!r} has an empty 'when': it matches every series")
+        used_models = {m for rule in self.rules for m in rule.run}
+        used_dests = {d for rule in self.rules for d in rule.send_to}
+        notes.extend(f"model {m!r} is not used by any rule" for m in self.models if m not in used_models)
+        notes.extend(f"destination {d!r} is not used by any rule" for d in self.destinations if d not in used_dests)
+        notes.extend(f"destination {d!r} sends credentials over plain http: use https" for d, dest in
+                     self.destinations.items() if dest.type == "dicomweb" and dest.auth and dest.url.startswith("http:"))
+        notes.extend(f"destination {d!r} does not verify the server's TLS certificate (verify_tls: false)" for d, dest
+                     in self.destinations.items() if dest.type == "dicomweb" and not dest.verify_tls)
+        return notes
+
+
+class _ReferenceError(ConfigError):
+    """Cross-reference problems; propagates through pydantic because it is not a ``ValueError``."""
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+        super().__init__("\n".join(f"{dotted(loc)}: {msg}" for loc, msg in problems))
+        self.problems = problems
