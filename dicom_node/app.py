@@ -123,9 +123,25 @@ class Node:
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        """Recover from an earlier stop, then start worker, scheduler, HTTP and the DICOM listener."""
+        """Recover from an earlier stop, open the DICOM listener, then start workers, scheduler and HTTP.
+
+        Raises
+        ------
+        StartupError
+            The DICOM port cannot be opened (or its TLS files loaded); nothing
+            else has been started then, and the state directory is released.
+        """
         self.pipeline.recover(self.clock())
         reconcile(self.spool, self.store_handler.series, self.clock())  # before the listener opens
+        try:
+            self.dicom_address = self.receiver.start()  # first: a port in use stops the start here
+        except StartupError:
+            if self.http is not None:
+                self.http.stop()
+            self.db.close()
+            self.lock.release()
+            self._stopped.set()
+            raise
         for w in self.workers:
             w.start()
         tick = self.settings.completion.tick_seconds
@@ -140,7 +156,6 @@ class Node:
         self.scheduler.start()
         if self.http is not None:
             self.http.start()
-        self.dicom_address = self.receiver.start()
 
     def _tick(self) -> None:
         self._last_tick = self.clock()

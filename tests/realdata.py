@@ -64,27 +64,47 @@ def dicomdir_series(folder: str) -> list[Path]:
 def real_ct_slices(count: int = 3, spacing_mm: float | None = None) -> list[Dataset]:
     """``count`` slices of one axial CT series made from the real 512x512 slice ``693_UNCR.dcm``.
 
-    The header and pixels are the scanner's (CQ500 head CT, anonymised); each
-    copy gets its own SOP Instance UID, instance number and position
-    ``spacing_mm`` (default: its Spacing Between Slices, 20 mm) further along
-    the slice normal, and the series a Frame of
-    Reference UID (the anonymisation removed it; SEG needs one).  UIDs are
+    A CQ500 head CT (anonymised, signed 16-bit); the anonymisation removed the
+    Frame of Reference UID, which SEG needs: the series gets one.  See
+    :func:`stack_from_one_slice`; ``spacing_mm`` defaults to the header's
+    Spacing Between Slices (20 mm).
+    """
+    return stack_from_one_slice("693_UNCR.dcm", count, spacing_mm)
+
+
+def real_mr_slices(count: int = 3, spacing_mm: float | None = None) -> list[Dataset]:
+    """``count`` slices of one oblique MR series made from the real 1024x1024 slice ``MR2_UNCR.dcm``.
+
+    Unsigned 12-bit in 16, oblique orientation; see :func:`stack_from_one_slice`
+    (``spacing_mm`` defaults to its Spacing Between Slices, 6.6 mm).
+    """
+    return stack_from_one_slice("MR2_UNCR.dcm", count, spacing_mm)
+
+
+def stack_from_one_slice(name: str, count: int, spacing_mm: float | None = None) -> list[Dataset]:
+    """A series of ``count`` copies of one real registry slice, stacked along its slice normal.
+
+    The header and pixels are the scanner's; each copy gets its own SOP
+    Instance UID, instance number and a position ``spacing_mm`` further along
+    the normal, and a missing Frame of Reference UID is added.  UIDs are
     derived from the source's, so every call returns the same series.
     """
-    source = pydicom.dcmread(registry_file("693_UNCR.dcm"))
-    source.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[str(source.SeriesInstanceUID), "for"])
+    source = pydicom.dcmread(registry_file(name))
+    if not source.get("FrameOfReferenceUID"):
+        source.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[str(source.SeriesInstanceUID), "for"])
     origin = np.asarray([float(v) for v in source.ImagePositionPatient])
     iop = np.asarray([float(v) for v in source.ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
-    step = float(source.SpacingBetweenSlices) if spacing_mm is None else spacing_mm
+    step = float(source.get("SpacingBetweenSlices") or source.SliceThickness) if spacing_mm is None else spacing_mm
     slices = []
     for index in range(count):
         ds = copy.deepcopy(source)
         ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(source.SOPInstanceUID), str(index)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + index * step * normal]
-        ds.SliceLocation = round(float((origin + index * step * normal) @ normal), 4)
+        position = origin + index * step * normal
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.SliceLocation = round(float(position @ normal), 4)
         slices.append(ds)
     return slices
 

@@ -160,5 +160,7 @@ class HttpServer:
                     "; token required" if self.token else "")
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        """Stop serving (if started) and close the listening socket."""
+        if self._thread.is_alive():
+            self.httpd.shutdown()  # waits for serve_forever to return: only once it runs
         self.httpd.server_close()

@@ -19,15 +19,16 @@ import pytest
 
 from tests.integration.conftest import (
     dciodvfy_errors,
+    free_port,
     node_config,
     storescu,
     wait_until,
 )
 from tests.phantoms import make_chest_phantom, write_ct_series
+from tests.realdata import real_ct_slices, shared, write
 
 pytestmark = pytest.mark.integration
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
 
 
 def _results_in_study(orthanc: Any, study_uid: str) -> dict[str, str] | None:
@@ -72,8 +73,6 @@ def _seg_volumes(seg_ds: pydicom.Dataset, spacing_mm: tuple[float, float, float]
 def test_chest_ct_phantom_gets_seg_and_sr_in_the_same_study(tmp_path: Path, orthanc_factory: Any,
                                                            node_factory: Any) -> None:
     # The node first (it needs the PACS's port for sending back), then the PACS routing to it.
-    from tests.integration.conftest import free_port
-
     pacs_dicom_port = free_port()
     config = node_config(tmp_path, destinations={
         "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_dicom_port}})
@@ -120,12 +119,16 @@ def test_chest_ct_phantom_gets_seg_and_sr_in_the_same_study(tmp_path: Path, orth
     assert all(j["state"] == "done" for j in status[0]["jobs"])
 
 
+@pytest.mark.parametrize("origin", ["registry", "shared"])
 def test_real_head_ct_without_lungs_finishes_cleanly(tmp_path: Path, orthanc_factory: Any,
-                                                     node_factory: Any) -> None:
-    source = TESTDATA / "ct_head_5mm_philips"
-    if not source.is_dir():
-        pytest.fail(f"shared test data missing: {source}")
-    from tests.integration.conftest import free_port
+                                                     node_factory: Any, origin: str) -> None:
+    # registry: the CQ500 head CT slice of pydicom-data as a 6-slice, 5 mm series;
+    # shared: the Philips head phantom of ../shared/testdata (28 slices).
+    if origin == "registry":
+        source = tmp_path / "registry-head-ct"
+        write(real_ct_slices(6, spacing_mm=5.0), source)
+    else:
+        source = shared("ct_head_5mm_philips")
 
     pacs_dicom_port = free_port()
     config = node_config(tmp_path, destinations={

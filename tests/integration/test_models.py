@@ -21,6 +21,7 @@ import pydicom
 import pytest
 import torch
 from monai.networks.nets import UNet
+from pydicom.pixels import apply_modality_lut
 
 from dicom_node.errors import ImagingError
 from dicom_node.imaging import load_series
@@ -35,12 +36,29 @@ from tests.models_factory import (
     write_torchscript,
 )
 from tests.phantoms import write_ct_series
+from tests.realdata import dicomdir_series, read, real_mr_slices, registry_file, write
 
 pytestmark = pytest.mark.integration
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
-GEOMETRY_CASES = ("ct_siemens_tilt14_4slices", "ct_ge_missing_slice", "ct_siemens_notavolume_samepos",
-                  "mr_philips_two_orientations", "enhanced_mr_8frames")
+GEOMETRY_CASES = ("ct_clean", "ct_gap", "mr_radial", "enhanced_ct", "ct_samepos", "mr")
+
+
+def _geometry_cases(tmp: Path) -> dict[str, list[Path]]:
+    """Real series of the package registries, each a geometry case the node must accept or refuse."""
+    samepos = read(dicomdir_series("98892001/CT5N"))
+    for ds in samepos:
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["samepos"])
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["samepos", str(ds.SOPInstanceUID)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = samepos[0].ImagePositionPatient
+    return {
+        "ct_clean": dicomdir_series("98892001/CT5N"),  # 5 slices, 2.5 mm: a volume
+        "ct_gap": dicomdir_series("77654033/CT2"),  # 202.5, 1.25, 1.25 mm: a slice gap
+        "mr_radial": dicomdir_series("98892003/MR700"),  # 7 orientations
+        "enhanced_ct": [registry_file("eCT_Supplemental.dcm")],  # one multi-frame object
+        "ct_samepos": write(samepos, tmp / "samepos"),  # every slice at one position
+        "mr": write(real_mr_slices(2), tmp / "mr"),  # an MR volume, for the CT model to refuse
+    }
 LABEL = [{"value": 1, "name": "Tissue", "snomed": TISSUE}]
 SHAPE, SPACING = (10, 32, 32), (2.5, 1.5, 1.5)
 
@@ -85,12 +103,12 @@ def _models(tmp: Path) -> dict[str, Any]:
     }
 
 
-def _rules(testdata_uids: list[str], enhanced_uid: str) -> list[dict[str, Any]]:
+def _rules(testdata_uids: list[str], mr_uid: str) -> list[dict[str, Any]]:
     rules = [{"name": f"r-{m}", "when": {"SeriesDescription": m.upper()}, "run": [m], "outputs": ["seg", "sr"]}
              for m in ("ts", "bundle", "py", "cls", "chain", "raises", "hangs", "kills")]
     rules.append({"name": "testdata", "when": {"SeriesInstanceUID": testdata_uids}, "run": ["any"],
                   "outputs": ["seg"]})
-    rules.append({"name": "mr-to-ct-model", "when": {"SeriesInstanceUID": enhanced_uid}, "run": ["bundle"],
+    rules.append({"name": "mr-to-ct-model", "when": {"SeriesInstanceUID": mr_uid}, "run": ["bundle"],
                   "outputs": ["seg"]})
     return rules
 
@@ -123,10 +141,23 @@ def _seg_masks_by_source(seg_path: Path, sources: list[pydicom.Dataset], segment
 
 
 def _source_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
+    """Modality values (HU for CT) of every frame, in frame order.
 
-    arr = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    return arr if arr.ndim == 3 else arr[None]
+    pydicom's ``apply_modality_lut`` reads the top-level Rescale only; an Enhanced CT
+    keeps it in the Pixel Value Transformation of its functional groups (shared or per frame).
+    """
+    stored = ds.pixel_array
+    stored = stored if stored.ndim == 3 else stored[None]
+    if "RescaleSlope" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+        return apply_modality_lut(stored, ds).astype(np.float32)
+    shared = ds.get("SharedFunctionalGroupsSequence", [pydicom.Dataset()])[0]
+    frames = []
+    for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        transform = (frame.get("PixelValueTransformationSequence")
+                     or shared.get("PixelValueTransformationSequence") or [pydicom.Dataset()])[0]
+        slope, intercept = float(transform.get("RescaleSlope", 1)), float(transform.get("RescaleIntercept", 0))
+        frames.append(stored[index].astype(np.float32) * slope + intercept)
+    return np.stack(frames)
 
 
 def _sr_items(path: Path) -> list[tuple[str, Any]]:
@@ -149,16 +180,12 @@ def _sr_items(path: Path) -> list[tuple[str, Any]]:
 def test_models_of_every_type_run_through_the_node(tmp_path: Path, node_factory: Any) -> None:
     require_tool("storescu")
     echoscu = require_tool("echoscu")
-    for case in GEOMETRY_CASES:
-        if not (TESTDATA / case).is_dir():
-            pytest.fail(f"shared test data missing: {TESTDATA / case}")
-    geometry_files = {case: sorted((TESTDATA / case).iterdir()) for case in GEOMETRY_CASES}
-    geometry_files["enhanced_mr_8frames"] = geometry_files["enhanced_mr_8frames"][:1]  # one of two copies
+    geometry_files = _geometry_cases(tmp_path / "geometry")
     uids = {case: str(pydicom.dcmread(f[0], stop_before_pixels=True).SeriesInstanceUID)
             for case, f in geometry_files.items()}
 
     config = node_config(tmp_path, models=_models(tmp_path), rules=_rules(list(uids.values()),
-                                                                         uids["enhanced_mr_8frames"]),
+                                                                         uids["mr"]),
                          workers={"infer": 1, "infer_timeout_s": 120})
     node = node_factory(config)
 
@@ -184,7 +211,7 @@ def test_models_of_every_type_run_through_the_node(tmp_path: Path, node_factory:
     assert echo.returncode == 0, echo.stderr
 
     expected_jobs = [f"{desc_uid[n]}/{n}" for n in series] + [f"{uids[c]}/any" for c in GEOMETRY_CASES] + [
-        f"{uids['enhanced_mr_8frames']}/bundle"]
+        f"{uids['mr']}/bundle"]
 
     def all_finished() -> dict[str, dict[str, Any]] | None:
         jobs = _jobs(node)
@@ -266,6 +293,6 @@ def test_models_of_every_type_run_through_the_node(tmp_path: Path, node_factory:
         np.testing.assert_array_equal(np.stack(masks), pixels > mean, err_msg=case)
 
     # A CT model refuses an MR series with a clear reason.
-    refused = jobs[f"{uids['enhanced_mr_8frames']}/bundle"]
+    refused = jobs[f"{uids['mr']}/bundle"]
     assert refused["state"] == "failed"
     assert refused["reason"] == "model bundle takes CT input; this series is MR: not run"

@@ -1,14 +1,14 @@
 """Tests of ``dicom_node.imaging``: series files -> Volume, with geometry checks.
 
-Real scanner data comes from the shared test data folder (``../shared/testdata``
-next to the project, or ``$DICOM_NODE_TESTDATA``); small synthetic CT series are
+Real scanner data here comes from ``../shared/testdata`` (skipped where it is
+absent, see :mod:`tests.realdata`); the same cases on files from the package
+registries are in ``test_imaging_registry.py``.  Small synthetic CT series are
 written with pydicom in the test itself.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from collections import defaultdict
@@ -24,6 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.errors import ImagingError
 from dicom_node.imaging import MAX_TILT_DEG, SeriesVolume, load_series
+from tests.realdata import shared, shared_files
 
 PATIENT_NAME = "DOE^JANE"
 PATIENT_ID = "PID-4711"
@@ -32,22 +33,8 @@ PATIENT_ID = "PID-4711"
 # --------------------------------------------------------------------------- helpers
 
 
-def _testdata(name: str) -> Path:
-    """A folder of the shared real-world test data; fails clearly when it is missing."""
-    root = Path(
-        os.environ.get("DICOM_NODE_TESTDATA", Path(__file__).resolve().parents[3] / "shared" / "testdata")
-    )
-    folder = root / name
-    if not folder.is_dir():
-        pytest.fail(
-            f"test data folder {folder} is missing: the shared DICOM test data must be next to the "
-            "project (../shared/testdata) or named by $DICOM_NODE_TESTDATA"
-        )
-    return folder
-
-
 def _files(name: str) -> list[Path]:
-    return sorted(p for p in _testdata(name).iterdir() if p.is_file())
+    return shared_files(name)
 
 
 def _normal(ds: Dataset) -> np.ndarray:
@@ -362,7 +349,7 @@ def test_enhanced_mr_copies_of_two_series_are_refused_together() -> None:
 
 
 def test_a_segmentation_object_is_not_an_image() -> None:
-    folder = _testdata("ct3slice_with_liver_seg")
+    folder = shared("ct3slice_with_liver_seg")
     seg = folder / "dcmqi__data__segmentations__liver.dcm"
     with pytest.raises(ImagingError, match=r"Segmentation Storage"):
         load_series([seg])
@@ -374,7 +361,7 @@ def test_a_segmentation_object_is_not_an_image() -> None:
 
 
 def test_a_structured_report_is_not_an_image() -> None:
-    sr = _testdata("tid1500_sr_with_seg") / "dcmqi__data__sr-example__sr.dcm"
+    sr = shared("tid1500_sr_with_seg") / "dcmqi__data__sr-example__sr.dcm"
     with pytest.raises(ImagingError, match=r"not an image"):
         load_series([sr])
 

@@ -38,13 +38,12 @@ from inference.types import (
     Volume,
 )
 from tests.phantoms import make_chest_phantom, write_ct_series
+from tests.realdata import real_ct_slices, shared, write
 from tests.tools import require_tool
 
 SPACING = (2.5, 2.0, 2.0)
 # Rows: LPS unit vectors of the array axes z, y, x for ImageOrientationPatient [1,0,0,0,1,0].
 AXIAL = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TESTDATA_CANDIDATES = (REPO_ROOT / "shared" / "testdata", REPO_ROOT.parent / "shared" / "testdata")
 
 
 def _origin(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -73,16 +72,6 @@ def _assert_matches_truth(prediction: Prediction, truth: dict[str, float], volum
         assert got["laa"] == pytest.approx(truth[f"{side}_laa950_pct"], abs=1.0), f"{side} lung %LAA-950"
         assert got["mean"] == pytest.approx(truth[f"{side}_mean_hu"], abs=10.0), f"{side} lung mean HU"
     assert prediction.findings == ()
-
-
-def _testdata(name: str) -> Path:
-    for base in TESTDATA_CANDIDATES:
-        if (base / name).is_dir():
-            return base / name
-    pytest.fail(
-        f"Test data folder {name!r} is missing; expected it under one of "
-        f"{', '.join(str(b) for b in TESTDATA_CANDIDATES)} (see shared/testdata/README.md)"
-    )
 
 
 def _read_series(folder: Path) -> Volume:
@@ -253,8 +242,17 @@ def test_water_cylinder_has_no_lungs() -> None:
     _assert_no_lungs(prediction, shape)
 
 
+def test_real_registry_head_ct_has_no_lungs(tmp_path: Path) -> None:
+    # The CQ500 head CT slice of pydicom-data (512x512, real noise and table) as an 8-slice series.
+    write(real_ct_slices(8, spacing_mm=5.0), tmp_path)
+    volume = _read_series(tmp_path)
+    assert volume.array.shape == (8, 512, 512)
+    prediction = LungsCT().predict(volume)
+    _assert_no_lungs(prediction, volume.array.shape)
+
+
 def test_real_head_ct_has_no_lungs() -> None:
-    volume = _read_series(_testdata("ct_head_5mm_philips"))
+    volume = _read_series(shared("ct_head_5mm_philips"))
     assert volume.array.shape == (28, 512, 512)
     prediction = LungsCT().predict(volume)
     _assert_no_lungs(prediction, volume.array.shape)
@@ -265,7 +263,7 @@ def test_real_ct_slab_lungs_beside_the_liver() -> None:
 
     The three real 1.25 mm slices are each repeated 20 times to make a 60 mm slab.
     """
-    folder = _testdata("ct3slice_with_liver_seg")
+    folder = shared("ct3slice_with_liver_seg")
     slices = sorted(
         (pydicom.dcmread(p) for p in folder.glob("*ct-3slice*")),
         key=lambda ds: float(ds.ImagePositionPatient[2]),

@@ -1,7 +1,8 @@
 """Result objects: deterministic identity, SEG and TID 1500 SR round trips, dciodvfy.
 
-Sources are real CT slices (dcmqi) and a real Enhanced MR (dicom2nifti) from
-``../shared/testdata``, plus tiny synthetic CT slices made here.  Every object
+Sources are a real CT (pydicom-data's CQ500 head slice, stacked into a 3-slice
+series by :func:`tests.realdata.real_ct_slices`), a real Enhanced MR (dicom2nifti,
+from ``../shared/testdata``: skipped without it), and tiny synthetic CT slices made here.  Every object
 is written to bytes and read back with highdicom; every object passes
 dciodvfy without errors.
 """

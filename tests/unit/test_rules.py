@@ -19,9 +19,8 @@ from dicom_node.domain import OutputKind, RuleMatch, SeriesSummary
 from dicom_node.rules.matcher import check_condition, explain, match
 from dicom_node.rules.summary import OWN_MANUFACTURER, attributes_from_dataset, never_process_reason, scan_paths
 from dicom_node.settings import Condition, RuleSettings
+from tests.realdata import dicomdir_series, shared
 
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
-PHILIPS_CT = TESTDATA / "ct_head_5mm_philips"
 
 CHEST_CT = RuleSettings.model_validate(
     {
@@ -253,13 +252,16 @@ def test_attributes_from_dataset_skips_undecodable_values() -> None:
     assert attrs == {"Modality": "CT", "SeriesDescription": "kept"}
 
 
-def test_attributes_from_a_real_ct_file() -> None:
-    path = PHILIPS_CT / "I10"
-    assert path.is_file(), f"test data missing: {path} (see /work/shared/testdata/README.md)"
+@pytest.mark.parametrize("origin", ["registry", "shared"])
+def test_attributes_from_a_real_ct_file(origin: str) -> None:
+    if origin == "registry":  # a GE head CT of pydicom's test files
+        path, manufacturer, thickness = dicomdir_series("77654033/CT2")[0], "GE MEDICAL SYSTEMS", 1.25
+    else:
+        path, manufacturer, thickness = shared("ct_head_5mm_philips") / "I10", "Philips", 5.0
     attrs = attributes_from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
     assert attrs["Modality"] == "CT"
-    assert attrs["Manufacturer"] == "Philips"
-    assert attrs["SliceThickness"] == 5.0
+    assert attrs["Manufacturer"] == manufacturer
+    assert attrs["SliceThickness"] == thickness
     assert attrs["ImageType"] == ["ORIGINAL", "PRIMARY", "AXIAL"]
     assert "PixelData" not in attrs
     assert all(not key.startswith("Private") for key in attrs)
@@ -311,16 +313,20 @@ def test_scan_paths_groups_series_and_skips_non_dicom(tmp_path: Path) -> None:
     assert [p.name for p in mr_files] == ["mr2.dcm", "mr1.dcm"]
 
 
-def test_scan_paths_accepts_files_and_real_data(tmp_path: Path) -> None:
-    assert PHILIPS_CT.is_dir(), f"test data missing: {PHILIPS_CT} (see /work/shared/testdata/README.md)"
+@pytest.mark.parametrize("origin", ["registry", "shared"])
+def test_scan_paths_accepts_files_and_real_data(tmp_path: Path, origin: str) -> None:
+    if origin == "registry":
+        source, names, body_part = dicomdir_series("77654033/CT2")[0].parent, ("17106", "17136"), "HEAD"
+    else:
+        source, names, body_part = shared("ct_head_5mm_philips"), ("I10", "I20"), "BRAIN"
     copy = tmp_path / "ct"
-    shutil.copytree(PHILIPS_CT, copy)
-    found = scan_paths([copy / "I10", copy / "I20"])
+    shutil.copytree(source, copy)
+    found = scan_paths([copy / names[0], copy / names[1]])
     assert len(found) == 1
     series, files = found[0]
     assert series.facts["instance_count"] == 2
-    assert series.attributes["BodyPartExamined"] == "BRAIN"
-    assert explain([CHEST_CT], series)[0].reason == "BodyPartExamined 'BRAIN' not in [CHEST, LUNG, THORAX]"
+    assert series.attributes["BodyPartExamined"] == body_part
+    assert explain([CHEST_CT], series)[0].reason == f"BodyPartExamined {body_part!r} not in [CHEST, LUNG, THORAX]"
 
 
 def test_scan_paths_missing_path(tmp_path: Path) -> None:
