@@ -33,12 +33,21 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from dicom_node.results.content import algorithm_identification
 from dicom_node.results.identity import DEFAULT_UID_ROOT, derive_identity
 from dicom_node.results.sc import build_overlays
-from dicom_node.results.content import algorithm_identification
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
-from inference.types import SCT_ANATOMICAL_STRUCTURE, SCT_VOLUME, UCUM_ML, Code, Measurement, ModelCard, Prediction, SegmentSpec
+from inference.types import (
+    SCT_ANATOMICAL_STRUCTURE,
+    SCT_VOLUME,
+    UCUM_ML,
+    Code,
+    Measurement,
+    ModelCard,
+    Prediction,
+    SegmentSpec,
+)
 
 
 def _sources(count: int, size: int = 512) -> list[Dataset]:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import tempfile
 import threading
 import time
-from datetime import datetime
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +30,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.domain import JobKind, JobState, SeriesState
+from dicom_node.errors import ConfigError, StartupError
 from dicom_node.http.metrics import Metrics
 from dicom_node.http.server import HttpServer
 from dicom_node.http.status import render_status
@@ -39,14 +42,13 @@ from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.scheduler.worker import WorkerProcess, worker_gpus
 from dicom_node.send.deliver import deliver
+from dicom_node.settings import Settings, load_settings
 from dicom_node.spool import Spool
 from dicom_node.spool.reconcile import reconcile
-from dicom_node.errors import ConfigError, StartupError
-from dicom_node.settings import Settings, load_settings
 from dicom_node.store import SeriesStore, open_database
+from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.store.layout import NodeLock, state_paths, storage_problem
 from dicom_node.tcp import listen_error
-from dicom_node.store.audit import AuditEvent, AuditLog
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +445,6 @@ def _claim_state(root: Path) -> NodeLock:
 
 def _write_probe(dirs: tuple[Path, ...]) -> str | None:
     """Create and delete a file in each folder (``os.access`` says yes to root on a read-only mount)."""
-    import tempfile
 
     for d in dirs:
         try:
@@ -457,7 +458,6 @@ def _write_probe(dirs: tuple[Path, ...]) -> str | None:
 
 def sd_notify(state: str) -> bool:
     """Send ``state`` to systemd's ``NOTIFY_SOCKET`` (``Type=notify``); ``False`` when not under systemd."""
-    import socket
 
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -499,6 +499,5 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
 
 
 def _now_dt() -> Any:
-    from datetime import datetime
 
     return datetime.now().astimezone()

@@ -15,26 +15,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dicom_node.app import ForcedShutdown, Node
+from dicom_node.domain import JobState, SeriesSummary
+from dicom_node.durations import parse_duration
 from dicom_node.errors import ConfigError, DicomNodeError, StartupError
+from dicom_node.logs import configure_logging
+from dicom_node.rules.matcher import explain
+from dicom_node.rules.replay import replay
+from dicom_node.rules.summary import never_process_reason, scan_paths
+from dicom_node.send.dimse import echo, send_files
+from dicom_node.settings import Settings, default_settings, load_settings
+from dicom_node.spool import Spool
+from dicom_node.store import Database, JobStore, SeriesStore
+from dicom_node.store.audit import AuditEvent, AuditLog
+from dicom_node.store.jobs import state_label
+from dicom_node.store.layout import state_paths, storage_problem
 
 logger = logging.getLogger("dicom_node")
 
 
-def _load(config: str | None) -> Any:
-    from dicom_node.settings import default_settings, load_settings
-
+def _load(config: str | None) -> Settings:
     return load_settings(Path(config)) if config else default_settings()
 
 
 def _setup_logging(level: str, journald: bool = False) -> None:
-    from dicom_node.logs import configure_logging
-
     configure_logging(level, journald)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.app import ForcedShutdown, Node
-
     settings = _load(args.config)
     _setup_logging(settings.logging.level, settings.logging.journald)
     if not args.config:
@@ -51,9 +59,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from dicom_node.settings import load_settings
-    from dicom_node.store.layout import storage_problem
-
     settings = load_settings(Path(args.file))
     problem = storage_problem(settings.storage.resolved_path())
     if problem is not None:
@@ -66,9 +71,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from dicom_node.rules.matcher import explain
-    from dicom_node.rules.summary import never_process_reason, scan_paths
-
     settings = _load(args.config)
     found = scan_paths([Path(p) for p in args.paths])
     if not found:
@@ -79,7 +81,8 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_verdicts(settings: Any, summary: Any, extra: str, explain: Any, never_process_reason: Any) -> None:
+def _print_verdicts(settings: Settings, summary: SeriesSummary, extra: str, explain: Any,
+                    never_process_reason: Any) -> None:
     """One series and every rule's verdict: MATCH with what it runs, or the first failing condition."""
     attrs, facts = summary.attributes, summary.facts
     geometry = ", ".join(f"{k} {facts[k]}" for k in ("orientation", "slice_spacing") if facts.get(k) is not None)
@@ -102,13 +105,6 @@ def _print_verdicts(settings: Any, summary: Any, extra: str, explain: Any, never
 
 
 def cmd_rules_replay(args: argparse.Namespace) -> int:
-    from dicom_node.store.layout import state_paths
-    from dicom_node.rules.matcher import explain
-    from dicom_node.durations import parse_duration
-    from dicom_node.rules.replay import replay
-    from dicom_node.rules.summary import never_process_reason
-    from dicom_node.spool import Spool
-
     try:
         since_s = parse_duration(args.since)
     except ValueError as exc:
@@ -142,10 +138,8 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state_db(settings: Any) -> Any:
+def _state_db(settings: Settings) -> Database | None:
     """The node's state database for ``settings``, or ``None`` (said on stdout) when it never ran."""
-    from dicom_node.store.layout import state_paths
-    from dicom_node.store import Database
 
     _, db_path = state_paths(settings.storage)
     if not db_path.exists():
@@ -159,9 +153,6 @@ def _fmt_time(t: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicom_node.store import JobStore, SeriesStore
-    from dicom_node.store.jobs import state_label
-
     db = _state_db(_load(args.config))
     if db is None:
         return 1
@@ -198,9 +189,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from dicom_node.durations import parse_duration
-    from dicom_node.store.audit import AuditLog
-
     try:
         since = time.time() - parse_duration(args.since) if args.since else None
     except ValueError as exc:
@@ -228,9 +216,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
-    from dicom_node.domain import JobState
-    from dicom_node.store import JobStore
-
     db = _state_db(_load(args.config))
     if db is None:
         return 1
@@ -243,8 +228,6 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.send.dimse import echo
-
     status = echo(ae_title=args.aec, host=args.host, port=args.port, calling_ae_title=args.aet)
     if status is None:
         print(f"C-ECHO to {args.aec}@{args.host}:{args.port}: no association", file=sys.stderr)
@@ -254,8 +237,6 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.send.dimse import send_files
-
     files: list[Path] = []
     for p in map(Path, args.files):
         files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
@@ -299,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("--since", default="24h", help="how far back: 90s, 30m, 24h, 7d, 2w (default 24h; '' = all)")
     s.add_argument("--series", metavar="UID", help="only events of this series")
-    from dicom_node.store.audit import AuditEvent
 
     s.add_argument("--event", choices=[str(e) for e in AuditEvent])
     s.add_argument("--limit", type=int, default=1000, help="at most this many (the newest), default 1000")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+
+#: Verification SOP Class (C-ECHO), PS3.4 Annex A.
+VERIFICATION_SOP_CLASS: Final[str] = "1.2.840.10008.1.1"
 
 
 class SeriesState(enum.StrEnum):

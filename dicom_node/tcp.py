@@ -7,6 +7,8 @@ import logging
 import socket
 from typing import Any
 
+from pynetdicom.transport import AssociationSocket
+
 from dicom_node.errors import StartupError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def _shutdown_then_close(self: Any) -> None:
 
 def close_sockets_reliably() -> None:
     """Make every pynetdicom association close its socket even when the peer vanished (idempotent)."""
-    from pynetdicom.transport import AssociationSocket
-
     AssociationSocket._shutdown_socket = _shutdown_then_close  # type: ignore[method-assign]
 
 

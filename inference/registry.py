@@ -3,6 +3,10 @@
 The registry takes the ``models:`` entries of the node's configuration as
 plain objects (duck-typed: ``type`` plus the fields of that type), so this
 package does not depend on the node's settings module.
+
+Each model family's module is imported when a model of that family is first
+loaded (inside ``_builtin``, ``_python``...): a node that runs only TorchScript
+models never imports MONAI, and the registry imports no framework itself.
 """
 
 from __future__ import annotations

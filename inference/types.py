@@ -15,8 +15,8 @@ column of the source image.  Spacing is given in the same order, in mm.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np

@@ -22,8 +22,10 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 from pynetdicom import events as evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node.errors import InvalidUIDError
 from dicom_node.spool import Spool, validate_uid
@@ -100,7 +102,7 @@ class StoreHandler:
             logger.debug("Decode failure detail: %s", exc)
             return CANNOT_DECODE
 
-        affected = str(event.request.AffectedSOPInstanceUID or "")
+        affected = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
         if affected != sop_uid:
             logger.warning("C-STORE from %s refused (0xA900): data set SOP Instance UID %s differs from "
                            "the request's %s", requestor.ae_title, sop_uid, affected)

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import StartupError
 from dicom_node.receive.handlers import StoreHandler
+from dicom_node.settings import NodeSettings, TlsSettings
 from dicom_node.tcp import listen_error, set_nodelay
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class _DeferredHandshakeContext(ssl.SSLContext):
         return super().wrap_socket(sock, *args, **kwargs)
 
 
-def server_ssl_context(tls: Any) -> ssl.SSLContext:
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """Build the listener's TLS context from ``node.tls``.
 
     Parameters
@@ -131,9 +132,12 @@ class _HandedServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, *args: Any, on_finished: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
+                 on_finished: Callable[[], None]) -> None:
         self.on_finished = on_finished
-        super().__init__(*args, request_handler=_JoiningRequestHandler, **kwargs)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
+                         request_handler=_JoiningRequestHandler)
 
     def server_bind(self) -> None:
         pass
@@ -189,7 +193,7 @@ class Receiver:
         ``node.tls`` names files that cannot be loaded.
     """
 
-    def __init__(self, node: Any, store_handler: StoreHandler,
+    def __init__(self, node: NodeSettings, store_handler: StoreHandler,
                  on_association: Callable[[bool, str, str, str], None] | None = None) -> None:
         self.node = node
         self.on_association = on_association or (lambda accepted, ae_title, host, reason: None)
@@ -201,8 +205,8 @@ class Receiver:
         self.ae.network_timeout = node.network_timeout_s
         self.ae.require_called_aet = True
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.ae.add_supported_context(Verification)
+            self.ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(VERIFICATION_SOP_CLASS)
         self.ssl_context = server_ssl_context(node.tls) if node.tls is not None else None
         self.store_handler = store_handler
         self.server: ThreadedAssociationServer | None = None
@@ -213,13 +217,16 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse peers not in ``node.allowed_peers`` with an A-ASSOCIATE-RJ and an audit line."""
         requestor = event.assoc.requestor
-        aet = str(requestor.primitive.calling_ae_title).strip()
+        primitive = requestor.primitive
+        if primitive is None:  # EVT_REQUESTED always carries the A-ASSOCIATE-RQ
+            return
+        aet = str(primitive.calling_ae_title).strip()
         host = str(requestor.address)
         if self.node.peer_allowed(aet, host):
             return
         logger.warning("Audit: association from %s@%s to %s rejected (A-ASSOCIATE-RJ: calling AE title not "
                        "recognised): this AE title from this address is not in node.allowed_peers",
-                       aet, host, str(requestor.primitive.called_ae_title).strip())
+                       aet, host, str(primitive.called_ae_title).strip())
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
         event.assoc.kill()
         self.on_association(False, aet, host, "AE title and host not in node.allowed_peers")
@@ -232,9 +239,11 @@ class Receiver:
 
     def _on_rejected(self, event: evt.Event) -> None:
         primitive = event.assoc.acceptor.primitive
-        rsd = (primitive.result, primitive.result_source, primitive.diagnostic) if primitive is not None else None
         requested = event.assoc.requestor.primitive
-        reason = _RJ_REASONS.get(rsd, f"reason {rsd}")
+        if primitive is None or requested is None:
+            return
+        rsd = (primitive.result, primitive.result_source, primitive.diagnostic)
+        reason = _RJ_REASONS.get(rsd, f"reason {rsd}")  # type: ignore[arg-type]  # None parts: not in the table
         logger.warning("Audit: association from %s@%s to %s rejected (A-ASSOCIATE-RJ: %s)",
                        str(requested.calling_ae_title).strip(), event.assoc.requestor.address,
                        str(requested.called_ae_title).strip(), reason)

@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from dicom_node.errors import ResultError
 from dicom_node.results.identity import (
@@ -42,15 +42,8 @@ from dicom_node.results.identity import (
     OutputIdentity,
     software_versions,
 )
-from dicom_node.results.sc import (
-    OverlayStyle,
-    load_font,
-    frame_pixels,
-    source_slices,
-    modality_values,
-    render_overlay,
-    window_of,
-)
+from dicom_node.results.overlay import OverlayStyle, load_font, modality_values, render_overlay, window_of
+from dicom_node.results.sc import frame_pixels, source_slices
 from dicom_node.results.source import character_set, complete_source
 from inference.types import Prediction
 
@@ -69,7 +62,7 @@ _COPIED: Final[tuple[str, ...]] = (
 _DOCUMENT_TITLE: Final[str] = "AI result summary"
 
 
-def _font_small() -> object:
+def _font_small() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return load_font(10)
 
 
@@ -218,9 +211,9 @@ def build_pdf(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = identity.sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(identity.sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationClassUID = UID(PYDICOM_IMPLEMENTATION_UID)
     ds.SpecificCharacterSet = character_set(source_images[0])
     ds.SOPClassUID = EncapsulatedPDFStorage
     ds.SOPInstanceUID = identity.sop_instance_uid

@@ -318,7 +318,7 @@ def build_seg(
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=SOFTWARE_NAME,
-            software_versions=software_versions(card),
+            software_versions=software_versions(card),  # type: ignore[arg-type]  # highdicom takes a list too
             device_serial_number=device_serial_number,
             content_description=content_description[:_MAX_LO_LENGTH],
             content_label=content_label,

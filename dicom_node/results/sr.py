@@ -38,6 +38,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.errors import ResultError
+from dicom_node.results.content import algorithm_family_code, to_coded_concept
 from dicom_node.results.identity import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
@@ -46,7 +47,6 @@ from dicom_node.results.identity import (
     derive_uid,
     software_versions,
 )
-from dicom_node.results.content import algorithm_family_code, to_coded_concept
 from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
 from inference.types import Classification, Code, Measurement, ModelCard, Prediction, SegmentSpec
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dicom_node.durations import parse_duration
 from dicom_node.domain import JobKind, RuleVerdict, SeriesState, SeriesSummary
+from dicom_node.durations import parse_duration
 from dicom_node.rules.matcher import explain, match, study_roles
 from dicom_node.rules.summary import never_process_reason, read_series
+from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.store import Database, JobStore, SeriesStore
 
@@ -39,7 +40,7 @@ class ReplayItem:
         return not self.error and set(self.now_rules) != set(self.before_rules)
 
 
-def replay(settings: Any, db: Database, spool: Spool, since: float, *, apply: bool = False,
+def replay(settings: Settings, db: Database, spool: Spool, since: float, *, apply: bool = False,
            now: float) -> list[ReplayItem]:
     """Evaluate ``settings.rules`` over the series whose last instance arrived after ``since``.
 

@@ -273,7 +273,7 @@ def series_facts(instances: Sequence[InstanceGeometry]) -> dict[str, Any]:
     length = math.sqrt(sum(c * c for c in normal))
     if length < 1e-6:
         return facts  # row and column parallel: not an orientation
-    normal = tuple(c / length for c in normal)
+    normal = (normal[0] / length, normal[1] / length, normal[2] / length)
     axis = max(range(3), key=lambda i: abs(normal[i]))
     aligned = abs(normal[axis]) >= math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
     facts["orientation"] = ("sagittal", "coronal", "axial")[axis] if aligned else "oblique"

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from dicom_node.domain import SeriesState, SeriesSummary
 from dicom_node.rules.matcher import quiet_seconds_for
-from dicom_node.settings import CFindPeerSettings
+from dicom_node.settings import CFindPeerSettings, RuleSettings, Settings
 from dicom_node.store import SeriesStore
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SeriesCompletion:
         a parameter for tests).
     """
 
-    def __init__(self, settings: Callable[[], Any], series: SeriesStore,
+    def __init__(self, settings: Callable[[], Settings], series: SeriesStore,
                  summarise: Callable[[dict[str, Any]], SeriesSummary],
                  count_instances: CountInstances = cfind_series_count) -> None:
         self.settings = settings
@@ -175,7 +175,7 @@ class SeriesCompletion:
         return completed
 
     def _timer(self, row: dict[str, Any], quiet: float, default: float, overrides: list[float],
-               rules: Any) -> str | None:
+               rules: tuple[RuleSettings, ...]) -> str | None:
         if not overrides:
             return f"quiet for {default:g} s" if quiet >= default else None
         if quiet < min([default, *overrides]):
@@ -187,7 +187,7 @@ class SeriesCompletion:
             wait = default
         return f"quiet for {wait:g} s" if quiet >= wait else None
 
-    def _confirmed(self, row: dict[str, Any], quiet: float, now: float, settings: Any) -> str | None:
+    def _confirmed(self, row: dict[str, Any], quiet: float, now: float, settings: Settings) -> str | None:
         peer = settings.completion.cfind_peer(row["calling_ae"] or "")
         if peer is None or quiet < peer.after_seconds:
             return None

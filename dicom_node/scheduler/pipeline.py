@@ -7,11 +7,11 @@ it touches neither the database nor the network.
 from __future__ import annotations
 
 import logging
-from io import BytesIO
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from io import BytesIO
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,9 @@ from dicom_node.domain import OutputKind
 from dicom_node.errors import DicomNodeError, ImagingError, ModelError
 from dicom_node.imaging import SeriesVolume, load_series
 from dicom_node.results.identity import derive_identity
+from dicom_node.results.overlay import OverlayStyle
 from dicom_node.results.pdf import build_pdf
-from dicom_node.results.sc import OverlayStyle, build_overlays
+from dicom_node.results.sc import build_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.spool import Spool

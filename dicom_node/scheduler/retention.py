@@ -79,7 +79,8 @@ class Retention:
 
     def finished_series(self, older_than: float | None = None) -> list[dict[str, Any]]:
         """Finished series, oldest finished first; only those finished at or before ``older_than``."""
-        sql, params = _FINISHED_SQL, list(_FINISHED_PARAMS)
+        sql = _FINISHED_SQL
+        params: list[object] = list(_FINISHED_PARAMS)
         if older_than is not None:
             sql += " AND s.updated_at <= ?"
             params.append(older_than)

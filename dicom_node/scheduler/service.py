@@ -24,6 +24,8 @@ from dicom_node.rules.summary import never_process_reason, read_series
 from dicom_node.scheduler.completion import SeriesCompletion
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, study_inputs
 from dicom_node.scheduler.study import WAITING, StudyRules
+from dicom_node.send.health import probe as echo_or_get
+from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.store import Database, Job, JobStore, SeriesStore
 
@@ -53,7 +55,7 @@ class Pipeline:
         :func:`dicom_node.send.deliver.deliver`), raising ``SendError``.
     """
 
-    def __init__(self, settings: Any, db: Database, spool: Spool, runner: InferRunner, sender: Sender,
+    def __init__(self, settings: Settings, db: Database, spool: Spool, runner: InferRunner, sender: Sender,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.settings = settings
         self.db = db
@@ -245,7 +247,6 @@ class Pipeline:
         list of str
             The destinations that answered and whose jobs are now due.
         """
-        from dicom_node.send.health import probe as echo_or_get
 
         check = probe or echo_or_get
         back: list[str] = []

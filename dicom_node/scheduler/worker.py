@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask
+from dicom_node.logs import configure_logging
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
+from dicom_node.settings import Settings
+from dicom_node.spool import Spool
+from inference.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +31,18 @@ def worker_gpus(infer: int | str) -> list[int | None]:
     ``auto`` gives one worker per visible GPU (one CPU worker without GPU);
     a number gives that many workers spread round-robin over the GPUs.
     """
-    import torch
+    import torch  # here, not at the top: only the worker processes and this count pay for torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     count = max(1, gpus) if infer == "auto" else int(infer)
     return [i % gpus if gpus else None for i in range(count)]
 
 
-def _child_main(conn: Connection, settings: Any, gpu: int | None) -> None:
+def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
     """Entry point of the worker process: serve tasks until the pipe closes.
 
     ``gpu`` is this worker's GPU: models with ``device: auto`` run on it.
     """
-    import signal
-
-    from dicom_node.logs import configure_logging
-
     configure_logging(settings.logging.level, settings.logging.journald, process="worker")
     if gpu is not None:
         import torch
@@ -51,9 +52,6 @@ def _child_main(conn: Connection, settings: Any, gpu: int | None) -> None:
     # The parent owns shutdown: a Ctrl-C in a terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from dicom_node.scheduler.pipeline import run_infer
-    from dicom_node.spool import Spool
-    from inference.registry import ModelRegistry
 
     registry = ModelRegistry(settings.models, max_warm=settings.workers.max_warm_models)
     spool = Spool(settings.storage.resolved_path())
@@ -78,7 +76,7 @@ class WorkerProcess:
         The node's settings (pickled to the child at start).
     """
 
-    def __init__(self, settings: Any, gpu: int | None = None) -> None:
+    def __init__(self, settings: Settings, gpu: int | None = None) -> None:
         self.settings = settings
         self.gpu = gpu
         self._ctx = mp.get_context("spawn")

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.send import SendReport
+from dicom_node.send.dicomweb import stow_files
+from dicom_node.send.dimse import send_files
 
 __all__ = ["deliver"]
 
@@ -40,11 +42,7 @@ def deliver(files: Sequence[Path], destination: Any, node_ae_title: str, *,
         :func:`dicom_node.send.dicomweb.stow_files`.
     """
     if destination.type == "dicomweb":
-        from dicom_node.send.dicomweb import stow_files
-
         return stow_files(files, destination)
-    from dicom_node.send.dimse import send_files
-
     return send_files(files, ae_title=destination.ae_title, host=destination.host, port=destination.port,
                       calling_ae_title=destination.resolve_calling_ae(node_ae_title),
                       timeout_s=destination.timeout_s, skip_refused=skip_refused)

@@ -32,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import SendError
 from dicom_node.send import SendReport
 from dicom_node.tcp import set_nodelay
@@ -153,8 +154,8 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
-            refused = ", ".join(sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts}))
-            raise SendError(f"{ae_title} does not accept {refused}: it refused every presentation context; "
+            names = ", ".join(sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts}))
+            raise SendError(f"{ae_title} does not accept {names}: it refused every presentation context; "
                             "configure the destination to store this SOP class", retryable=False)
         why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted the association"
         raise SendError(f"destination {ae_title}@{host}:{port} {why}", retryable=True)
@@ -202,11 +203,9 @@ def echo(*, ae_title: str, host: str, port: int, calling_ae_title: str, timeout_
         The C-ECHO status (``0x0000`` = success), or ``None`` when no
         association could be made or no response came.
     """
-    from pynetdicom.sop_class import Verification
-
     ae = AE(ae_title=calling_ae_title)
     _configure(ae, timeout_s)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         return None

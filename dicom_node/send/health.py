@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dicom_node.send.dicomweb import http_probe
+from dicom_node.send.dimse import echo
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["probe"]
@@ -33,11 +36,7 @@ def probe(destination: Any, node_ae_title: str) -> str:
         ``""`` when the destination answered, else a short reason.
     """
     if destination.type == "dicomweb":
-        from dicom_node.send.dicomweb import http_probe
-
         return http_probe(destination)
-    from dicom_node.send.dimse import echo
-
     status = echo(ae_title=destination.ae_title, host=destination.host, port=destination.port,
                   calling_ae_title=destination.resolve_calling_ae(node_ae_title),
                   timeout_s=min(destination.timeout_s, 10.0))

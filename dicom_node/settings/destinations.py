@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, model_validator
@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, model
 from dicom_node.domain import OutputKind
 from dicom_node.errors import ConfigError
 from dicom_node.settings.base import FROZEN, AETitle, Flag, Host, Port, Seconds, no_duplicates, type_of
+
 
 def _unique_kinds(value: tuple[OutputKind, ...] | None) -> tuple[OutputKind, ...] | None:
     if value is not None:
@@ -175,6 +176,6 @@ class DicomwebDestination(BaseModel):
 
 
 Destination = Annotated[
-    Union[Annotated[DimseDestination, Tag("dimse")], Annotated[DicomwebDestination, Tag("dicomweb")]],
+    Annotated[DimseDestination, Tag("dimse")] | Annotated[DicomwebDestination, Tag("dicomweb")],
     Discriminator(type_of("dimse")),
 ]

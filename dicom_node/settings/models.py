@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -278,12 +278,6 @@ class ChainModel(BaseModel):
 
 
 ModelSpec = Annotated[
-    Union[
-        Annotated[BuiltinModel, Tag("builtin")],
-        Annotated[PythonModel, Tag("python")],
-        Annotated[MonaiBundleModel, Tag("monai_bundle")],
-        Annotated[TorchscriptModel, Tag("torchscript")],
-        Annotated[ChainModel, Tag("chain")],
-    ],
+    Annotated[BuiltinModel, Tag("builtin")] | Annotated[PythonModel, Tag("python")] | Annotated[MonaiBundleModel, Tag("monai_bundle")] | Annotated[TorchscriptModel, Tag("torchscript")] | Annotated[ChainModel, Tag("chain")],
     Discriminator(type_of(None)),
 ]

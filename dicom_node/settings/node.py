@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator, model_va
 
 from dicom_node.settings.base import FROZEN, AETitle, Flag, Host, Int, Port, Seconds, check_network
 
+
 class PeerSettings(BaseModel):
     """One entry of ``node.allowed_peers``; a peer must match every field that is set.
 

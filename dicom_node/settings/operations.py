@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dicom_node.settings.base import FROZEN, Flag, Float, Host, Int, Port, Seconds
 
+
 class SendSettings(BaseModel):
     """Retry policy of SEND jobs (``send:``): exponential backoff, then dead-letter.
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dicom_node.settings.base import FROZEN, UID_PREFIX_RE, Float, Int
 
+
 class OutputSeriesSettings(BaseModel):
     """Series number and description of one kind of result series.
 

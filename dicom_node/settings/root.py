@@ -15,6 +15,7 @@ from dicom_node.settings.rules import MULTI_INPUT_MODEL_TYPES, RuleSettings
 from dicom_node.settings.storage import CompletionSettings, StorageSettings
 from dicom_node.settings.yaml_lines import dotted
 
+
 class Settings(BaseModel):
     """The whole configuration file.
 

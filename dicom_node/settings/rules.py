@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,7 +25,8 @@ from typing_extensions import TypeAliasType
 
 from dicom_node.domain import OutputKind
 from dicom_node.rules.keys import DERIVED_FACTS, GROUP_KEYS, OPERATORS, parse_key
-from dicom_node.settings.base import YAML_BOOL_HINT, FROZEN, Flag, Float, Name, Seconds, no_duplicates
+from dicom_node.settings.base import FROZEN, YAML_BOOL_HINT, Flag, Float, Name, Seconds, no_duplicates
+
 
 def _check_when_key(key: str) -> str:
     """Accept a derived fact, a group key, or a DICOM keyword, tag or path (see :mod:`dicom_node.rules.keys`)."""
@@ -45,7 +46,7 @@ def _check_scalar(value: Any) -> Any:
 
 
 
-Scalar = Annotated[Union[str, int, float], BeforeValidator(_check_scalar)]
+Scalar = Annotated[str | int | float, BeforeValidator(_check_scalar)]
 WhenKey = Annotated[str, AfterValidator(_check_when_key)]
 
 
@@ -162,15 +163,16 @@ def _unmark_map(value: Any) -> Any:
 
 # A ``when`` mapping: KEY -> condition, all/any -> list of mappings, not -> mapping.  The union
 # tags ("~cond"...) appear in pydantic error locations only; _locate drops them.
-WhenMap = TypeAliasType("WhenMap", Annotated[dict[WhenKey, "WhenValue"], BeforeValidator(_mark_groups)])
-WhenValue = TypeAliasType("WhenValue", Annotated[
-    Union[
-        Annotated[Condition, Tag("~cond")],
-        Annotated[tuple[WhenMap, ...], BeforeValidator(_unmark_list), Tag("~list")],
-        Annotated[WhenMap, BeforeValidator(_unmark_map), Tag("~map")],
-    ],
-    Discriminator(_when_tag),
-])
+if TYPE_CHECKING:  # mypy cannot follow the recursive alias; to a type checker it is a mapping
+    WhenMap = dict[str, Any]
+else:
+    WhenMap = TypeAliasType("WhenMap", Annotated[dict[WhenKey, "WhenValue"], BeforeValidator(_mark_groups)])
+    WhenValue = TypeAliasType("WhenValue", Annotated[
+        Annotated[Condition, Tag("~cond")]
+        | Annotated[tuple[WhenMap, ...], BeforeValidator(_unmark_list), Tag("~list")]
+        | Annotated[WhenMap, BeforeValidator(_unmark_map), Tag("~map")],
+        Discriminator(_when_tag),
+    ])
 
 #: Model types that take several series of one study (``predict_study``), as study rules with several roles need.
 MULTI_INPUT_MODEL_TYPES = ("python",)

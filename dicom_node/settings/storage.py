@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dicom_node.settings.base import FROZEN, AETitle, Flag, Float, Host, Int, Port, Seconds, no_duplicates
 
+
 class StorageSettings(BaseModel):
     """Where state lives (``storage:``): the spool and the SQLite database under ``path``."""
 

@@ -98,7 +98,8 @@ class AuditLog:
     def query(self, *, since: float | None = None, series_uid: str | None = None,
               event: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """Events, oldest first, filtered by time (``at >= since``), series and event name."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[float | str] = []
         if since is not None:
             where.append("at >= ?")
             params.append(since)
@@ -119,7 +120,10 @@ class AuditLog:
     def on_association(self, accepted: bool, ae_title: str, host: str, reason: str = "") -> None:
         """Receiver callback: an association was accepted or refused."""
         event = AuditEvent.ASSOCIATION_ACCEPTED if accepted else AuditEvent.ASSOCIATION_REFUSED
-        self.record(event, peer_ae=ae_title.strip(), peer_host=host, **({"reason": reason} if reason else {}))
+        if reason:
+            self.record(event, peer_ae=ae_title.strip(), peer_host=host, reason=reason)
+        else:
+            self.record(event, peer_ae=ae_title.strip(), peer_host=host)
 
     def on_pipeline_event(self, name: str, data: dict[str, Any]) -> None:
         """:class:`~dicom_node.scheduler.service.Pipeline` events, translated to audit rows."""

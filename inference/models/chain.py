@@ -32,7 +32,8 @@ def crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
     start = np.array([s.start for s in box], dtype=float)
     steps = np.asarray(volume.direction, dtype=float) * np.asarray(volume.spacing, dtype=float)[:, None]
     origin = np.asarray(volume.origin, dtype=float) + start @ steps
-    return Volume(np.ascontiguousarray(volume.array[box]), volume.spacing, tuple(float(o) for o in origin),
+    return Volume(np.ascontiguousarray(volume.array[box]), volume.spacing,
+                  (float(origin[0]), float(origin[1]), float(origin[2])),
                   volume.direction, volume.modality)
 
 

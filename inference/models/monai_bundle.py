@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.bundle import ConfigParser
@@ -98,7 +98,7 @@ def read_metadata(bundle: Path) -> dict[str, Any]:
 def channel_names(metadata: Mapping[str, Any]) -> dict[int, str]:
     """``network_data_format.outputs.pred.channel_def`` as ``{channel index: name}``."""
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
-    pred = outputs.get("pred") or next(iter(outputs.values()), {})
+    pred: Mapping[str, Any] = outputs.get("pred") or next(iter(outputs.values()), {})
     return {int(k): str(v) for k, v in (pred.get("channel_def") or {}).items()}
 
 
@@ -272,7 +272,8 @@ class MonaiBundleModel(Model):
                     out = MetaTensor(torch.argmax(out, dim=0, keepdim=True).float(), meta=dict(out.meta),
                                      applied_operations=list(out.applied_operations))
                 data["pred"] = out
-                out = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image",
-                              nearest_interp=True)(data)["pred"]
+                invert = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
+                inverted: Mapping[Hashable, Any] = invert(cast(Mapping[Hashable, Any], data))
+                out = inverted["pred"]
         labelmap = labelmap_from_output(out, self.card, volume.array.shape)
         return Prediction(card=self.card, labelmap=labelmap, measurements=segment_volumes(labelmap, self.card, volume))

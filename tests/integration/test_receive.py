@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 import pydicom.data
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification

@@ -23,8 +23,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ComprehensiveSRStorage,
     Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
     CTImageStorage,
     SecondaryCaptureImageStorage,
 )

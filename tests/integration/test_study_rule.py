@@ -9,8 +9,9 @@ the SEG in the spool is on the arterial (primary) series and its mask is
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import highdicom as hd
 import numpy as np

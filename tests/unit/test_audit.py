@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.store import Database
 from dicom_node.durations import parse_duration
+from dicom_node.store import Database
 from dicom_node.store.audit import AuditEvent, AuditLog
 
 

@@ -24,6 +24,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from dicom_node.errors import InvalidUIDError, ResultError
+from dicom_node.results.content import algorithm_family_code
 from dicom_node.results.identity import (
     DEFAULT_UID_ROOT,
     MANUFACTURER,
@@ -31,7 +32,6 @@ from dicom_node.results.identity import (
     OutputIdentity,
     derive_identity,
 )
-from dicom_node.results.content import algorithm_family_code
 from dicom_node.results.seg import SegResult, build_seg
 from dicom_node.results.source import character_set
 from dicom_node.results.sr import NO_RESULT_FINDING, NO_SEGMENT_FINDING, PRIVATE_SCHEME, build_sr

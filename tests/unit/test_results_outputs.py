@@ -20,11 +20,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
 from dicom_node.errors import InvalidUIDError, ResultError
-from dicom_node.results.identity import SOFTWARE_VERSION
+from dicom_node.results.identity import DEFAULT_DEVICE_SERIAL_NUMBER, SOFTWARE_VERSION, software_versions
+from dicom_node.results.overlay import CT_DEFAULT_WINDOW, OverlayStyle, window_of
 from dicom_node.results.pdf import build_pdf, key_slices
 from dicom_node.results.routing import Route, files_for, plan_outputs
-from dicom_node.results.identity import DEFAULT_DEVICE_SERIAL_NUMBER, software_versions
-from dicom_node.results.sc import CT_DEFAULT_WINDOW, OverlayStyle, _sc_image, build_overlays, overlay_uid, window_of
+from dicom_node.results.sc import _sc_image, build_overlays, overlay_uid
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.settings import load_settings_text
@@ -409,7 +409,7 @@ def _reference_overlay_pixels(gray: np.ndarray, labels: np.ndarray, segments: li
 
 @pytest.mark.parametrize("opacity", [0.0, 0.35, 1.0])
 def test_overlay_segments_drawn_in_their_boxes_match_whole_slice_drawing(opacity: float) -> None:
-    from dicom_node.results.sc import render_overlay, windowed_gray
+    from dicom_node.results.overlay import render_overlay, windowed_gray
 
     rng = np.random.default_rng(7)
     values = rng.normal(40, 200, (512, 512)).astype(np.float32)

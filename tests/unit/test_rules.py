@@ -21,7 +21,6 @@ from dicom_node.rules.summary import OWN_MANUFACTURER, attributes_from_dataset, 
 from dicom_node.settings import Condition, RuleSettings
 from tests.realdata import dicomdir_series, shared
 
-
 CHEST_CT = RuleSettings.model_validate(
     {
         "name": "chest-ct",

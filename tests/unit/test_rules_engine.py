@@ -15,9 +15,9 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node.domain import SeriesSummary
 from dicom_node.errors import ConfigError
+from dicom_node.rules.keys import Step, parse_key
 from dicom_node.rules.matcher import check_condition, explain, first_failure, match, quiet_seconds_for, study_roles
 from dicom_node.rules.summary import attributes_from_dataset, instance_geometry, read_series, scan_paths, series_facts
-from dicom_node.rules.keys import Step, parse_key
 from dicom_node.settings import PRIORITY_LEVELS, Condition, RuleSettings, load_settings_text
 from tests.phantoms import write_ct_series
 
