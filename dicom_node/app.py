@@ -109,7 +109,9 @@ class Node:
                                        self.readiness, self.refresh_gauges, status_page=self.status_page,
                                        thumbnail=lambda series, model: get_thumbnail(self.db, self.spool, series,
                                                                                      model),
-                                       token=settings.http.token)
+                                       token=settings.http.token,
+                                       request_timeout_s=settings.http.request_timeout_s,
+                                       max_connections=settings.http.max_connections)
             except OSError as exc:
                 self.db.close()
                 self.lock.release()

@@ -21,7 +21,9 @@ import hmac
 import json
 import logging
 import re
+import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -55,6 +57,53 @@ def token_matches(header: str | None, token: str) -> bool:
     return False
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``max_connections`` connections at once.
+
+    A connection beyond the cap is closed at once (logged, at most once a
+    minute), so a flood of idle or slow clients costs no thread and cannot
+    starve ``/healthz``, ``/readyz`` or ``/metrics`` past its request deadline.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._last_refusal_log = 0.0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            now = time.monotonic()
+            if now - self._last_refusal_log > 60.0:
+                self._last_refusal_log = now
+                logger.warning("Audit: HTTP connection from %s closed: %d connections open (http.max_connections)",
+                               client_address[0], self.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+
 class HttpServer:
     """A small threaded HTTP server bound to ``http.host:http.port`` (localhost by default).
 
@@ -71,6 +120,12 @@ class HttpServer:
         :class:`~dicom_node.errors.InvalidUIDError`.
     token:
         ``http.token``: required on every endpoint but ``/healthz`` when set.
+    request_timeout_s:
+        ``http.request_timeout_s``: a client has this long from connecting to
+        the end of its request headers, and each read or write of the socket
+        may take this long; then the connection is closed (slowloris).
+    max_connections:
+        ``http.max_connections``: connections served at once; more are closed.
     """
 
     def __init__(self, host: str, port: int, metrics: Metrics,
@@ -78,11 +133,38 @@ class HttpServer:
                  refresh: Callable[[], None],
                  status_page: Callable[[], bytes] | None = None,
                  thumbnail: Callable[[str, str], bytes] | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, request_timeout_s: float = 10.0, max_connections: int = 64) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "dicom-node"
+            timeout = request_timeout_s  # every recv/send of the socket (StreamRequestHandler.setup)
+
+            def handle(self) -> None:
+                # One deadline for the request line and headers, however slowly they trickle in.
+                deadline = threading.Timer(request_timeout_s, self._cut)
+                deadline.daemon = True
+                deadline.start()
+                self._deadline = deadline
+                try:
+                    super().handle()
+                except OSError:
+                    logger.debug("HTTP connection from %s closed at its deadline", self.client_address[0])
+                finally:
+                    deadline.cancel()
+
+            def parse_request(self) -> bool:
+                parsed = super().parse_request()
+                self._deadline.cancel()  # headers complete: the per-read timeout covers the rest
+                return parsed
+
+            def _cut(self) -> None:
+                logger.info("HTTP client %s: no complete request within %.0f s (http.request_timeout_s); "
+                            "connection closed", self.client_address[0], request_timeout_s)
+                try:
+                    self.request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already gone
 
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("http: " + format, *args)
@@ -145,8 +227,7 @@ class HttpServer:
         self.status_page = status_page
         self.thumbnail = thumbnail
         self.token = token
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((host, port), Handler, max_connections)
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
     @property

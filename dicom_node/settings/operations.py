@@ -61,6 +61,10 @@ class HttpSettings(BaseModel):
     show_phi: Flag = False
     # Studies listed on the status page.
     status_studies: Annotated[Int, Field(ge=1, le=1000)] = 50
+    # From connecting to the end of the request headers, and per socket read/write (slowloris).
+    request_timeout_s: Annotated[Float, Field(gt=0, le=300)] = 10.0
+    # Connections served at once; more are closed at once (each costs a thread).
+    max_connections: Annotated[Int, Field(ge=1, le=10000)] = 64
 
 
 class LoggingSettings(BaseModel):

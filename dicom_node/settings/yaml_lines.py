@@ -15,12 +15,31 @@ from pydantic_core import ErrorDetails
 
 from dicom_node.errors import ConfigError
 
+#: Largest configuration file accepted (a real one is a few kB).
+MAX_DOCUMENT_BYTES = 1024 * 1024
+#: Most nodes the document may expand to, counting every alias at its full size: a few
+#: aliases are fine, an alias bomb (aliases of aliases, 10^9 leaves) is refused before it is walked.
+MAX_EXPANDED_NODES = 100_000
+
 
 def parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    """Compose (for line numbers) and construct (for values) one YAML document."""
+    """Compose (for line numbers) and construct (for values) one YAML document.
+
+    Raises
+    ------
+    ConfigError
+        The text is over :data:`MAX_DOCUMENT_BYTES`, expands (through aliases)
+        to more than :data:`MAX_EXPANDED_NODES` nodes, or is not YAML.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"{source}: the configuration is {size} bytes; at most {MAX_DOCUMENT_BYTES} are read "
+                          "(is this the right file?)")
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _check_expansion(root, source)
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -32,6 +51,37 @@ def parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     finally:
         loader.dispose()
     return root, data
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a document whose aliases expand it beyond :data:`MAX_EXPANDED_NODES` nodes.
+
+    PyYAML shares an aliased node instead of copying it, so composing is cheap;
+    what explodes is every walk over the values (validation, duplicate keys).
+    The expanded size is counted once per distinct node (memoised), so the
+    check itself is linear in the document.
+    """
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # post-order without recursion: a deep document cannot exhaust the stack
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children: list[yaml.Node] = (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else list(node.value))
+        if children_done:
+            total = 1 + sum(sizes[id(child)] for child in children)
+            if total > MAX_EXPANDED_NODES:
+                raise ConfigError(f"{source}:{node.start_mark.line + 1}: this part of the configuration expands "
+                                  f"to more than {MAX_EXPANDED_NODES} values through YAML aliases "
+                                  "(an alias bomb?); write it out instead")
+            sizes[id(node)] = total
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
 
 
 def duplicate_keys(root: yaml.Node) -> list[tuple[int, str]]:
