@@ -79,7 +79,7 @@ class Node:
         root, db_path = state_paths(settings.storage)
         self.lock = _claim_state(root)
         try:
-            self.db = open_database(db_path)
+            self.db = open_database(db_path, settings.storage.database_busy_timeout_s)
         except StartupError:
             self.lock.release()
             raise
@@ -389,10 +389,12 @@ class Node:
     def readiness(self) -> tuple[bool, dict[str, str]]:
         checks: dict[str, str] = {}
         ok = True
-        if self.db.ping():
-            checks["database"] = "ok"
-        else:
+        if not self.db.ping():
             ok, checks["database"] = False, "unreachable"
+        elif (problem := self.db.write_problem()) is not None:
+            ok, checks["database"] = False, f"writes fail: {problem}"
+        else:
+            checks["database"] = "ok"
         problem = _write_probe((self.spool.tmp, self.spool.incoming))
         if problem is None:
             checks["spool"] = "writable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 
@@ -12,8 +13,15 @@ _QUIET = ("pynetdicom", "apscheduler", "highdicom")
 def configure_logging(level: str = "INFO", journald: bool = False, process: str = "") -> None:
     """Log to stdout; without timestamps under journald, which adds its own.
 
-    ``process`` names the process in each line (e.g. ``"worker"``).
+    ``process`` names the process in each line (e.g. ``"worker"``).  A fatal
+    signal in native code (SIGSEGV, SIGBUS from a faulty disk under a mapped
+    file, SIGFPE, SIGABRT) still leaves a line: Python's faulthandler writes
+    it, with every thread's stack, to stderr (the journal under systemd).
     """
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (a test harness)
+        logging.getLogger(__name__).debug("faulthandler not enabled: stderr has no file descriptor")
     prefix = f"{process} " if process else ""
     fmt = f"%(levelname)s {prefix}%(name)s: %(message)s"
     if not journald:

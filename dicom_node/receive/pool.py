@@ -30,7 +30,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dicom_node.errors import StartupError
 from dicom_node.logs import configure_logging
+from dicom_node.receive.guard import ConnectionCaps
 from dicom_node.receive.handlers import StoreHandler
 from dicom_node.receive.server import Receiver, server_ssl_context
 from dicom_node.settings import Settings
@@ -82,13 +84,14 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
 
     count_lock = threading.Lock()
 
-    def ended() -> None:
+    def ended(host: str) -> None:
         with count_lock:
             finished[index] += 1
+        events.put(("closed", index, host))  # the main process's connection caps
 
     try:
         root, db_path = state_paths(settings.storage)
-        db = Database(db_path)
+        db = Database(db_path, settings.storage.database_busy_timeout_s)
         series = SeriesStore(db, reopen_late=settings.completion.reprocess_late_arrivals)
         handler = StoreHandler(Spool(root), series, settings.storage.min_free_mb,
                                on_recorded=lambda record, outcome: events.put(("recorded", record, outcome)))
@@ -110,12 +113,12 @@ def _take_connections(channel: socket.socket, receiver: Any) -> None:
     """Run an association for every connection the main process hands over, until it closes the channel."""
     while True:
         try:
-            _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+            message, fds, _, _ = socket.recv_fds(channel, 256, 1)
         except OSError:
             return
         if not fds:  # the main process closed the channel: stopping
             return
-        receiver.serve_connection(socket.socket(fileno=fds[0]))
+        receiver.serve_connection(socket.socket(fileno=fds[0]), message.decode("ascii", "replace"))
 
 
 def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -160,6 +163,10 @@ class ReceiverPool:
         # no lock shared between processes, which one that died holding it would leave locked.
         self._handed = [0] * processes
         self._finished: Any = self._ctx.RawArray("q", processes)
+        node = settings.node
+        self.caps = ConnectionCaps(node.max_connections, node.max_connections_per_host)
+        self._hosts: list[dict[str, int]] = [{} for _ in range(processes)]  # open connections per process
+        self._hosts_lock = threading.Lock()
         self._procs: list[Any] = [None] * processes
         self._channels: list[socket.socket | None] = [None] * processes
         self._started = [0.0] * processes  # monotonic time each process was (re)started
@@ -174,9 +181,8 @@ class ReceiverPool:
         Raises
         ------
         StartupError
-            The port cannot be bound, or the TLS files cannot be loaded.
-        RuntimeError
-            If a process could not start (certificate unreadable...).
+            The port cannot be bound, the TLS files cannot be loaded, or a
+            receiver process could not start (its database locked...).
         """
         node = self.settings.node
         if node.tls is not None:
@@ -193,10 +199,11 @@ class ReceiverPool:
                 event = self._events.get(timeout=_START_TIMEOUT_S)
             except queue.Empty:
                 self.stop()
-                raise RuntimeError(f"receiver processes did not start within {_START_TIMEOUT_S:.0f} s") from None
+                raise StartupError(f"node.receivers: the receiver processes did not start within "
+                                   f"{_START_TIMEOUT_S:.0f} s (an overloaded machine?)") from None
             if event[0] == "failed":
                 self.stop()
-                raise RuntimeError(f"a receiver process could not start: {event[1]}")
+                raise StartupError(f"node.receivers: a receiver process could not start: {event[1]}")
             if event[0] != "listening":  # a very early event: hand it to the hooks like the rest
                 self._dispatch(event)
         self._threads = [threading.Thread(target=self._drain_events, name="receiver-events", daemon=True),
@@ -212,7 +219,7 @@ class ReceiverPool:
 
     def _spawn(self, i: int) -> None:
         """Start receiver process ``i`` (again) with a new channel."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per connection
         proc = self._ctx.Process(
             target=_child_main, name=f"dicom-node-receiver-{i}",
             args=(self.settings, self._events, os.getpid(), theirs, i, self._finished, self._address),
@@ -222,6 +229,9 @@ class ReceiverPool:
         old = self._channels[i]
         self._procs[i], self._channels[i], self._started[i] = proc, ours, time.monotonic()
         self._handed[i] = self._finished[i]  # what a dead process was running has ended with it
+        with self._hosts_lock:
+            self.caps.forget(self._hosts[i])
+            self._hosts[i] = {}
         if old is not None:
             old.close()
 
@@ -245,37 +255,62 @@ class ReceiverPool:
         assert listener is not None
         while not self._closing.is_set():
             try:
-                conn, _ = listener.accept()
+                conn, peer = listener.accept()
             except OSError as exc:
                 if self._closing.is_set() or listener.fileno() < 0:
                     return
                 logger.error("Accepting a DICOM connection failed: %s", exc)  # e.g. out of descriptors
                 self._closing.wait(0.1)
                 continue
+            host = str(peer[0])
+            if not self.caps.admit(host):  # over node.max_connections(_per_host): closed at once
+                conn.close()
+                continue
             try:
-                self._hand_over(conn)
+                if not self._hand_over(conn, host):
+                    self.caps.release(host)
             finally:
                 conn.close()  # the receiver process holds its own descriptor now
 
-    def _hand_over(self, conn: socket.socket) -> None:
-        """Give ``conn`` to the live receiver process running the fewest associations."""
+    def _hand_over(self, conn: socket.socket, host: str) -> bool:
+        """Give ``conn`` (from ``host``) to the live receiver process running the fewest associations."""
         running = self.running
         for i in sorted(range(self.count), key=lambda i: running[i]):
             proc, channel = self._procs[i], self._channels[i]
             if channel is None or not proc.is_alive():
                 continue
             self._handed[i] += 1
+            with self._hosts_lock:
+                self._hosts[i][host] = self._hosts[i].get(host, 0) + 1
             try:
-                socket.send_fds(channel, [b"c"], [conn.fileno()])
-                return
+                socket.send_fds(channel, [host.encode("ascii")], [conn.fileno()])
+                return True
             except OSError as exc:
                 self._handed[i] -= 1
+                self._closed(i, host, release=False)
                 logger.error("Receiver process %d did not take a connection: %s", i, exc)
         logger.error("No receiver process is alive: DICOM connection closed unanswered")
+        return False
+
+    def _closed(self, index: int, host: str, release: bool = True) -> None:
+        """A connection handed to process ``index`` has ended."""
+        with self._hosts_lock:
+            count = self._hosts[index].get(host, 0)
+            if count <= 0:
+                return  # counted before that process was started again: already forgotten
+            if count == 1:
+                del self._hosts[index][host]
+            else:
+                self._hosts[index][host] = count - 1
+            if release:
+                self.caps.release(host)
 
     def _dispatch(self, event: tuple[Any, ...]) -> None:
         if event[0] == "failed":  # a process started again could not serve
             logger.error("A receiver process could not start: %s", event[1])
+            return
+        if event[0] == "closed":
+            self._closed(int(event[1]), str(event[2]))
             return
         hook = self.hooks.get(event[0])
         if hook is None:

@@ -35,6 +35,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import StartupError
+from dicom_node.receive.guard import ConnectionCaps, ConnectionGuard
 from dicom_node.receive.handlers import StoreHandler
 from dicom_node.settings import NodeSettings, TlsSettings
 from dicom_node.tcp import listen_error, set_nodelay
@@ -112,13 +113,48 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 class _JoiningRequestHandler(RequestHandler):
-    """Runs one association and returns when it has ended (pynetdicom's returns once it started)."""
+    """Runs one association under a :class:`~dicom_node.receive.guard.ConnectionGuard`; returns when it has ended.
+
+    pynetdicom's handler returns once the association thread started; this
+    one joins it, so the server knows when each connection is over (caps,
+    the receiver pool's counts).  The server's ``node`` gives the deadlines.
+    """
 
     def handle(self) -> None:
         assoc = self._create_association()
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        assoc.join()
+        node: NodeSettings = self.server.node  # type: ignore[attr-defined]
+        guard = ConnectionGuard(assoc.dul.socket, str(self.client_address[0]), acse_timeout_s=node.acse_timeout_s,
+                                pdu_timeout_s=node.network_timeout_s, max_pdata_bytes=node.max_pdu_bytes)
+        guard.attach()
+        try:
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        finally:
+            guard.detach()
+
+
+class _ListeningServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the node's handler and connection caps (``node.receivers: 1``)."""
+
+    daemon_threads = True
+
+    def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
+                 node: NodeSettings) -> None:
+        self.node = node
+        self.caps = ConnectionCaps(node.max_connections, node.max_connections_per_host)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
+                         request_handler=_JoiningRequestHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.caps.admit(str(client_address[0]))
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.caps.release(str(client_address[0]))
 
 
 class _HandedServer(ThreadedAssociationServer):
@@ -134,8 +170,9 @@ class _HandedServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
-                 on_finished: Callable[[], None]) -> None:
+                 on_finished: Callable[[str], None], node: NodeSettings) -> None:
         self.on_finished = on_finished
+        self.node = node
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=_JoiningRequestHandler)
 
@@ -149,7 +186,7 @@ class _HandedServer(ThreadedAssociationServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.on_finished()
+            self.on_finished(str(client_address[0]))
 
     def shutdown(self) -> None:
         """Stop: nothing listens here, so there is no accept loop to wait for."""
@@ -198,7 +235,11 @@ class Receiver:
         self.node = node
         self.on_association = on_association or (lambda accepted, ae_title, host, reason: None)
         self.ae = AE(ae_title=node.ae_title)
-        self.ae.maximum_associations = node.max_associations
+        # pynetdicom counts every connection, associated or not; the node counts associations
+        # itself (_on_requested) and caps connections (ConnectionCaps), so half-open ones hold no slot.
+        self.ae.maximum_associations = node.max_connections
+        self._associations: set[int] = set()
+        self._associations_lock = threading.Lock()
         self.ae.maximum_pdu_size = node.max_pdu_bytes
         self.ae.acse_timeout = node.acse_timeout_s
         self.ae.dimse_timeout = node.dimse_timeout_s
@@ -214,6 +255,10 @@ class Receiver:
     def _on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event)
 
+    def _on_conn_close(self, event: evt.Event) -> None:
+        with self._associations_lock:
+            self._associations.discard(id(event.assoc))
+
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse peers not in ``node.allowed_peers`` with an A-ASSOCIATE-RJ and an audit line."""
         requestor = event.assoc.requestor
@@ -223,6 +268,17 @@ class Receiver:
         aet = str(primitive.calling_ae_title).strip()
         host = str(requestor.address)
         if self.node.peer_allowed(aet, host):
+            with self._associations_lock:
+                full = len(self._associations) >= self.node.max_associations
+                if not full:
+                    self._associations.add(id(event.assoc))
+            if not full:
+                return
+            logger.warning("Audit: association from %s@%s rejected (A-ASSOCIATE-RJ: local limit exceeded): "
+                           "%d associations running (node.max_associations)", aet, host, self.node.max_associations)
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
+            self.on_association(False, aet, host, _RJ_REASONS[(0x02, 0x03, 0x02)])
             return
         logger.warning("Audit: association from %s@%s to %s rejected (A-ASSOCIATE-RJ: calling AE title not "
                        "recognised): this AE title from this address is not in node.allowed_peers",
@@ -254,6 +310,7 @@ class Receiver:
         return [
             (evt.EVT_C_STORE, self.store_handler),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -265,7 +322,8 @@ class Receiver:
             logger.warning("node.allowed_peers is empty: any host and AE title may send to this node")
         try:
             self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=self._handlers(),
-                                              ssl_context=self.ssl_context, server_class=ThreadedAssociationServer)
+                                              ssl_context=self.ssl_context, server_class=_ListeningServer,
+                                              node=self.node)  # type: ignore[arg-type]
         except OSError as exc:
             raise listen_error("node", self.node.host, self.node.port, exc) from None
         self.server.contexts = _SharedContexts(self.server.contexts)
@@ -276,7 +334,7 @@ class Receiver:
                     " (DICOM TLS)" if self.ssl_context is not None else "")
         return str(host), int(port)
 
-    def start_handed(self, address: tuple[str, int], on_finished: Callable[[], None]) -> None:
+    def start_handed(self, address: tuple[str, int], on_finished: Callable[[str], None]) -> None:
         """Serve connections accepted elsewhere (:meth:`serve_connection`) instead of listening.
 
         Parameters
@@ -288,13 +346,13 @@ class Receiver:
         """
         self.server = self.ae.make_server(
             address, evt_handlers=self._handlers(), ssl_context=self.ssl_context,
-            server_class=_HandedServer, on_finished=on_finished)  # type: ignore[arg-type]
+            server_class=_HandedServer, on_finished=on_finished, node=self.node)  # type: ignore[arg-type]
         self.server.contexts = _SharedContexts(self.server.contexts)
         logger.info("Serving as %s connections accepted on %s:%d%s", self.node.ae_title, *address,
                     " (DICOM TLS)" if self.ssl_context is not None else "")
 
-    def serve_connection(self, sock: socket.socket) -> None:
-        """Run an association on a connection accepted elsewhere, in its own thread."""
+    def serve_connection(self, sock: socket.socket, host: str) -> None:
+        """Run an association on a connection accepted elsewhere (from ``host``), in its own thread."""
         assert isinstance(self.server, _HandedServer), "start_handed() first"
         sock.setblocking(True)
         try:
@@ -303,7 +361,7 @@ class Receiver:
         except OSError as exc:  # the peer has already gone
             logger.info("Handed connection closed before its association started: %s", exc)
             sock.close()
-            self.server.on_finished()
+            self.server.on_finished(host)
             return
         self.server.process_request(request, address)
 

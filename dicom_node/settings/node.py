@@ -98,6 +98,9 @@ class NodeSettings(BaseModel):
     # Listener processes sharing the port: "auto" = one per CPU core, at most 4.
     receivers: Annotated[Int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     max_associations: Annotated[Int, Field(ge=1, le=1000)] = 10
+    # Connections open at once (associated or not), in all and from one address; more are closed at once.
+    max_connections: Annotated[Int, Field(ge=1, le=10000)] = 200
+    max_connections_per_host: Annotated[Int, Field(ge=1, le=10000)] = 64
     max_pdu_bytes: Annotated[Int, Field(ge=0, le=2**32 - 1)] = 16382
     acse_timeout_s: Seconds = 30.0
     dimse_timeout_s: Seconds = 60.0

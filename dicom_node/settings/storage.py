@@ -22,6 +22,9 @@ class StorageSettings(BaseModel):
     # (oldest first); None = twice min_free_mb.
     cleanup_free_mb: Annotated[Int, Field(ge=0)] | None = None
     cleanup_interval_s: Seconds = 300.0
+    # A database write waits at most this long (another process holding the database): then a
+    # C-STORE is answered 0xA700 rather than keeping the sender waiting.  Keep it below senders' timeouts.
+    database_busy_timeout_s: Annotated[Float, Field(gt=0, le=600)] = 10.0
 
     @model_validator(mode="after")
     def _cleanup_above_intake(self) -> StorageSettings:

@@ -144,7 +144,19 @@ def test_limits_are_applied_to_the_listener(receiver: Callable[..., Running]) ->
     assert assoc.acceptor.maximum_length == 32768  # what the node announced in its A-ASSOCIATE-AC
     assoc.release()
     ae = r.receiver.ae
-    assert (ae.acse_timeout, ae.dimse_timeout, ae.network_timeout, ae.maximum_associations) == (7, 8, 9, 3)
+    assert (ae.acse_timeout, ae.dimse_timeout, ae.network_timeout) == (7, 8, 9)
+    # The node counts associations itself (half-open connections hold no slot): the 4th is refused.
+    running = [_associate(r.port) for _ in range(3)]
+    try:
+        assert all(a.is_established for a in running)
+        fourth = _associate(r.port)
+        assert fourth.is_rejected and _rj(fourth) == (0x02, 0x03, 0x02)  # local limit exceeded
+    finally:
+        for a in running:
+            a.release()
+    again = _associate(r.port)
+    assert again.is_established, "a slot is free again once an association has ended"
+    again.release()
 
 
 # --------------------------------------------------------------------------- DICOM TLS
