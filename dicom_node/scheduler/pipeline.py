@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Any
@@ -20,6 +20,7 @@ from pydicom import Dataset
 from dicom_node.domain import OutputKind
 from dicom_node.errors import DicomNodeError, ImagingError, ModelError
 from dicom_node.imaging import SeriesVolume, load_series
+from dicom_node.results.header_check import Change, check_sources, record_changes
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.overlay import OverlayStyle
 from dicom_node.results.pdf import build_pdf
@@ -139,8 +140,10 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
             prediction = model.predict(sv.volume)
         times["model"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), list(sv.sources), spool,
-                          outputs)
+        sources, changes = check_sources(list(sv.sources))  # copied attributes the standard forbids
+        notes.extend(f"results: {change}" for change in changes)
+        objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), sources, spool, outputs,
+                          changes)
         times["encode"] = time.perf_counter() - t2
     except DicomNodeError as exc:
         return InferOutcome(ok=False, error=str(exc), seconds=times)
@@ -233,7 +236,7 @@ def _in_source_order(prediction: Prediction, frame_of_source: tuple[tuple[int, i
 
 
 def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spool: Spool,
-            outputs: Any) -> list[ProducedObject]:
+            outputs: Any, changes: Sequence[Change] = ()) -> list[ProducedObject]:
     card = prediction.card
     produced: list[ProducedObject] = []
 
@@ -245,6 +248,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     def write(kind: OutputKind, ds: Dataset, index: int | None = None) -> None:
         path = (spool.result_path(task.series_uid, task.model, kind.value) if index is None
                 else spool.result_part_path(task.series_uid, task.model, kind.value, index))
+        record_changes(ds, changes)
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         spool.write_atomic(path, buf.getvalue())
