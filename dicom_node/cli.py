@@ -181,6 +181,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 extra += f" (next try {_fmt_time(j.next_attempt_at)})"
             print(f"{'':22}job {j.id:<5} {j.kind:<5} {state_label(j.kind, j.state):<8} {what} "
                   f"(attempts {j.attempts}){extra}")
+            for note in j.payload.get("notes", []) if j.kind == "infer" else []:
+                print(f"{'':28}note: {note}")  # accepted on purpose: tilt, duplicates, copied values changed
     dead = jobs.counts().get(("send", "dead"), 0)
     if dead:
         print(f"{dead} dead send job(s); once the cause is fixed: dicom-node jobs retry --dead")
