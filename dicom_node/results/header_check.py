@@ -3,7 +3,8 @@
 highdicom copies the root attributes of the source's Patient and Study
 modules (Patient, Clinical Trial Subject, General Study, Patient Study,
 Clinical Trial Study: 103 keywords for a CT image) into SEG, SR and SC
-objects, and the PDF copies the same; real scanners and archives write
+objects, the PDF copies the same, and the overlay images also carry the
+source's Laterality and Body Part Examined; real scanners and archives write
 values the standard forbids there (PatientSex ``0000``, a 65-character LO,
 ``20230230``, a UID with a trailing space, a name with six components),
 and one such value would make highdicom refuse the object or the result
@@ -60,14 +61,17 @@ logger = logging.getLogger(__name__)
 #: Attributes the result objects need present (Type 2 in SEG, SR, SC and PDF): emptied, never left out.
 TYPE2: Final[frozenset[str]] = frozenset({
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "Laterality",
 })
+#: Series-level attributes the node itself copies into its overlay images (``results/sc.py``).
+NODE_COPIED: Final[tuple[str, ...]] = ("Laterality", "BodyPartExamined")
 #: Enumerated values (PS3.3) of copied attributes, and the spellings taken as each.
 ENUMERATIONS: Final[dict[str, dict[str, str]]] = {
     "PatientSex": {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"},
     "PatientIdentityRemoved": {"YES": "YES", "NO": "NO"},
     "PatientSexNeutered": {"ALTERED": "ALTERED", "UNALTERED": "UNALTERED"},
     "QualityControlSubject": {"YES": "YES", "NO": "NO"},
+    "Laterality": {"R": "R", "L": "L", "RIGHT": "R", "LEFT": "L"},
 }
 #: Purpose of Reference of the Contributing Equipment item (DCM 109103).
 _MODIFYING_EQUIPMENT: Final[tuple[str, str, str]] = ("109103", "DCM", "Modifying Equipment")
@@ -91,7 +95,8 @@ class Change:
 
 @functools.cache
 def copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
-    """Root attributes of the Patient and Study modules of the source's IOD: what highdicom copies.
+    """Root attributes of the Patient and Study modules of the source's IOD (what highdicom copies),
+    and :data:`NODE_COPIED`.
 
     An IOD highdicom does not know falls back to the CT Image IOD's modules.
     """
@@ -102,6 +107,7 @@ def copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
     for module in get_iod_module_map()[iod]:
         if module["ie"] in ("Patient", "Study"):
             keywords.update((str(a["keyword"]), None) for a in attributes[module["key"]] if not a["path"])
+    keywords.update((keyword, None) for keyword in NODE_COPIED)
     return tuple(keywords)
 
 

@@ -19,7 +19,8 @@ class OutputSeriesSettings(BaseModel):
     model_config = FROZEN
 
     series_number: Annotated[Int, Field(ge=1, le=2**31 - 1)]
-    series_description: Annotated[str, Field(min_length=1, max_length=64)]
+    # LO: no backslash (the value separator) and no control characters.
+    series_description: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\\\x00-\x1f\x7f]+$")]
 
     @field_validator("series_description")
     @classmethod
