@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -48,6 +47,7 @@ from dicom_node.spool.reconcile import reconcile
 from dicom_node.store import SeriesStore, open_database
 from dicom_node.store.audit import AuditEvent, AuditLog
 from dicom_node.store.layout import NodeLock, state_paths, storage_problem
+from dicom_node.systemd_notify import sd_notify, watchdog_interval
 from dicom_node.tcp import listen_error
 
 logger = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class Node:
         for s in signals:
             signal.signal(s, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
-        watchdog_s = _watchdog_interval()
+        watchdog_s = watchdog_interval()
         last_ping = time.monotonic()
         try:
             self.start()
@@ -460,37 +460,6 @@ def _write_probe(dirs: tuple[Path, ...]) -> str | None:
     return None
 
 
-def sd_notify(state: str) -> bool:
-    """Send ``state`` to systemd's ``NOTIFY_SOCKET`` (``Type=notify``); ``False`` when not under systemd."""
-
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
-            sock.connect(address)
-            sock.send(state.encode())  # never blocks the caller, even if the manager does not read
-        return True
-    except OSError as exc:
-        logger.log(logging.DEBUG if state.startswith("WATCHDOG") else logging.WARNING,
-                   "sd_notify %s failed: %s", state.split("=", 1)[0], exc)
-        return False
-
-
-def _watchdog_interval() -> float | None:
-    """Half of systemd's ``WatchdogSec`` when it asks this process for keep-alives."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.5, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
 def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
     """(modification time, size, inode) of a file, ``None`` when there is none."""
     if path is None:
@@ -503,5 +472,4 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
 
 
 def _now_dt() -> Any:
-
     return datetime.now().astimezone()
