@@ -120,4 +120,4 @@ def test_database_reopens_with_schema(tmp_path: Path) -> None:
     db.close()
     db2 = Database(tmp_path / "s.sqlite3")
     assert SeriesStore(db2).get("1.2.3.4")["instance_count"] == 1
-    assert db2.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert db2.query("PRAGMA journal_mode")[0][0] == "truncate"  # a rollback journal: no memory-mapped -shm (store/database.py)
