@@ -17,7 +17,9 @@ import numpy as np
 import pydicom
 import pydicom.config
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from dicom_node.results.header_check import _verdict, check_sources, copied_keywords, record_changes
 from dicom_node.results.pdf import build_pdf
@@ -143,3 +145,27 @@ def test_a_uid_with_a_trailing_space_is_normalised() -> None:
     value, change = verdict
     assert value == "1.2.840.113619.2.55"
     assert str(change) == "StudyInstanceUID: padding around the UID; normalised"
+
+
+def test_a_uid_written_with_a_trailing_space_reaches_every_output_without_it(tmp_path: Path) -> None:
+    # As an archive writes it: the Study Instance UID padded with a space (UI pads with NUL) in the file.
+    written = []
+    for index, ds in enumerate(real_ct_slices(3)):
+        uid = f"{ds.StudyInstanceUID}9 "
+        ds[0x0020000D] = RawDataElement(Tag(0x0020000D), "UI", len(uid), uid.encode(), 0, False, True)
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    assert b"18009969 " in written[0].read_bytes()
+    sources = [pydicom.dcmread(p) for p in written]
+    checked, changes = check_sources(sources)
+    assert changes == []  # pydicom drops the padding on reading: nothing left to change
+    prediction = _prediction()
+    seg = build_seg(prediction, checked, _identity(checked, "seg", CARD)).dataset
+    sr = build_sr(prediction, checked, _identity(checked, "sr", CARD), seg=seg, segment_numbers={1: 1})
+    overlays = build_overlays(prediction, checked, _identity(checked, "sc", CARD))
+    pdf = build_pdf(prediction, checked, _identity(checked, "pdf", CARD))
+    for kind, ds, iod in (("seg", seg, "Segmentation"), ("sr", sr, "Comprehensive3DSR"),
+                          ("sc", overlays[0], "SCImage"), ("pdf", pdf, "EncapsulatedPDF")):
+        assert str(ds.StudyInstanceUID).endswith("18009969"), kind
+        _assert_dciodvfy_clean(ds, tmp_path / f"{kind}.dcm", iod)
