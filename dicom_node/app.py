@@ -39,7 +39,7 @@ from dicom_node.receive.pool import ReceiverPool, receiver_count
 from dicom_node.receive.server import Receiver
 from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
-from dicom_node.scheduler.worker import WorkerProcess, worker_gpus
+from dicom_node.scheduler.worker import WorkerProcess, WorkerStopped, worker_gpus
 from dicom_node.send.deliver import deliver
 from dicom_node.settings import Settings, load_settings
 from dicom_node.spool import Spool
@@ -199,6 +199,8 @@ class Node:
         try:
             if self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set, runner=worker):
                 self._wake("send")  # results are waiting to go out
+        except WorkerStopped as exc:
+            logger.warning("%s", exc)
         except Exception:
             logger.exception("INFER loop failed; will try again")
 
@@ -327,7 +329,10 @@ class Node:
         if waiter.is_alive():
             logger.warning("Running work did not finish within %.0f s; it will be re-queued at next start", grace)
         for w in self.workers:
-            w.stop(force=waiter.is_alive())
+            if waiter.is_alive():
+                w.close()  # past the grace period: its job stays 'running', queued again at the next start
+            else:
+                w.stop()
         if self.http is not None:
             self.http.stop()
         self.db.close()
@@ -379,7 +384,7 @@ class Node:
                     last_ping = time.monotonic()
         except ForcedShutdown:
             for w in self.workers:
-                w.stop(force=True)
+                w.close()  # a job it was running stays 'running': queued again at the next start
             raise
         finally:
             for s, h in previous.items():

@@ -25,6 +25,10 @@ from inference.registry import ModelRegistry
 logger = logging.getLogger(__name__)
 
 
+class WorkerStopped(Exception):
+    """The node stopped the worker while it ran a job; the job stays ``running`` and is re-queued at start."""
+
+
 def worker_gpus(infer: int | str) -> list[int | None]:
     """The GPU of each worker process for the ``workers.infer`` setting.
 
@@ -77,6 +81,7 @@ class WorkerProcess:
     """
 
     def __init__(self, settings: Settings, gpu: int | None = None) -> None:
+        self._closed = False  # close() was called: no restart, an interrupted job is not failed
         self.settings = settings
         self.gpu = gpu
         self._ctx = mp.get_context("spawn")
@@ -109,6 +114,8 @@ class WorkerProcess:
         spec = self.settings.models.get(task.model)
         timeout_s = float(getattr(spec, "timeout_s", None) or timeout_s)
         with self._lock:
+            if self._closed:
+                raise WorkerStopped("the node is stopping: no new job is started")
             if not self.alive:
                 self.start()
             assert self._conn is not None
@@ -123,6 +130,9 @@ class WorkerProcess:
                     if kind == "done":
                         return value
             except (EOFError, OSError, BrokenPipeError):
+                if self._closed:  # the node killed it to stop: the job is not the model's failure
+                    raise WorkerStopped(f"job of model {task.model} interrupted by the node's forced stop; "
+                                        "it is queued again at the next start") from None
                 code = self._proc.exitcode if self._proc is not None else None
                 if self._proc is not None:
                     self._proc.join(5)
@@ -135,6 +145,11 @@ class WorkerProcess:
         logger.error("Worker process: %s; starting a new one", why)
         self.stop(force=True)
         self.start()
+
+    def close(self) -> None:
+        """Stop for good (the node is stopping): kill the process; a job it was running stays ``running``."""
+        self._closed = True
+        self.stop(force=True)
 
     def stop(self, force: bool = False) -> None:
         if self._proc is None:
