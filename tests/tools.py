@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import time
 from typing import NoReturn
 
 import pytest
@@ -22,3 +24,17 @@ def require_tool(name: str) -> str:
     if path is None:
         unavailable(f"{name} not found: install the Debian packages orthanc, dcmtk, dicom3tools (make test does)")
     return path
+
+
+def closed_within(sock: socket.socket, limit_s: float) -> float:
+    """Seconds until the peer closes ``sock`` (read to EOF or reset); fails the test past ``limit_s``."""
+    start = time.monotonic()
+    sock.settimeout(limit_s)
+    try:
+        while sock.recv(4096):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection was kept open for more than {limit_s:.1f} s")
+    return time.monotonic() - start

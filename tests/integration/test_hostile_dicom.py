@@ -22,7 +22,8 @@ from pynetdicom import AE
 
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from tests.integration.conftest import node_config, wait_until
-from tests.integration.test_receiver_inprocess import Running
+from tests.integration.test_receiver_inprocess import Running, receiver  # noqa: F401 (fixture)
+from tests.tools import closed_within
 
 pytestmark = pytest.mark.integration
 
@@ -75,19 +76,6 @@ def _connections(port: int, count: int, payload: bytes) -> list[socket.socket]:
     return socks
 
 
-def _closed_within(sock: socket.socket, limit_s: float) -> float:
-    start = time.monotonic()
-    sock.settimeout(limit_s)
-    try:
-        while sock.recv(4096):
-            pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    except TimeoutError:
-        pytest.fail(f"the node kept a bad connection open for more than {limit_s:.1f} s")
-    return time.monotonic() - start
-
-
 def _close_all(socks: list[socket.socket]) -> None:
     for s in socks:
         s.close()
@@ -99,7 +87,7 @@ def test_thirty_half_open_connections_lock_nobody_out(port: int) -> None:
         time.sleep(0.3)  # every one has reached a receiver
         assert _echo(port) < 1.0
         for s in socks:  # and each is closed at the ACSE deadline, not held for ever
-            assert _closed_within(s, ACSE_S + 2.0) <= ACSE_S + 2.0
+            assert closed_within(s, ACSE_S + 2.0) <= ACSE_S + 2.0
     finally:
         _close_all(socks)
     assert _echo(port) < 1.0
@@ -111,9 +99,9 @@ def test_silent_and_junk_connections_are_closed(port: int) -> None:
     try:
         assert _echo(port) < 1.0
         for s in junk:  # an unknown PDU type: closed at once
-            assert _closed_within(s, 2.0) < 2.0
+            assert closed_within(s, 2.0) < 2.0
         for s in silent:
-            assert _closed_within(s, ACSE_S + 2.0) <= ACSE_S + 2.0
+            assert closed_within(s, ACSE_S + 2.0) <= ACSE_S + 2.0
     finally:
         _close_all(silent + junk)
 
@@ -154,29 +142,15 @@ def test_a_p_data_pdu_longer_than_announced_is_aborted(port: int) -> None:
 
 
 def test_connections_over_the_per_address_cap_are_closed_at_once(tmp_path: Path,
-                                                                 receiver: Callable[..., Running]) -> None:
+                                                                 receiver: Callable[..., Running]) -> None:  # noqa: F811
     r = receiver(acse_timeout_s=ACSE_S, max_connections_per_host=4)
     socks = _connections(r.port, 4, HALF_RQ)
     try:
         time.sleep(0.2)
         with socket.create_connection(("127.0.0.1", r.port)) as fifth:
-            assert _closed_within(fifth, 1.0) < 1.0
+            assert closed_within(fifth, 1.0) < 1.0
     finally:
         _close_all(socks)
     wait_until(lambda: r.receiver.server is not None and r.receiver.server.caps.open == 0,  # type: ignore[attr-defined]
                ACSE_S + 3, "the capped connections to be released")
     assert _echo(r.port) < 1.0
-
-
-@pytest.fixture()
-def receiver(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def factory(**kw: Any) -> Running:
-        r = Running(tmp_path / f"r{len(started)}", **kw)
-        started.append(r)
-        return r
-
-    yield factory
-    for r in started:
-        r.stop()

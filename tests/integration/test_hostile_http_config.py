@@ -23,6 +23,7 @@ from dicom_node.http.metrics import Metrics
 from dicom_node.http.server import HttpServer
 from dicom_node.settings import load_settings_text
 from tests.integration.conftest import REPO
+from tests.tools import closed_within
 
 pytestmark = pytest.mark.integration
 
@@ -36,20 +37,6 @@ def http() -> Iterator[HttpServer]:
     server.start()
     yield server
     server.stop()
-
-
-def _closed_after(sock: socket.socket, limit_s: float) -> float:
-    """Seconds until the server closes ``sock`` (reads to EOF), failing past ``limit_s``."""
-    start = time.monotonic()
-    sock.settimeout(limit_s)
-    try:
-        while sock.recv(4096):
-            pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    except TimeoutError:
-        pytest.fail(f"the server kept the connection open for more than {limit_s} s")
-    return time.monotonic() - start
 
 
 def _healthz(server: HttpServer) -> int:
@@ -86,9 +73,9 @@ def test_connections_past_the_cap_are_closed_and_the_server_recovers(http: HttpS
     time.sleep(0.1)  # let the server take the four (each one holds a thread until its deadline)
     try:
         with socket.create_connection(http.address) as extra:
-            assert _closed_after(extra, 0.5) < 0.5, "the fifth connection was not closed at once"
+            assert closed_within(extra, 0.5) < 0.5, "the fifth connection was not closed at once"
         for sock in idle:
-            assert _closed_after(sock, DEADLINE_S + 1.0) <= DEADLINE_S + 1.0
+            assert closed_within(sock, DEADLINE_S + 1.0) <= DEADLINE_S + 1.0
     finally:
         for sock in idle:
             sock.close()

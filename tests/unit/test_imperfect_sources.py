@@ -85,6 +85,17 @@ def _prediction() -> Prediction:
     return Prediction(CARD, labelmap)
 
 
+def _every_output(sources: list[Dataset]) -> list[tuple[str, Dataset, str]]:
+    """(kind, object, dciodvfy IOD name) of SEG, SR, the first overlay image and the PDF built from ``sources``."""
+    prediction = _prediction()
+    seg = build_seg(prediction, sources, _identity(sources, "seg", CARD)).dataset
+    sr = build_sr(prediction, sources, _identity(sources, "sr", CARD), seg=seg, segment_numbers={1: 1})
+    overlays = build_overlays(prediction, sources, _identity(sources, "sc", CARD))
+    pdf = build_pdf(prediction, sources, _identity(sources, "pdf", CARD))
+    return [("seg", seg, "Segmentation"), ("sr", sr, "Comprehensive3DSR"), ("sc", overlays[0], "SCImage"),
+            ("pdf", pdf, "EncapsulatedPDF")]
+
+
 def test_the_check_covers_every_attribute_highdicom_copies() -> None:
     keywords = copied_keywords(pydicom.uid.CTImageStorage)
     assert len(keywords) == 105  # 103 of highdicom's modules + Laterality and Body Part Examined
@@ -108,13 +119,7 @@ def test_every_output_kind_is_produced_valid_and_says_what_changed(
     assert SECRET not in change
     assert [ds.get(keyword) for ds in sources] == before, "the sources themselves are never modified"
 
-    prediction = _prediction()
-    seg = build_seg(prediction, checked, _identity(checked, "seg", CARD)).dataset
-    sr = build_sr(prediction, checked, _identity(checked, "sr", CARD), seg=seg, segment_numbers={1: 1})
-    overlays = build_overlays(prediction, checked, _identity(checked, "sc", CARD))
-    pdf = build_pdf(prediction, checked, _identity(checked, "pdf", CARD))
-    for kind, ds, iod in (("seg", seg, "Segmentation"), ("sr", sr, "Comprehensive3DSR"),
-                          ("sc", overlays[0], "SCImage"), ("pdf", pdf, "EncapsulatedPDF")):
+    for kind, ds, iod in _every_output(checked):
         record_changes(ds, changes)
         if keyword in ONLY_IN_SC and kind != "sc":
             assert keyword not in ds, (kind, keyword)
@@ -160,12 +165,6 @@ def test_a_uid_written_with_a_trailing_space_reaches_every_output_without_it(tmp
     sources = [pydicom.dcmread(p) for p in written]
     checked, changes = check_sources(sources)
     assert changes == []  # pydicom drops the padding on reading: nothing left to change
-    prediction = _prediction()
-    seg = build_seg(prediction, checked, _identity(checked, "seg", CARD)).dataset
-    sr = build_sr(prediction, checked, _identity(checked, "sr", CARD), seg=seg, segment_numbers={1: 1})
-    overlays = build_overlays(prediction, checked, _identity(checked, "sc", CARD))
-    pdf = build_pdf(prediction, checked, _identity(checked, "pdf", CARD))
-    for kind, ds, iod in (("seg", seg, "Segmentation"), ("sr", sr, "Comprehensive3DSR"),
-                          ("sc", overlays[0], "SCImage"), ("pdf", pdf, "EncapsulatedPDF")):
+    for kind, ds, iod in _every_output(checked):
         assert str(ds.StudyInstanceUID).endswith("18009969"), kind
         _assert_dciodvfy_clean(ds, tmp_path / f"{kind}.dcm", iod)
