@@ -38,3 +38,22 @@ def closed_within(sock: socket.socket, limit_s: float) -> float:
     except TimeoutError:
         pytest.fail(f"the connection was kept open for more than {limit_s:.1f} s")
     return time.monotonic() - start
+
+
+def trickle_until_closed(sock: socket.socket, chunks: list[bytes], pause_s: float) -> tuple[bool, float]:
+    """Send ``chunks`` one at a time, waiting up to ``pause_s`` for an answer after each (a slow client).
+
+    Returns whether the peer closed the connection before the chunks ran out, and the seconds it took.
+    """
+    start = time.monotonic()
+    sock.settimeout(pause_s)
+    for chunk in chunks:
+        try:
+            sock.sendall(chunk)
+            if sock.recv(1) == b"":
+                return True, time.monotonic() - start
+        except TimeoutError:
+            continue
+        except OSError:  # reset or broken pipe: closed
+            return True, time.monotonic() - start
+    return False, time.monotonic() - start

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from tests.integration.conftest import node_config, wait_until
 from tests.integration.test_receiver_inprocess import Running, receiver  # noqa: F401 (fixture)
-from tests.tools import closed_within
+from tests.tools import closed_within, trickle_until_closed
 
 pytestmark = pytest.mark.integration
 
@@ -107,22 +107,9 @@ def test_silent_and_junk_connections_are_closed(port: int) -> None:
 
 
 def test_a_request_trickling_in_a_byte_a_second_is_cut_at_the_acse_deadline(port: int) -> None:
+    header = bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00]) + b"\x00" * 20  # an RQ, one byte every 0.6 s
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.settimeout(0.6)
-        start = time.monotonic()
-        closed = False
-        for byte in bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00]) + b"\x00" * 20:
-            try:
-                s.sendall(bytes([byte]))
-                if s.recv(1) == b"":
-                    closed = True
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                closed = True
-                break
-        elapsed = time.monotonic() - start
+        closed, elapsed = trickle_until_closed(s, [bytes([b]) for b in header], 0.6)
     assert closed, "a trickling A-ASSOCIATE-RQ was never cut"
     assert elapsed <= ACSE_S + 2.0, elapsed
     assert _echo(port) < 1.0
