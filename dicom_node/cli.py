@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(settings.logging.level, settings.logging.journald)
     if not args.config:
         logger.info("No --config given: running the embedded default (state in %s)", settings.storage.path)
-    for warning in settings.warnings():
+    for warning in settings.warnings() + _environment_notes(settings):
         logger.warning("Configuration: %s", warning)
     node = Node(settings, config_path=Path(args.config) if args.config else None)
     try:
@@ -63,10 +63,67 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problem = storage_problem(settings.storage.resolved_path())
     if problem is not None:
         raise ConfigError(f"{args.file}: {problem}")
-    for warning in settings.warnings():
+    for warning in settings.warnings() + _environment_notes(settings):
         print(f"warning: {warning}")
     print(f"{args.file}: OK ({len(settings.models)} model(s), {len(settings.rules)} rule(s), "
           f"{len(settings.destinations)} destination(s))")
+    return 0
+
+
+def _environment_notes(settings: Settings) -> list[str]:
+    """A line per model whose environment is not ready (missing managed environment, stale, interpreter gone)."""
+    from inference.environments import state_of
+
+    notes = []
+    for name, spec in settings.models.items():
+        if (getattr(spec, "environment", "shared") or "shared") == "shared":
+            continue
+        try:
+            state = state_of(name, spec, settings.storage.resolved_path())
+        except (OSError, ValueError) as exc:
+            notes.append(f"model {name!r}: its environment cannot be planned: {exc}")
+            continue
+        if state.state != "ready":
+            notes.append(f"model {name!r}: environment {state.state}: {state.detail}")
+    return notes
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from inference.environments import state_of
+
+    settings = _load(args.config)
+    if not settings.models:
+        print("no models configured")
+    for name, spec in settings.models.items():
+        environment = getattr(spec, "environment", "shared") or "shared"
+        state = state_of(name, spec, settings.storage.resolved_path())
+        print(f"{name:<24} {spec.type:<13} {environment:<8} {state.state:<8} {state.detail}")
+    return 0
+
+
+def cmd_models_install(args: argparse.Namespace) -> int:
+    from inference.environments import install
+
+    settings = _load(args.config)
+    spec = settings.models.get(args.name)
+    if spec is None:
+        print(f"error: no model named {args.name!r} in the configuration (models: "
+              f"{', '.join(sorted(settings.models)) or 'none'})", file=sys.stderr)
+        return 2
+    if getattr(spec, "environment", "shared") != "managed":
+        print(f"error: model {args.name!r} has environment: {getattr(spec, 'environment', 'shared')}; "
+              "models install builds environment: managed only", file=sys.stderr)
+        return 2
+    wheels = Path(args.wheels) if args.wheels else None
+    if wheels is not None and not wheels.is_dir():
+        print(f"error: --wheels {wheels}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        install(args.name, spec, settings.storage.resolved_path(), wheels=wheels, force=args.force,
+                progress=lambda line: print(line, flush=True))
+    except RuntimeError as exc:
+        print(f"error: model {args.name}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -153,9 +210,13 @@ def _fmt_time(t: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    db = _state_db(_load(args.config))
+    settings = _load(args.config)
+    db = _state_db(settings)
     if db is None:
         return 1
+    if not args.json:
+        for note in _environment_notes(settings):
+            print(f"warning: {note}")
     series, jobs = SeriesStore(db), JobStore(db)
     rows = series.recent(args.limit)
     if args.json:
@@ -287,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=1000, help="at most this many (the newest), default 1000")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_audit)
+
+    models = sub.add_parser("models", help="models and their Python environments")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    s = msub.add_parser("list", help="each model, its environment and whether it is ready")
+    s.add_argument("--config")
+    s.set_defaults(func=cmd_models_list)
+    s = msub.add_parser("install", help="build a model's managed environment (environment: managed)")
+    s.add_argument("name")
+    s.add_argument("--config")
+    s.add_argument("--wheels", metavar="DIR", help="install offline from this folder of wheels (no index)")
+    s.add_argument("--force", action="store_true", help="build again even if it is already built")
+    s.set_defaults(func=cmd_models_install)
 
     jobs = sub.add_parser("jobs", help="job operations")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)

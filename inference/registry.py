@@ -70,6 +70,24 @@ def _torchscript(name: str, spec: Any) -> Model:
                             activation=spec.activation, threshold=float(spec.threshold))
 
 
+def _in_environment(name: str, spec: Any, state_dir: Path | None) -> Model:
+    """A model whose ``environment`` is not the node's own: its own process, in its interpreter."""
+    from inference.environments import environments_root, link_inference, python_of, state_of
+    from inference.remote import EnvironmentModel, ModelEnvironmentError
+
+    if state_dir is None:
+        raise ModelEnvironmentError(f"model {name}: environment {spec.environment} needs the node's state directory")
+    state = state_of(name, spec, state_dir)
+    if state.state != "ready" or state.python is None:
+        raise ModelEnvironmentError(f"model {name}: {state.detail}")
+    if spec.environment == "managed":
+        directory = state.python.parent.parent
+        return EnvironmentModel(name, spec, python_of(directory), link_inference(directory),
+                                label=f"managed environment {directory.name}")
+    return EnvironmentModel(name, spec, state.python, link_inference(environments_root(state_dir) / "external"),
+                            label=f"interpreter {state.python}")
+
+
 def _monai_bundle(name: str, spec: Any) -> Model:
     from inference.models.monai_bundle import MonaiBundleModel
 
@@ -85,11 +103,15 @@ class ModelRegistry:
         ``name -> model spec`` from the config.
     max_warm:
         How many loaded models to keep; the least recently used is dropped.
+    state_dir:
+        The node's state directory (where managed environments live); needed
+        only for models whose ``environment`` is not ``shared``.
     """
 
-    def __init__(self, specs: Mapping[str, Any], max_warm: int = 4) -> None:
+    def __init__(self, specs: Mapping[str, Any], max_warm: int = 4, state_dir: Path | None = None) -> None:
         self.specs = dict(specs)
         self.max_warm = max_warm
+        self.state_dir = state_dir
         self._cache: OrderedDict[str, Model] = OrderedDict()
         self._lock = threading.RLock()  # a chain loads its parts through get()
 
@@ -108,7 +130,10 @@ class ModelRegistry:
                 model.card = replace(model.card, model_hash=self._fingerprint(spec, model))
             self._cache[name] = model
             while len(self._cache) > self.max_warm:
-                evicted, _ = self._cache.popitem(last=False)
+                evicted, unloaded = self._cache.popitem(last=False)
+                close = getattr(unloaded, "close", None)
+                if callable(close):  # a model in its own environment: end its process
+                    close()
                 logger.info("Model %s: unloaded (warm cache holds %d)", evicted, self.max_warm)
             return model
 
@@ -140,7 +165,18 @@ class ModelRegistry:
                         digest.update(block)
         return "sha256:" + digest.hexdigest()[:32]
 
+    def close(self) -> None:
+        """End the processes of models that run in their own environment."""
+        with self._lock:
+            for model in self._cache.values():
+                close = getattr(model, "close", None)
+                if callable(close):
+                    close()
+            self._cache.clear()
+
     def _load(self, name: str, spec: Any) -> Model:
+        if (getattr(spec, "environment", "shared") or "shared") != "shared" and spec.type != "chain":
+            return _in_environment(name, spec, self.state_dir)
         if spec.type == "builtin":
             return _builtin(spec)
         if spec.type == "python":

@@ -89,18 +89,23 @@ def to_metatensor(volume: Volume, channel: bool = False) -> MetaTensor:
     channel:
         Add a leading channel axis (``[1, x, y, z]``); without it the metadata
         says "no channel", as for a NIfTI file, so ``EnsureChannelFirstd`` works.
+        A multi-channel volume (:attr:`Volume.channels`) is always
+        ``[c, x, y, z]`` with channel 0 first, as ``LoadImage`` stacks a list
+        of files.
     """
-    array = np.ascontiguousarray(np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0))
+    several = bool(volume.channels)
+    stack = np.asarray(volume.channel_first(), dtype=np.float32)
+    array = np.ascontiguousarray(stack.transpose(0, 3, 2, 1))
     affine = torch.as_tensor(affine_ras(volume), dtype=torch.float64)
     meta: dict[str, Any] = {
         "affine": affine.clone(),
         "original_affine": affine.clone(),
-        "spatial_shape": np.asarray(array.shape),
-        "original_channel_dim": 0 if channel else float("nan"),
+        "spatial_shape": np.asarray(array.shape[1:]),
+        "original_channel_dim": 0 if channel or several else float("nan"),
         "filename_or_obj": "dicom-node-volume",
         "space": "RAS",
     }
-    data = torch.from_numpy(array[None] if channel else array)
+    data = torch.from_numpy(array if channel or several else array[0])
     return MetaTensor(data, meta=meta)
 
 

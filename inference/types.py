@@ -27,6 +27,7 @@ class Task(enum.StrEnum):
 
     SEGMENTATION = "segmentation"
     CLASSIFICATION = "classification"
+    DETECTION = "detection"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class Volume:
     modality:
         DICOM Modality of the source (``"CT"``, ``"MR"``...), so a model can
         check its intended input.
+    channels:
+        For a multi-channel input (several series of one study on one grid,
+        e.g. the MR sequences of a brain tumour model): the name of each
+        channel, and ``array`` is ``(c, z, y, x)``.  Empty for one channel.
     """
 
     array: np.ndarray
@@ -59,14 +64,28 @@ class Volume:
     origin: tuple[float, float, float]
     direction: np.ndarray
     modality: str = ""
+    channels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.array.ndim != 3:
+        if self.channels:
+            if self.array.ndim != 4 or self.array.shape[0] != len(self.channels):
+                raise ValueError(f"a Volume with channels {list(self.channels)} needs an array (c, z, y, x) "
+                                 f"with c = {len(self.channels)}, got shape {self.array.shape}")
+        elif self.array.ndim != 3:
             raise ValueError(f"Volume array must be 3D (z, y, x), got shape {self.array.shape}")
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             raise ValueError(f"Volume spacing must be three positive numbers, got {self.spacing}")
         if np.asarray(self.direction).shape != (3, 3):
             raise ValueError("Volume direction must be a 3x3 matrix")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The grid ``(z, y, x)`` (without the channel axis)."""
+        return tuple(int(n) for n in self.array.shape[-3:])  # type: ignore[return-value]
+
+    def channel_first(self) -> np.ndarray:
+        """The image as ``(c, z, y, x)`` (``c = 1`` for a one-channel volume)."""
+        return self.array if self.channels else self.array[None]
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -80,11 +99,14 @@ class Volume:
 
     def geometry(self) -> dict[str, Any]:
         """Geometry as plain Python values (what ``python`` models receive)."""
-        return {
+        geometry: dict[str, Any] = {
             "spacing": tuple(float(s) for s in self.spacing),
             "origin": tuple(float(o) for o in self.origin),
             "direction": np.asarray(self.direction, dtype=float).tolist(),
         }
+        if self.channels:
+            geometry["channels"] = list(self.channels)  # the array is (c, z, y, x) in this order
+        return geometry
 
 
 @dataclass(frozen=True)
@@ -137,6 +159,8 @@ class ModelCard:
     """Digest of the weights or configuration that made the prediction, e.g.
     ``"sha256:9f86d0..."``; recorded in every result object (provenance).
     Empty when the model family cannot tell."""
+    runtime: str = ""
+    """Where it ran, for the record: e.g. ``"monai 1.4.0, torch 2.13.0 (managed environment 3f2a...)"``."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +186,20 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """One object found by a detection model: an axis-aligned box in patient coordinates.
+
+    ``center`` and ``size`` are in mm along the patient axes (LPS), so the
+    box is ``center +- size / 2``; ``label`` indexes ``ModelCard.classes``.
+    """
+
+    label: int
+    score: float
+    center: tuple[float, float, float]
+    size: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
 class Prediction:
     """What one model run produced for one :class:`Volume`.
 
@@ -177,6 +215,8 @@ class Prediction:
         Per segment label, the measurements to report (volume, mean density...).
     classifications:
         Classifier outputs; empty for segmentation models.
+    detections:
+        Boxes of a detection model, best score first.
     findings:
         Free-text notes for the record (e.g. ``"no lungs found"``); never PHI.
     """
@@ -185,6 +225,7 @@ class Prediction:
     labelmap: np.ndarray | None = None
     measurements: dict[int, tuple[Measurement, ...]] = field(default_factory=dict)
     classifications: tuple[Classification, ...] = ()
+    detections: tuple[Detection, ...] = ()
     findings: tuple[str, ...] = ()
 
     def present_segments(self) -> tuple[SegmentSpec, ...]:

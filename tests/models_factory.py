@@ -187,3 +187,65 @@ def write_python_models(directory: Path, module: str = "node_test_models") -> Pa
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{module}.py").write_text(PYTHON_MODELS)
     return directory
+
+
+def write_shaped_bundle(root: Path, network_def: dict[str, Any], state_dict: dict[str, Any] | None, *,
+                        outputs: dict[str, Any], config_format: str = "json", num_channels: int = 1,
+                        scripts: dict[str, str] | None = None, monai_version: str = "1.3.0",
+                        optional_packages: dict[str, str] | None = None, modality: str = "CT",
+                        extra_config: dict[str, Any] | None = None,
+                        postprocessing: list[dict[str, Any]] | None = None) -> Path:
+    """A bundle in one of the shapes the Model Zoo has.
+
+    ``outputs`` is ``network_data_format.outputs.pred`` (``channel_def`` or
+    ``label_def``, or ``type: object`` for boxes); ``config_format`` is
+    ``json`` or ``yaml``; ``scripts`` maps file names under ``scripts/`` to
+    their source (the bundle's own package); ``state_dict`` ``None`` builds
+    ``network_def`` and saves its (seeded) initial weights.
+    """
+    import yaml
+
+    config = bundle_config(pixdim=None, window=(-1000.0, 1000.0), network_def=network_def)
+    if postprocessing is not None:
+        config["postprocessing"]["transforms"] = postprocessing
+    config.update(extra_config or {})
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    for name, source in (scripts or {}).items():
+        path = root / "scripts" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    if scripts and not (root / "scripts" / "__init__.py").exists():
+        (root / "scripts" / "__init__.py").write_text("")
+    metadata = {
+        "version": "0.1.0", "monai_version": monai_version, "pytorch_version": "2.0.0",
+        "optional_packages_version": optional_packages or {}, "description": "Test bundle of the suite",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "modality": modality, "num_channels": num_channels,
+                                 "spatial_shape": [32, 32, 32]}},
+            "outputs": {"pred": outputs},
+        },
+    }
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    if config_format == "yaml":
+        (root / "configs" / "inference.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    else:
+        (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    if state_dict is None:
+        import sys
+
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(next((root / "configs").glob("inference.*"))))
+        parser["bundle_root"] = str(root)
+        sys.path.insert(0, str(root))
+        try:
+            torch.manual_seed(0)
+            state_dict = parser.get_parsed_content("network_def").state_dict()
+        finally:
+            sys.path.remove(str(root))
+            for module in [m for m in sys.modules if m.split(".", 1)[0] == "scripts"]:
+                del sys.modules[module]
+    torch.save(state_dict, str(root / "models" / "model.pt"))
+    return root

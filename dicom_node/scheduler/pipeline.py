@@ -20,6 +20,7 @@ from pydicom import Dataset
 from dicom_node.domain import OutputKind
 from dicom_node.errors import DicomNodeError, ImagingError, ModelError
 from dicom_node.imaging import SeriesVolume, load_series
+from dicom_node.imaging.channels import stack_channels
 from dicom_node.results.header_check import Change, check_sources, record_changes
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.overlay import OverlayStyle
@@ -48,6 +49,10 @@ class InferTask:
         model takes, primary (``series_uid``) first; empty for a series rule.
     rule:
         The rule that queued the job (for error messages).
+    channels:
+        Roles of ``inputs`` that become the model's input channels, in this
+        order (one multi-channel volume on the first channel's grid); empty:
+        the model gets the series by role (``predict_study``).
     replaces:
         SOP Instance UIDs of the results made earlier for this series and
         model.  A result whose findings a re-run no longer finds is replaced
@@ -63,6 +68,7 @@ class InferTask:
     inputs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     rule: str = ""
     replaces: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
 
 
 def study_inputs(primary_uid: str, inputs: Mapping[str, str],
@@ -125,7 +131,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     try:
         if task.inputs:
             loaded = _load_inputs(task, spool)
-            sv = loaded[task.inputs[0][0]]
+            sv = loaded[task.channels[0] if task.channels else task.inputs[0][0]]
             notes = [f"{role}: {note}" for role, one in loaded.items() for note in one.notes]
         else:
             sv = load_series([spool.absolute(p) for p in task.paths])
@@ -133,12 +139,16 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         times["load"] = time.perf_counter() - t0
         model = registry.get(task.model)
         t1 = time.perf_counter()
-        if task.inputs:
+        if task.channels:
+            prediction = _predict_channels(task, model, loaded, notes)
+        elif task.inputs:
             prediction = _predict_study(task, model, loaded)
         else:
             _require_modality(task.model, model.card, sv.volume)
             prediction = model.predict(sv.volume)
         times["model"] = time.perf_counter() - t1
+        if prediction.card.runtime:
+            notes.append(f"model ran with {prediction.card.runtime}")
         t2 = time.perf_counter()
         sources, changes = check_sources(list(sv.sources))  # copied attributes the standard forbids
         notes.extend(f"results: {change}" for change in changes)
@@ -202,6 +212,22 @@ def _predict_study(task: InferTask, model: Model, loaded: dict[str, SeriesVolume
         raise ModelError(f"model {task.model} takes one series; rule {task.rule!r} gives it {len(loaded)} "
                          f"({', '.join(loaded)}): use a type: python model for this study rule")
     return model.predict_study({role: sv.volume for role, sv in loaded.items()}, primary)
+
+
+def _predict_channels(task: InferTask, model: Model, loaded: dict[str, SeriesVolume], notes: list[str]) -> Prediction:
+    """Run ``model`` on the study's series stacked as its input channels (``task.channels`` order)."""
+    missing = [c for c in task.channels if c not in loaded]
+    if missing:
+        raise ModelError(f"study rule {task.rule!r}: channels {missing} are not among its series "
+                         f"({', '.join(loaded)})")
+    for role in task.channels:
+        try:
+            _require_modality(task.model, model.card, loaded[role].volume)
+        except ModelError as exc:
+            raise ModelError(f"channel {role!r}: {exc}") from exc
+    volume, resampled = stack_channels([(role, loaded[role]) for role in task.channels])
+    notes.extend(resampled)
+    return model.predict(volume)
 
 
 def _require_modality(name: str, card: Any, volume: Any) -> None:

@@ -167,8 +167,10 @@ class Pipeline:
         inputs = study_inputs(job.series_uid, job.payload.get("inputs") or {}, self.series.instance_paths)
         earlier = self.db.query("SELECT sop_uid FROM results WHERE source_series=? AND model=?",
                                 (job.series_uid, job.model))
+        rule = next((r for r in self.settings.rules if r.name == job.rule), None)
         task = InferTask(job.id, job.series_uid, job.model, paths, tuple(job.payload.get("outputs", ())),
-                         inputs=inputs, rule=job.rule, replaces=tuple(r["sop_uid"] for r in earlier))
+                         inputs=inputs, rule=job.rule, replaces=tuple(r["sop_uid"] for r in earlier),
+                         channels=self.settings.channels_for(rule, job.model) if inputs else ())
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
         outcome = runner.run(task, self.settings.workers.infer_timeout_s)

@@ -57,7 +57,8 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    registry = ModelRegistry(settings.models, max_warm=settings.workers.max_warm_models)
+    registry = ModelRegistry(settings.models, max_warm=settings.workers.max_warm_models,
+                             state_dir=settings.storage.resolved_path())
     spool = Spool(settings.storage.resolved_path())
     conn.send(("ready", None))
     while True:
@@ -66,6 +67,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
         except (EOFError, OSError):
             return
         if task is None:
+            registry.close()
             return
         outcome = run_infer(task, registry, spool, settings.outputs)
         conn.send(("done", outcome))

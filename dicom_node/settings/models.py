@@ -22,6 +22,56 @@ from dicom_node.settings.base import (
     type_of,
 )
 
+
+def _check_environment(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("environment is shared, managed or the path of a Python interpreter")
+    text = value.strip()
+    if text in ("shared", "managed"):
+        return text
+    if not text.startswith("/"):
+        raise ValueError(f"environment must be shared, managed or the absolute path of a Python interpreter "
+                         f"(got {value!r})")
+    return text
+
+
+_REQUIREMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*((==|>=|<=|~=|!=|<|>)\s*[A-Za-z0-9.*+!_-]+"
+                             r"(\s*,\s*(==|>=|<=|~=|!=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")
+
+
+def _check_requirement(value: Any) -> str:
+    if not isinstance(value, str) or not _REQUIREMENT_RE.fullmatch(value.strip()):
+        raise ValueError(f"a requirement is a package with an optional version, e.g. einops==0.7.0 (got {value!r}; "
+                         "URLs, paths and pip options are not accepted)")
+    return value.strip()
+
+
+class _EnvironmentFields(BaseModel):
+    """Where a model's code runs: the node's own Python, a managed environment, or a given interpreter.
+
+    ``environment: shared`` (default) runs it in the node's worker;
+    ``managed`` in a virtual environment under the state directory built by
+    ``dicom-node models install NAME`` from the bundle's metadata (its MONAI
+    version and optional packages) plus ``requirements``; a path runs it
+    with that Python interpreter (which must have what the model imports).
+    ``channels`` names the study rule's series (roles) that become the
+    model's input channels, in order.
+    """
+
+    model_config = FROZEN
+
+    environment: Annotated[str, BeforeValidator(_check_environment)] = "shared"
+    requirements: tuple[Annotated[str, BeforeValidator(_check_requirement)], ...] = ()
+    channels: tuple[Name, ...] = ()
+
+    @model_validator(mode="after")
+    def _environment_fields(self) -> _EnvironmentFields:
+        if self.requirements and self.environment != "managed":
+            raise ValueError("requirements apply to environment: managed only")
+        no_duplicates("channel", list(self.channels))
+        return self
+
+
 #: Names accepted by ``models.<name>: {type: builtin, name: ...}``.
 BUILTIN_MODEL_NAMES: tuple[str, ...] = ("lungs-ct",)
 
@@ -83,7 +133,7 @@ class BuiltinModel(BaseModel):
         return check_device(value)
 
 
-class PythonModel(BaseModel):
+class PythonModel(_EnvironmentFields):
     """A model implemented by a Python callable (``type: python``).
 
     ``callable`` is ``"package.module:function"``; ``path`` is an optional
@@ -175,12 +225,12 @@ class PreprocessingSettings(BaseModel):
         return self
 
 
-class _NetworkModel(BaseModel):
+class _NetworkModel(_EnvironmentFields):
     """Fields shared by models that run a neural network (``torchscript``, ``monai_bundle``)."""
 
     model_config = FROZEN
 
-    task: Literal["segmentation", "classification"] = "segmentation"
+    task: Literal["segmentation", "classification", "detection"] = "segmentation"
     labels: tuple[LabelSettings, ...] = ()
     classes: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
     threshold: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.5
@@ -221,6 +271,8 @@ class TorchscriptModel(_NetworkModel):
 
     @model_validator(mode="after")
     def _outputs_declared(self) -> TorchscriptModel:
+        if self.task == "detection":
+            raise ValueError("task: detection is for monai_bundle models (their detector decodes the boxes)")
         if self.task == "segmentation" and not self.labels:
             raise ValueError("a segmentation model needs at least one entry in labels")
         if self.task == "classification" and not self.classes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, model_validator
 
 from dicom_node.errors import ConfigError
@@ -62,11 +64,9 @@ class Settings(BaseModel):
                     problems.append(
                         (("rules", i, "run", j), f"rule {rule.name!r} runs unknown model {model!r} (models: {known})")
                     )
-                elif rule.study is not None and len(rule.study.series) > 1 and \
-                        self.models[model].type not in MULTI_INPUT_MODEL_TYPES:
-                    problems.append((("rules", i, "run", j), f"study rule {rule.name!r} gives model {model!r} "
-                                     f"{len(rule.study.series)} series ({', '.join(rule.study.series)}) but a "
-                                     f"{self.models[model].type} model takes one series; use a type: python model"))
+                elif rule.study is not None:
+                    problems.extend((("rules", i, "run", j), p) for p in _channel_problems(rule, model,
+                                                                                          self.models[model]))
             for j, dest in enumerate(rule.send_to):
                 if dest not in self.destinations:
                     known = ", ".join(sorted(self.destinations)) or "none defined"
@@ -95,6 +95,12 @@ class Settings(BaseModel):
         ):
             problems.append((("http", "port"), f"http.port {self.http.port} is the DICOM port node.port"))
         return problems
+
+    def channels_for(self, rule: RuleSettings | None, model: str) -> tuple[str, ...]:
+        """The study roles that become ``model``'s input channels under ``rule`` (the rule's, else the model's)."""
+        if rule is not None and rule.channels:
+            return rule.channels
+        return tuple(getattr(self.models.get(model), "channels", ()) or ())
 
     def warnings(self) -> list[str]:
         """Valid but probably unintended settings, for ``check-config`` and start-up logs."""
@@ -125,3 +131,23 @@ class _ReferenceError(ConfigError):
     def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
         super().__init__("\n".join(f"{dotted(loc)}: {msg}" for loc, msg in problems))
         self.problems = problems
+
+
+def _channel_problems(rule: RuleSettings, name: str, model: Any) -> list[str]:
+    """Why a study rule cannot give its series to ``model`` (channels unknown, or a model that takes one series)."""
+    assert rule.study is not None
+    roles = list(rule.study.series)
+    channels = rule.channels or tuple(getattr(model, "channels", ()) or ())
+    if channels:
+        if model.type in ("builtin", "chain"):
+            return [f"study rule {rule.name!r}: model {name!r} ({model.type}) takes one series, not channels"]
+        unknown = [c for c in channels if c not in roles]
+        if unknown:
+            return [f"study rule {rule.name!r}: channels {unknown} of model {name!r} are not series of the rule "
+                    f"(study.series: {', '.join(roles)})"]
+        return []
+    if len(roles) > 1 and model.type not in MULTI_INPUT_MODEL_TYPES:
+        return [f"study rule {rule.name!r} gives model {name!r} {len(roles)} series ({', '.join(roles)}) but a "
+                f"{model.type} model takes one series; list them as its input channels (channels: "
+                f"[{', '.join(roles)}]) or use a type: python model"]
+    return []

@@ -174,7 +174,8 @@ else:
         Discriminator(_when_tag),
     ])
 
-#: Model types that take several series of one study (``predict_study``), as study rules with several roles need.
+#: Model types that take several series of one study (``predict_study``), as study rules with several roles need
+#: (any model that takes a tensor takes them as input channels, with ``channels``).
 MULTI_INPUT_MODEL_TYPES = ("python",)
 
 #: Job priority (``jobs.priority``, higher runs first) of each rule ``priority``.
@@ -229,6 +230,7 @@ class RuleSettings(BaseModel):
     priority: Literal["stat", "normal", "low"] = "normal"
     quiet_seconds: Seconds | None = None
     study: StudyRuleSettings | None = None
+    channels: tuple[Name, ...] = ()
 
     @field_validator("run", "outputs", "send_to")
     @classmethod
@@ -240,6 +242,14 @@ class RuleSettings(BaseModel):
     def _study_rule(self) -> RuleSettings:
         if self.study is not None and (self.default or self.mode == "stop"):
             raise ValueError("a study rule cannot be a default rule or use mode: stop (they order series rules)")
+        if self.channels:
+            if self.study is None:
+                raise ValueError("channels name the series of a study rule (study.series); this rule has no study")
+            no_duplicates("channel", list(self.channels))
+            unknown = [c for c in self.channels if c not in self.study.series]
+            if unknown:
+                raise ValueError(f"channels {unknown} are not series of this study rule "
+                                 f"(study.series: {', '.join(self.study.series)})")
         return self
 
     @property

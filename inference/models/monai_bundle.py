@@ -17,20 +17,41 @@ removed from ``postprocessing``; the bundle's ``Invertd`` brings the output
 back to the input grid (if a bundle has none, the node inverts the
 preprocessing itself, nearest neighbour).
 
-Labels come from ``network_data_format.outputs.pred.channel_def`` unless the
-config lists ``labels`` (with SNOMED CT codes); a channel name the node knows
+Labels come from ``network_data_format.outputs.pred.channel_def`` (or
+``label_def``, as some bundles name it) unless the config lists ``labels``
+(with SNOMED CT codes); a channel name the node knows
 (:data:`KNOWN_STRUCTURES`) gets its SNOMED CT code, any other a private code
-and a warning in the log.
+and a warning in the log.  A ``channel_def`` without a background channel 0
+describes overlapping sigmoid channels (BraTS's tumour regions), not the
+label values the bundle's postprocessing writes: such a bundle needs
+``labels`` in the config.
+
+A bundle's own Python code (``scripts/`` beside ``configs/``) is imported
+as the bundle's authors import it (``scripts.networks.unest``), and only
+while that bundle is used: two bundles that both ship a ``scripts`` package
+each see their own (:class:`BundleImports`).
+
+Detection bundles (``outputs.pred.type: object``, e.g.
+``lung_nodule_ct_detection``): the bundle's detector, its inferer and its
+box postprocessing run as written; the boxes are read in the coordinates
+and box mode the postprocessing leaves them in and reported in patient
+coordinates (:class:`~inference.types.Detection`).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import sys
+import threading
+import warnings
 from collections.abc import Hashable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any, cast
 
+import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
@@ -38,8 +59,25 @@ from monai.inferers import SimpleInferer
 from monai.transforms import Invertd
 
 from inference.models.python_callable import segment_volumes
-from inference.runner import classify, inference_context, labelmap_from_output, resolve_device, to_metatensor
-from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, Model, ModelCard, Prediction, SegmentSpec, Task, Volume
+from inference.runner import (
+    _LPS_TO_RAS,
+    classify,
+    inference_context,
+    labelmap_from_output,
+    resolve_device,
+    to_metatensor,
+)
+from inference.types import (
+    SCT_ANATOMICAL_STRUCTURE,
+    Code,
+    Detection,
+    Model,
+    ModelCard,
+    Prediction,
+    SegmentSpec,
+    Task,
+    Volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +133,28 @@ def read_metadata(bundle: Path) -> dict[str, Any]:
     return data
 
 
+def _pred_output(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    outputs = metadata.get("network_data_format", {}).get("outputs", {}) or {}
+    pred: Any = outputs.get("pred") or next(iter(outputs.values()), {})
+    return pred if isinstance(pred, Mapping) else {}
+
+
 def channel_names(metadata: Mapping[str, Any]) -> dict[int, str]:
-    """``network_data_format.outputs.pred.channel_def`` as ``{channel index: name}``."""
-    outputs = metadata.get("network_data_format", {}).get("outputs", {})
-    pred: Mapping[str, Any] = outputs.get("pred") or next(iter(outputs.values()), {})
-    return {int(k): str(v) for k, v in (pred.get("channel_def") or {}).items()}
+    """``network_data_format.outputs.pred.channel_def`` (or ``label_def``) as ``{channel index: name}``."""
+    pred = _pred_output(metadata)
+    names = pred.get("channel_def") or pred.get("label_def") or {}
+    return {int(k): str(v) for k, v in names.items()} if isinstance(names, Mapping) else {}
+
+
+def is_detection(metadata: Mapping[str, Any]) -> bool:
+    """Whether the bundle's output is boxes (``outputs.pred.type: object``), not an image."""
+    return str(_pred_output(metadata).get("type", "")).lower() == "object"
+
+
+def has_background(names: Mapping[int, str]) -> bool:
+    """Whether channel 0 is the background (softmax classes), not a region of its own (sigmoid channels)."""
+    first = names.get(0, "").strip().lower()
+    return first in ("background", "bg", "_background_", "backgroung", "") or "background" in first
 
 
 def input_modality(metadata: Mapping[str, Any]) -> str:
@@ -111,18 +166,65 @@ def input_modality(metadata: Mapping[str, Any]) -> str:
 
 def segments_from_channels(names: Mapping[int, str], model: str) -> tuple[SegmentSpec, ...]:
     """Segments for channels 1.. of ``channel_def`` (channel 0 is the background)."""
-    segments = []
+    segments, uncoded = [], []
     for index, name in sorted(names.items()):
         if index == 0:
             continue
         code = KNOWN_STRUCTURES.get(name.strip().lower())
         if code is None:
-            logger.warning("Model %s: channel %d %r has no known SNOMED CT code; list it under labels "
-                           "in the config to code it", model, index, name)
+            uncoded.append(name)
             code = Code(name.strip()[:16].upper().replace(" ", "_") or f"CH{index}", PRIVATE_SCHEME, name[:64])
         segments.append(SegmentSpec(index, name[:64], SCT_ANATOMICAL_STRUCTURE, code,
                                     _PALETTE[(index - 1) % len(_PALETTE)]))
+    if uncoded:
+        logger.warning("Model %s: %d of %d label(s) have no known SNOMED CT code (%s%s); they get private codes "
+                       "(scheme %s): list them under labels in the config to code them", model, len(uncoded),
+                       len(segments), ", ".join(uncoded[:5]), ", ..." if len(uncoded) > 5 else "", PRIVATE_SCHEME)
     return tuple(segments)
+
+
+class BundleImports:
+    """The bundle's own top-level Python packages and modules (``scripts``...), importable while it is used.
+
+    Entering puts the bundle folder first on ``sys.path`` and its modules
+    (imported earlier under this bundle) into ``sys.modules``, after taking
+    out any other bundle's modules of the same names; leaving puts things
+    back.  One bundle at a time (a lock): imports are process-wide.
+    """
+
+    _lock = threading.RLock()
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.names = frozenset(
+            p.stem for p in root.iterdir()
+            if (p.is_dir() and (p / "__init__.py").is_file()) or (p.is_file() and p.suffix == ".py")
+        ) if root.is_dir() else frozenset()
+        self._own: dict[str, Any] = {}
+        self._others: dict[str, Any] = {}
+
+    def _take(self) -> dict[str, Any]:
+        return {k: sys.modules.pop(k) for k in [m for m in sys.modules if m.split(".", 1)[0] in self.names]}
+
+    def __enter__(self) -> BundleImports:
+        self._lock.acquire()
+        if self.names:
+            self._others = self._take()
+            sys.modules.update(self._own)
+            sys.path.insert(0, self.root)
+            importlib.invalidate_caches()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if self.names:
+                if self.root in sys.path:
+                    sys.path.remove(self.root)
+                self._own = self._take()
+                sys.modules.update(self._others)
+                self._others = {}
+        finally:
+            self._lock.release()
 
 
 def _target_name(item: Any, parser: ConfigParser) -> str:
@@ -194,13 +296,22 @@ class MonaiBundleModel(Model):
         self.activation = spec.activation
         self.threshold = float(spec.threshold)
         task = Task(spec.task)
+        if task is Task.SEGMENTATION and is_detection(metadata):
+            task = Task.DETECTION  # the bundle says its output is boxes
         names = channel_names(metadata)
+        classes: tuple[str, ...] = ()
         if task is Task.SEGMENTATION:
+            if not segments and names and not has_background(names):
+                raise ValueError(
+                    f"model {name}: the channel_def of {bundle.name} ({', '.join(names.values())}) has no background "
+                    "channel 0: its channels are overlapping regions (sigmoid), not the label values its "
+                    "postprocessing writes; list those under labels in the config")
             segments = segments or segments_from_channels(names, name)
             if not segments:
-                raise ValueError(f"model {name}: no labels in the config and no channel_def in "
+                raise ValueError(f"model {name}: no labels in the config and no channel_def or label_def in "
                                  f"{bundle}/configs/metadata.json")
-            classes: tuple[str, ...] = ()
+        elif task is Task.DETECTION:
+            classes = tuple(spec.classes) or tuple(n for _, n in sorted(names.items())) or ("Finding",)
         else:
             classes = tuple(spec.classes) or tuple(n for _, n in sorted(names.items()))
             if not classes:
@@ -211,10 +322,16 @@ class MonaiBundleModel(Model):
             intended_use=(spec.intended_use or str(metadata.get("description", "")))[:1024],
             modality=spec.modality or input_modality(metadata), segments=segments, classes=classes,
         )
+        self.imports = BundleImports(bundle)
+        with self.imports:
+            self._build(bundle, metadata, spec)
 
+    def _build(self, bundle: Path, metadata: dict[str, Any], spec: Any) -> None:
         parser = ConfigParser()
         parser.read_config(str(find_config(bundle, spec.config_file)))
-        parser.read_meta(metadata)
+        with warnings.catch_warnings():  # MONAI 1.6 renames optional_packages_version, as most bundles name it
+            warnings.filterwarnings("ignore", message=".*deprecated name.*", category=UserWarning)
+            parser.read_meta(metadata)
         parser["bundle_root"] = str(bundle)
         parser["device"] = f"$torch.device('{self.device}')"
         for key in ("overlap", "sw_batch_size"):
@@ -225,9 +342,15 @@ class MonaiBundleModel(Model):
         dropped += _drop_transforms(parser, "postprocessing", WRITERS)
         self.preprocessing = parser.get_parsed_content("preprocessing") if parser.get("preprocessing") else None
         self.postprocessing = parser.get_parsed_content("postprocessing") if parser.get("postprocessing") else None
-        self.inferer = parser.get_parsed_content("inferer") if parser.get("inferer") else SimpleInferer()
         self.network = self._load_network(bundle, parser).to(self.device).eval()
-        logger.info("Model %s: MONAI bundle %s version %s on %s (AMP %s; replaced %s)", name, bundle.name,
+        if self.card.task is Task.DETECTION:
+            # The evaluator's _requires_ configure the detector (score threshold, NMS, sliding window).
+            for required in _as_list(parser.get("evaluator#_requires_") if parser.get("evaluator") else None):
+                if isinstance(required, str) and required.startswith("@"):
+                    parser.get_parsed_content(required[1:])
+            self.box_format = _box_format(parser)
+        self.inferer = parser.get_parsed_content("inferer") if parser.get("inferer") else SimpleInferer()
+        logger.info("Model %s: MONAI bundle %s version %s on %s (AMP %s; replaced %s)", self.card.name, bundle.name,
                     self.card.version, self.device, "on" if self.amp and self.device.type == "cuda" else "off",
                     ", ".join(dropped) or "nothing")
 
@@ -244,7 +367,7 @@ class MonaiBundleModel(Model):
                                 "or models/model.ts")
 
     def predict(self, volume: Volume) -> Prediction:
-        with inference_context(self.device, self.amp):
+        with self.imports, inference_context(self.device, self.amp):
             data: dict[str, Any] = {"image": to_metatensor(volume)}
             if self.preprocessing is not None:
                 data = self.preprocessing(data)
@@ -252,28 +375,125 @@ class MonaiBundleModel(Model):
             if image.ndim == 3:  # a bundle without EnsureChannelFirstd
                 image = image[None]
             batch = image.unsqueeze(0).to(self.device).contiguous()
+            if self.card.task is Task.DETECTION:
+                return self._detections(self.inferer(batch, self.network), image)
             pred = self.inferer(batch, self.network)[0].float()
             if self.card.task is Task.CLASSIFICATION:
                 return Prediction(card=self.card,
                                   classifications=classify(pred, self.card, self.activation, self.threshold))
-            meta = image.meta if isinstance(image, MetaTensor) else {}
-            ops = image.applied_operations if isinstance(image, MetaTensor) else []
-            data["image"] = image
-            data["pred"] = MetaTensor(pred.as_tensor() if isinstance(pred, MetaTensor) else pred,
-                                      meta=dict(meta), applied_operations=list(ops))
-            if self.postprocessing is not None:
-                data = self.postprocessing(data)
-            out = data["pred"]
-            spatial = tuple(volume.array.shape[::-1])
-            if tuple(out.shape[-3:]) != spatial and self.preprocessing is not None and isinstance(out, MetaTensor):
-                logger.debug("Model %s: postprocessing left the output on the network grid; inverting",
-                             self.card.name)
-                if out.shape[0] > 1:
-                    out = MetaTensor(torch.argmax(out, dim=0, keepdim=True).float(), meta=dict(out.meta),
-                                     applied_operations=list(out.applied_operations))
-                data["pred"] = out
-                invert = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
-                inverted: Mapping[Hashable, Any] = invert(cast(Mapping[Hashable, Any], data))
-                out = inverted["pred"]
-        labelmap = labelmap_from_output(out, self.card, volume.array.shape)
+            out = self._postprocess(data, image, pred, volume)
+        labelmap = labelmap_from_output(out, self.card, volume.shape)
         return Prediction(card=self.card, labelmap=labelmap, measurements=segment_volumes(labelmap, self.card, volume))
+
+    def _postprocess(self, data: dict[str, Any], image: Any, pred: Any, volume: Volume) -> Any:
+        meta = image.meta if isinstance(image, MetaTensor) else {}
+        ops = image.applied_operations if isinstance(image, MetaTensor) else []
+        data["image"] = image
+        data["pred"] = MetaTensor(pred.as_tensor() if isinstance(pred, MetaTensor) else pred,
+                                  meta=dict(meta), applied_operations=list(ops))
+        if self.postprocessing is not None:
+            data = self.postprocessing(data)
+        out = data["pred"]
+        spatial = tuple(volume.shape[::-1])
+        # Still on the network's grid (the bundle has no Invertd): shape differs, or transforms not undone.
+        on_network_grid = tuple(out.shape[-3:]) != spatial or bool(getattr(out, "applied_operations", None))
+        if on_network_grid and self.preprocessing is not None and isinstance(out, MetaTensor):
+            logger.debug("Model %s: postprocessing left the output on the network grid; inverting", self.card.name)
+            if out.shape[0] > 1:
+                out = MetaTensor(torch.argmax(out, dim=0, keepdim=True).float(), meta=dict(out.meta),
+                                 applied_operations=list(out.applied_operations))
+            data["pred"] = out
+            invert = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
+            inverted: Mapping[Hashable, Any] = invert(cast(Mapping[Hashable, Any], data))
+            out = inverted["pred"]
+        return out
+
+    def _detections(self, outputs: Any, image: Any) -> Prediction:
+        """The detector's boxes, through the bundle's postprocessing, as patient-coordinate detections."""
+        result = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        if not isinstance(result, Mapping):
+            raise ValueError(f"model {self.card.name}: the detector returned {type(result).__name__}, "
+                             "not a dict of boxes")
+        data: dict[str, Any] = {**result, "image": image}
+        if self.postprocessing is not None:
+            data = self.postprocessing(data)
+        fmt = self.box_format
+        boxes = _tensor(data.get(fmt.box_key)).reshape(-1, 6)
+        labels = _tensor(data.get(fmt.label_key, torch.zeros(len(boxes)))).reshape(-1)
+        scores = _tensor(data.get(fmt.score_key, torch.ones(len(boxes)))).reshape(-1)
+        corners = _corners_lps(boxes, fmt, image)
+        found = []
+        for (low, high), label, score in zip(corners, labels.tolist(), scores.tolist()):
+            if score >= self.threshold:
+                centre, size = (low + high) / 2, high - low
+                found.append(Detection(int(label), float(score), (float(centre[0]), float(centre[1]), float(centre[2])),
+                                       (float(size[0]), float(size[1]), float(size[2]))))
+        found.sort(key=lambda d: -d.score)
+        logger.info("Model %s: %d box(es) at score >= %.2f (of %d)", self.card.name, len(found), self.threshold,
+                    len(boxes))
+        return Prediction(card=self.card, detections=tuple(found))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    if value is None:
+        return torch.zeros(0)
+    return (value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)).detach().float().cpu()
+
+
+class _BoxFormat:
+    """How the bundle's postprocessing leaves its boxes: keys, box mode, and coordinate space."""
+
+    def __init__(self, box_key: str = "box", label_key: str = "label", mode: str = "xyzxyz", world: bool = False,
+                 lps: bool = False) -> None:
+        self.box_key, self.label_key, self.score_key = box_key, label_key, f"{label_key}_scores"
+        self.mode, self.world, self.lps = mode, world, lps
+
+
+def _box_format(parser: ConfigParser) -> _BoxFormat:
+    """Read the box keys, mode and space from the bundle's detector and postprocessing configuration."""
+    fmt = _BoxFormat()
+    for op in _as_list(parser.get("detector_ops")):
+        text = str(op)
+        if "set_target_keys" in text:
+            for key, attr in (("box_key", "box_key"), ("label_key", "label_key")):
+                marker = f"{key}='"
+                if marker in text:
+                    setattr(fmt, attr, text.split(marker, 1)[1].split("'", 1)[0])
+            fmt.score_key = f"{fmt.label_key}_scores"
+    post = parser.get("postprocessing") or {}
+    for item in _as_list(post.get("transforms") if isinstance(post, Mapping) else None):
+        target = str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, Mapping) else ""
+        if target == "AffineBoxToWorldCoordinated":
+            fmt.world, fmt.lps = True, bool(item.get("affine_lps_to_ras", False))
+        elif target == "ConvertBoxModed":
+            fmt.mode = str(item.get("dst_mode", fmt.mode))
+    return fmt
+
+
+def _corners_lps(boxes: torch.Tensor, fmt: _BoxFormat, image: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(low, high)`` LPS corners (mm) of each box."""
+    from monai.data.box_utils import convert_box_mode
+
+    if not len(boxes):
+        return []
+    xyz = np.asarray(convert_box_mode(boxes, src_mode=fmt.mode, dst_mode="xyzxyz"), dtype=float)
+    corners = []
+    for box in xyz:
+        low, high = box[:3], box[3:]
+        if not fmt.world:  # voxel coordinates of the preprocessed image: through its RAS affine
+            affine = np.asarray(image.affine if isinstance(image, MetaTensor) else np.eye(4), dtype=float)
+            points = np.array([[a, b, c, 1.0] for a in (low[0], high[0]) for b in (low[1], high[1])
+                               for c in (low[2], high[2])])
+            world = (_LPS_TO_RAS @ affine @ points.T).T[:, :3]  # RAS -> LPS (the flip is its own inverse)
+        else:
+            world = np.array([low, high])
+            if not fmt.lps:
+                world = world * np.array([-1.0, -1.0, 1.0])
+        corners.append((world.min(axis=0), world.max(axis=0)))
+    return corners

@@ -162,9 +162,9 @@ class PythonModel(Model):
             return Prediction(card=self.card, classifications=tuple(
                 Classification(str(k), float(v), float(v) >= self.threshold) for k, v in out.items()))
         labelmap = np.asarray(out)
-        if labelmap.shape != volume.array.shape:
+        if labelmap.shape != volume.shape:
             raise ValueError(f"model {self.card.name} returned shape {labelmap.shape}, "
-                             f"expected {volume.array.shape} (z, y, x){grid}")
+                             f"expected {volume.shape} (z, y, x){grid}")
         known = {s.label for s in self.card.segments}
         unknown = set(np.unique(labelmap).tolist()) - known - {0}
         if unknown:

@@ -132,5 +132,5 @@ class TorchscriptModel(Model):
                                            applied_operations=list(image.applied_operations))
                 labels = Invertd(keys="pred", transform=self.transforms, orig_keys="image",
                                  nearest_interp=True)(data)["pred"]
-        labelmap = labelmap_from_output(labels, self.card, volume.array.shape)
+        labelmap = labelmap_from_output(labels, self.card, volume.shape)
         return Prediction(card=self.card, labelmap=labelmap, measurements=segment_volumes(labelmap, self.card, volume))
