@@ -65,8 +65,10 @@ class EnvironmentModel(Model):
         env["PYTHONPATH"] = str(self.inference_path)
         env["PYTHONNOUSERSITE"] = "1"
         env["DICOM_NODE_MODEL_LOG"] = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        # cwd: ``-m`` puts the working directory first on sys.path; this folder holds only the link.
         self._proc = subprocess.Popen([str(self.python), "-m", "inference.serve"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                      cwd=str(self.inference_path))
         assert self._proc.stderr is not None
         threading.Thread(target=self._log_stderr, args=(self._proc.stderr,), daemon=True,
                          name=f"model-{self.name}-stderr").start()
@@ -93,6 +95,7 @@ class EnvironmentModel(Model):
         except (wire.WireError, BrokenPipeError, OSError) as exc:
             code = proc.wait(timeout=10) if proc.poll() is None else proc.returncode
             self._proc = None
+            _close_pipes(proc)
             raise ModelEnvironmentError(f"model {self.name}: its process in {self.label} ended "
                                     f"(exit code {code}): {exc}") from None
         if not answer.get("ok"):
@@ -124,8 +127,18 @@ class EnvironmentModel(Model):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+        _close_pipes(proc)
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         proc = getattr(self, "_proc", None)
         if proc is not None and proc.poll() is None:
             proc.kill()
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Mapping
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from types import SimpleNamespace
 from typing import IO, Any
 
@@ -156,6 +156,8 @@ def plain(value: Any) -> Any:
         return plain(vars(value))
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value.expanduser().absolute())  # the model process runs in another directory
     if isinstance(value, PurePath):
         return str(value)
     if value is None or isinstance(value, (str, int, float, bool)):

@@ -174,3 +174,89 @@ def test_a_model_that_takes_one_series_says_so_when_given_several() -> None:
     with pytest.raises(SingleInputError, match=r"model lungs-ct takes one series; it was given 2 \(arterial, "
                                                 r"venous\): use a model that takes several inputs"):
         model.predict_study({"arterial": volume, "venous": volume}, "arterial")
+
+
+# --- Input channels: the study's series stacked as one model's channels (any model that takes a tensor) ---
+
+CHANNELS_PY = '''
+import numpy as np
+
+def brighter(array, geometry):
+    if array.ndim != 4 or geometry.get("channels") != ["venous", "arterial"]:
+        raise ValueError(f"expected channels venous, arterial; got {array.shape} {geometry.get('channels')}")
+    return ((array[0] - array[1]) > 50).astype(np.uint8)
+'''
+
+
+def _channel_settings(tmp: Path, where: str) -> Settings:
+    (tmp / "code" / "channel_model.py").write_text(CHANNELS_PY)
+    model = {"type": "python", "callable": "channel_model:brighter", "path": str(tmp / "code"), "labels": [LABEL]}
+    rule: dict[str, Any] = {"name": "phases", "when": {"Modality": "CT"}, "run": ["brighter"],
+                            "study": {"series": {"arterial": {"SeriesDescription": {"regex": "(?i)arterial"}},
+                                                 "venous": {"SeriesDescription": {"regex": "(?i)venous"}}}}}
+    (model if where == "model" else rule)["channels"] = ["venous", "arterial"]
+    return Settings.model_validate({"storage": {"path": str(tmp / "state")}, "models": {"brighter": model},
+                                    "rules": [rule]})
+
+
+@pytest.mark.parametrize("where", ["model", "rule"])
+def test_channels_stack_the_study_series_in_the_declared_order(phases: dict[str, Any], where: str) -> None:
+    settings = _channel_settings(phases["tmp"], where)
+    task = task_for(phases, model="brighter")
+    task = InferTask(task.job_id, task.series_uid, task.model, task.paths, task.outputs, inputs=task.inputs,
+                     rule=task.rule, channels=settings.channels_for(settings.rules[0], "brighter"))
+    outcome = run_infer(task, ModelRegistry(settings.models), phases["spool"], settings.outputs)
+    assert outcome.ok, outcome.error
+    seg = read_seg(phases["spool"], next(o.path for o in outcome.objects if o.kind == "seg"))
+    # The results are on the first channel's series (venous) and equal the model's answer there.
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == phases["series"]["venous"][0]
+    assert int(seg.get_segment_numbers()[0]) == 1 and not any("resampled" in n for n in outcome.notes)
+
+
+def _rewrite(spool: Spool, paths: tuple[str, ...], **changes: Any) -> None:
+    for rel in paths:
+        ds = pydicom.dcmread(spool.absolute(rel))
+        for keyword, value in changes.items():
+            if keyword == "shift_mm":
+                ds.ImagePositionPatient = [float(v) + value for v in ds.ImagePositionPatient]
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(spool.absolute(rel))
+
+
+def test_a_channel_on_another_grid_of_the_same_frame_is_resampled(phases: dict[str, Any]) -> None:
+    settings = _channel_settings(phases["tmp"], "rule")
+    _rewrite(phases["spool"], phases["series"]["arterial"][1], shift_mm=0.75)  # half a pixel off, same frame
+    task = task_for(phases, model="brighter")
+    task = InferTask(task.job_id, task.series_uid, task.model, task.paths, task.outputs, inputs=task.inputs,
+                     rule=task.rule, channels=("venous", "arterial"))
+    outcome = run_infer(task, ModelRegistry(settings.models), phases["spool"], settings.outputs)
+    assert outcome.ok, outcome.error
+    assert any("channel 'arterial' resampled onto the grid of channel 'venous'" in n for n in outcome.notes)
+
+
+def test_a_channel_in_another_frame_of_reference_is_refused(phases: dict[str, Any]) -> None:
+    settings = _channel_settings(phases["tmp"], "rule")
+    _rewrite(phases["spool"], phases["series"]["arterial"][1], FrameOfReferenceUID=generate_uid())
+    task = task_for(phases, model="brighter")
+    task = InferTask(task.job_id, task.series_uid, task.model, task.paths, task.outputs, inputs=task.inputs,
+                     rule=task.rule, channels=("venous", "arterial"))
+    outcome = run_infer(task, ModelRegistry(settings.models), phases["spool"], settings.outputs)
+    assert not outcome.ok and not outcome.objects
+    assert "channel 'arterial' is not in the frame of reference of channel 'venous'" in outcome.error
+
+
+def test_channels_are_checked_at_config_load(tmp_path: Path) -> None:
+    (tmp_path / "code").mkdir()
+    base = {"storage": {"path": str(tmp_path / "state")},
+            "models": {"ts": {"type": "torchscript", "path": str(tmp_path / "m.ts"), "labels": [LABEL]}}}
+    study = {"series": {"t1": {"SeriesDescription": "T1"}, "t2": {"SeriesDescription": "T2"}}}
+    rule = {"name": "brain", "when": {"Modality": "MR"}, "run": ["ts"], "study": study}
+    with pytest.raises(ConfigError, match="list them as its input channels"):
+        Settings.model_validate({**base, "rules": [rule]})
+    with pytest.raises(ValueError, match="not series of this study rule"):
+        Settings.model_validate({**base, "rules": [{**rule, "channels": ["t1", "flair"]}]})
+    with pytest.raises(ValueError, match="this rule has no study"):
+        Settings.model_validate({**base, "rules": [{"name": "r", "when": {}, "run": ["ts"], "channels": ["t1"]}]})
+    ok = Settings.model_validate({**base, "rules": [{**rule, "channels": ["t2", "t1"]}]})
+    assert ok.channels_for(ok.rules[0], "ts") == ("t2", "t1")
