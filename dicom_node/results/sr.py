@@ -17,6 +17,11 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
   segment reference;
 - per classification, a TID 1501 group: qualitative evaluation class ->
   SCT Yes/No, and the probability (DCM 122157 "Probability", UCUM ``1``);
+- per detection (best score first, at most :data:`MAX_DETECTIONS`), a TID
+  1410 *Planar ROI* group: finding type = the class (private scheme), the
+  box as a closed SCOORD3D polygon on the axial plane through its centre
+  (patient coordinates, the source's frame of reference), and the score
+  (DCM 122157 "Probability");
 - a TID 1501 "Findings" group holding each free-text finding as a TEXT
   qualitative evaluation (DCM 121071 "Finding"); it also says when the model
   found no segment (and therefore no SEG exists) or reported nothing at all.
@@ -34,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
@@ -48,7 +54,7 @@ from dicom_node.results.identity import (
     software_versions,
 )
 from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
-from inference.types import Classification, Code, Measurement, ModelCard, Prediction, SegmentSpec
+from inference.types import Classification, Code, Detection, Measurement, ModelCard, Prediction, SegmentSpec
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ NO_RESULT_FINDING: Final[str] = "The model reported no segment, measurement, cla
 
 _Group: TypeAlias = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 _YES: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("373066001", "SCT", "Yes")
 _NO: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("373067005", "SCT", "No")
@@ -245,6 +252,35 @@ def _classification_group(
     )
 
 
+#: At most this many boxes are reported (a detector's random or untrained output can hold hundreds).
+MAX_DETECTIONS: Final[int] = 100
+
+
+def _detection_group(
+    index: int, item: Detection, classes: Sequence[str], frame_of_reference: str, identity: OutputIdentity,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    if not 0.0 <= item.score <= 1.0:
+        raise ResultError(f"Score of detection {index} is {item.score}, not in [0, 1]")
+    name = classes[item.label] if 0 <= item.label < len(classes) else f"class {item.label}"
+    (cx, cy, cz), (sx, sy, _) = item.center, item.size
+    corners = [(cx - sx / 2, cy - sy / 2), (cx + sx / 2, cy - sy / 2), (cx + sx / 2, cy + sy / 2),
+               (cx - sx / 2, cy + sy / 2)]
+    polygon = [[x, y, cz] for x, y in corners + corners[:1]]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=identity.derive("detection", str(index)), identifier=f"{name} {index + 1}"[:64]
+        ),
+        referenced_region=hd.sr.ImageRegion3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON, graphic_data=np.asarray(polygon, dtype=float),
+            frame_of_reference_uid=frame_of_reference,
+        ),
+        finding_type=class_concept(name),
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.score), unit=_UCUM_NO_UNITS)],
+    )
+
+
 def _findings_group(
     texts: Sequence[str], identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -356,8 +392,19 @@ def build_sr(
             _classification_group(index, item, identity, algorithm)
             for index, item in enumerate(prediction.classifications)
         )
+        detections = sorted(prediction.detections, key=lambda d: -d.score)
+        if detections and not getattr(source, "FrameOfReferenceUID", None):
+            raise ResultError("the source images have no FrameOfReferenceUID: boxes cannot be placed")
+        groups.extend(
+            _detection_group(index, item, card.classes, str(source.FrameOfReferenceUID), identity, algorithm)
+            for index, item in enumerate(detections[:MAX_DETECTIONS])
+        )
+        if len(detections) > MAX_DETECTIONS:
+            texts_extra = [f"{len(detections) - MAX_DETECTIONS} more box(es) with lower scores are not listed"]
+        else:
+            texts_extra = []
 
-        texts = [text for text in prediction.findings if text.strip()]
+        texts = [text for text in prediction.findings if text.strip()] + texts_extra
         # A SEG is only made when a segment is present: no need to scan the label map then.
         if card.segments and prediction.labelmap is not None and seg is None and not prediction.present_segments():
             texts.append(NO_SEGMENT_FINDING)
@@ -386,7 +433,7 @@ def build_sr(
             software_versions=software_versions(card),
             device_serial_number=device_serial_number,
             specific_character_set=character_set(source),
-            coding_schemes=[_private_scheme()] if prediction.classifications else None,
+            coding_schemes=[_private_scheme()] if prediction.classifications or prediction.detections else None,
         )
     except ValueError as exc:
         raise ResultError(f"SR for model {card.name!r} could not be encoded: {exc}") from exc

@@ -43,6 +43,7 @@ from inference.types import (
     UCUM_ML,
     Classification,
     Code,
+    Detection,
     Measurement,
     ModelCard,
     Prediction,
@@ -660,3 +661,27 @@ def test_dciodvfy_sr_with_classification(tmp_path: Path) -> None:
     )
     sr = _sr_without_seg(prediction, source)
     _assert_dciodvfy_clean(sr, tmp_path / "sr_cls.dcm", "Comprehensive3DSR")
+
+
+def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None:
+    """A detection model's boxes: one Planar ROI per box, a closed SCOORD3D polygon through its centre."""
+    source = _synthetic_ct(3)
+    card = ModelCard(name="nodules", version="1", task=Task.DETECTION, classes=("Lung nodule",))
+    boxes = (Detection(0, 0.61, (10.0, -20.0, 5.0), (8.0, 6.0, 4.0)), Detection(0, 0.93, (-30.0, 12.5, 2.5),
+                                                                                     (12.0, 12.0, 9.0)))
+    sr = _sr_without_seg(Prediction(card, detections=boxes), source)
+    _assert_dciodvfy_clean(sr, tmp_path / "sr_det.dcm", "Comprehensive3DSR")
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = report.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2
+    best = groups[0]  # best score first
+    assert best.finding_type.meaning == "Lung nodule"
+    region = best.roi
+    assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues3D.POLYGON
+    assert region.frame_of_reference_uid == source[0].FrameOfReferenceUID
+    points = region.value
+    np.testing.assert_allclose(points[0], points[-1])  # closed
+    np.testing.assert_allclose(points.min(axis=0), (-36.0, 6.5, 2.5))
+    np.testing.assert_allclose(points.max(axis=0), (-24.0, 18.5, 2.5))
+    probability = next(m for m in best.get_measurements() if m.name.meaning == "Probability")
+    assert probability.value == pytest.approx(0.93)
