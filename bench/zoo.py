@@ -100,9 +100,13 @@ def _random_weights(bundle: Path, python: Path, inference_path: Path | None) -> 
     out = subprocess.run([str(python), "-c", WEIGHTS_CODE, str(bundle)], capture_output=True, text=True,
                          env=env, cwd=str(inference_path or bundle), timeout=900)
     if out.returncode != 0:
-        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
-        errors = [line for line in lines if "Error" in line or "error" in line]
-        raise RuntimeError((errors[-1] if errors else lines[-1] if lines else f"exit {out.returncode}")[:300])
+        lines = [line.strip() for line in out.stderr.strip().splitlines() if line.strip()]
+        # The root cause (a missing file, a module) rather than MONAI's wrapping "Failed to evaluate".
+        causes = [line for line in lines if "No such file" in line or "FileNotFound" in line
+                  or "ModuleNotFound" in line or "ImportError" in line]
+        errors = [line for line in lines if "Error" in line and "Failed to evaluate" not in line]
+        found = causes or errors or lines
+        raise RuntimeError((found[-1] if found else f"exit {out.returncode}")[:300])
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -221,9 +225,15 @@ def _run_one(bundle: Path, args: argparse.Namespace, work: Path) -> dict[str, An
         return row
     segments = [o for o in outcome.objects if o.kind == "seg"]
     if task_kind == "detection":
-        row["runs"] = f"yes, {seconds:.0f} s: {'; '.join(outcome.findings)[:80] or 'boxes in the SR'}"
-        row["seg"] = "- (boxes)"
-        row["labels"] = "1 class (config)"
+        import highdicom as hd
+        import pydicom
+
+        sr_path = spool.absolute(next(o.path for o in outcome.objects if o.kind == "sr"))
+        report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+        boxes = len(report.content.get_planar_roi_measurement_groups())
+        row["runs"] = f"yes, {seconds:.0f} s: {boxes} boxes (SCOORD3D) in the SR"
+        row["seg"] = f"no SEG (boxes); SR: {_dciodvfy(sr_path)}"
+        row["labels"] = "1 class (config: Lung nodule)"
         return row
     row["runs"] = f"yes, {seconds:.0f} s"
     row["seg"] = _dciodvfy(spool.absolute(segments[0].path)) if segments else "no SEG (no segment present)"

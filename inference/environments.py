@@ -53,8 +53,9 @@ TRANSFORM_NEEDS = {
     "RemoveSmallObjects": "scikit-image",
     "LabelFilter": "scikit-image",
 }
-#: The scikit-image release the node itself is tested with.
+#: The scikit-image and PyYAML releases the node itself is tested with.
 SKIMAGE = "scikit-image==0.26.0"
+PYYAML = "PyYAML==6.0.4"
 
 _NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
 DESCRIPTION = "environment.json"
@@ -154,6 +155,9 @@ def plan_for(name: str, spec: Any, torch_release: str | None = None) -> Plan:
         for transform in sorted(transforms):
             if package_name(TRANSFORM_NEEDS[transform]) not in chosen:
                 put(SKIMAGE, f"the bundle's {transform} transform on the CPU")
+        configs = Path(spec.path).expanduser() / "configs"
+        if "pyyaml" not in chosen and configs.is_dir() and any(configs.glob("*.y*ml")):
+            put(PYYAML, "MONAI reads the bundle's yaml configs with it")
     for requirement in getattr(spec, "requirements", ()) or ():
         put(requirement, "the model's requirements")
     return Plan(model=name, packages=tuple(chosen[k] for k in sorted(chosen)), reasons=dict(sorted(reasons.items())),
