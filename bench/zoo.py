@@ -110,6 +110,21 @@ def _random_weights(bundle: Path, python: Path, inference_path: Path | None) -> 
     return out.stdout.strip().splitlines()[-1]
 
 
+def _downloaded_files(bundle: Path) -> list[str]:
+    """Files other than the weights that the bundle's large_files list downloads (e.g. DiNTS architecture codes)."""
+    import yaml
+
+    for name in ("large_files.yml", "large_files.yaml", "large_files.json"):
+        path = bundle / name
+        if path.is_file():
+            data = yaml.safe_load(path.read_text()) or {}
+            items = data.get("large_files", []) if isinstance(data, dict) else []
+            return [str(i.get("path")) for i in items if isinstance(i, dict)
+                    and str(i.get("path")) not in ("models/model.pt", "models/model.ts")
+                    and not str(i.get("path", "")).endswith((".onnx", ".plan"))]
+    return []
+
+
 def _series(modality: str, channels: int, folder: Path) -> list[tuple[str, list[Path]]]:
     """One synthetic series per channel (one study, one frame of reference), MR when the bundle takes MR."""
     import numpy as np
@@ -176,6 +191,11 @@ def _run_one(bundle: Path, args: argparse.Namespace, work: Path) -> dict[str, An
         row["builds"] = "yes: " + _random_weights(copy, Path(sys.executable), None)
     except RuntimeError as shared_error:
         row["builds"] = f"no: {shared_error}"
+        needed = [f for f in _downloaded_files(bundle) if not (bundle / f).exists()]
+        if needed:
+            row.update(builds=f"no: its network_def needs the downloaded file(s) {', '.join(needed)} "
+                              "(large_files.yml), not in the checkout", runs="-", seg="-")
+            return row
         if args.no_managed:
             row.update(runs="-", seg="-")
             return row
