@@ -236,6 +236,27 @@ def _target_name(item: Any, parser: ConfigParser) -> str:
     return ""
 
 
+#: Keys a bundle's LoadImaged reads that are ground truth for evaluation, never an input of inference.
+_TRUTH_KEYS = frozenset({"label", "labels", "seg", "mask", "gt", "ground_truth"})
+
+
+def _loader_keys(parser: ConfigParser) -> list[str]:
+    """The image keys of the bundle's LoadImaged (``image`` when it has none): where the node puts the volume."""
+    section = parser.get("preprocessing")
+    transforms = section.get("transforms") if isinstance(section, Mapping) else None
+    if isinstance(transforms, str) and transforms.lstrip("$").startswith("@"):
+        transforms = parser.get(transforms.lstrip("$")[1:])
+    for item in transforms if isinstance(transforms, list) else []:
+        if _target_name(item, parser) in LOADERS and isinstance(item, Mapping):
+            keys = item.get("keys", "image")
+            if isinstance(keys, str) and keys.startswith("@"):
+                keys = parser.get(keys[1:])
+            found = [str(k) for k in (keys if isinstance(keys, list) else [keys]) if str(k) not in _TRUTH_KEYS]
+            if found and all(not k.startswith(("@", "$")) for k in found):
+                return found
+    return ["image"]
+
+
 def _drop_transforms(parser: ConfigParser, key: str, drop: frozenset[str]) -> list[str]:
     """Remove transforms named in ``drop`` from ``parser[key]`` (a Compose); returns what was removed."""
     section = parser.get(key)
@@ -338,6 +359,7 @@ class MonaiBundleModel(Model):
             value = getattr(spec, key, None)
             if value is not None and isinstance(parser.get("inferer"), Mapping):
                 parser[f"inferer#{key}"] = value
+        self.input_keys = _loader_keys(parser)
         dropped = _drop_transforms(parser, "preprocessing", LOADERS)
         dropped += _drop_transforms(parser, "postprocessing", WRITERS)
         self.preprocessing = parser.get_parsed_content("preprocessing") if parser.get("preprocessing") else None
@@ -368,10 +390,10 @@ class MonaiBundleModel(Model):
 
     def predict(self, volume: Volume) -> Prediction:
         with self.imports, inference_context(self.device, self.amp):
-            data: dict[str, Any] = {"image": to_metatensor(volume)}
+            data: dict[str, Any] = self._inputs(volume)
             if self.preprocessing is not None:
                 data = self.preprocessing(data)
-            image = data["image"]
+            image = data["image"] if "image" in data else data[self.input_keys[0]]
             if image.ndim == 3:  # a bundle without EnsureChannelFirstd
                 image = image[None]
             batch = image.unsqueeze(0).to(self.device).contiguous()
@@ -384,6 +406,22 @@ class MonaiBundleModel(Model):
             out = self._postprocess(data, image, pred, volume)
         labelmap = labelmap_from_output(out, self.card, volume.shape)
         return Prediction(card=self.card, labelmap=labelmap, measurements=segment_volumes(labelmap, self.card, volume))
+
+    def _inputs(self, volume: Volume) -> dict[str, Any]:
+        """What the bundle's LoadImaged would have produced: one key per input file key of the bundle.
+
+        A bundle that loads each channel under its own key (renalStructures_CECT:
+        ``artery``, ``vein``, ``excret``) gets channel ``c`` under key ``c``; one
+        image key (brats: a list of four files) gets the channels stacked.
+        """
+        keys = self.input_keys
+        if volume.channels and len(keys) > 1:
+            if len(keys) != len(volume.channels):
+                raise ValueError(f"model {self.card.name}: the bundle loads {len(keys)} images ({', '.join(keys)}); "
+                                 f"it was given {len(volume.channels)} channels ({', '.join(volume.channels)})")
+            return {key: to_metatensor(Volume(volume.array[c], volume.spacing, volume.origin, volume.direction,
+                                              volume.modality)) for c, key in enumerate(keys)}
+        return {keys[0] if keys else "image": to_metatensor(volume)}
 
     def _postprocess(self, data: dict[str, Any], image: Any, pred: Any, volume: Volume) -> Any:
         meta = image.meta if isinstance(image, MetaTensor) else {}

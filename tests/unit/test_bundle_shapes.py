@@ -157,15 +157,28 @@ def test_overlapping_region_channels_need_labels(tmp_path: Path) -> None:
     assert model.predict(_volume()).labelmap is not None
 
 
-def test_several_input_channels(tmp_path: Path) -> None:
-    """A 2-channel bundle (renalStructures_CECT has 3 CT phases, brats 4 MR sequences) gets [c, x, y, z]."""
+PER_KEY_PRE = {"_target_": "Compose", "transforms": [
+    {"_target_": "LoadImaged", "keys": ["a", "b", "label"]},
+    {"_target_": "EnsureChannelFirstd", "keys": ["a", "b"]},
+    {"_target_": "Orientationd", "keys": ["a", "b"], "axcodes": "RAS"},
+    {"_target_": "ConcatItemsd", "keys": ["a", "b"], "name": "image"},
+    {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000.0, "a_max": 1000.0, "b_min": 0.0,
+     "b_max": 1.0, "clip": True}]}
+
+
+@pytest.mark.parametrize("loading", ["one key", "a key per channel"])
+def test_several_input_channels(tmp_path: Path, loading: str) -> None:
+    """A 2-channel bundle gets [c, x, y, z] (brats: one key, four files), or each channel under the bundle's
+    own key (renalStructures_CECT: artery, vein, excret, concatenated by its own transform)."""
     conv = torch.nn.Conv3d(2, 2, kernel_size=1)
     with torch.no_grad():  # channel 1 wins where channel a is brighter than channel b
         conv.weight.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]).view(2, 2, 1, 1, 1))
         conv.bias.zero_()
+    invert = {**INVERT, "orig_keys": "a"} if loading != "one key" else INVERT
     bundle = write_shaped_bundle(tmp_path / "b", {**CONV_DEF, "in_channels": 2}, conv.state_dict(), num_channels=2,
                                  outputs=_segmentation({"0": "background", "1": "kidney"}),
-                                 postprocessing=[ARGMAX, INVERT])
+                                 postprocessing=[ARGMAX, invert],
+                                 extra_config={"preprocessing": PER_KEY_PRE} if loading != "one key" else None)
     one = _volume(1)
     two = _volume(2)
     stacked = Volume(np.stack([one.array, two.array]), one.spacing, one.origin, one.direction, "CT",
