@@ -161,6 +161,7 @@ def input_modality(metadata: Mapping[str, Any]) -> str:
     """``network_data_format.inputs.image.modality`` (upper case), or ``""``."""
     image = metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
     modality = str(image.get("modality", "")).strip().upper()
+    modality = {"MRI": "MR"}.get(modality, modality)  # wholeBrainSeg's metadata says MRI; DICOM says MR
     return modality if modality.isalpha() and len(modality) <= 16 else ""
 
 
