@@ -420,9 +420,12 @@ class MonaiBundleModel(Model):
             if len(keys) != len(volume.channels):
                 raise ValueError(f"model {self.card.name}: the bundle loads {len(keys)} images ({', '.join(keys)}); "
                                  f"it was given {len(volume.channels)} channels ({', '.join(volume.channels)})")
-            return {key: to_metatensor(Volume(volume.array[c], volume.spacing, volume.origin, volume.direction,
-                                              volume.modality)) for c, key in enumerate(keys)}
-        return {keys[0] if keys else "image": to_metatensor(volume)}
+            images = {key: to_metatensor(Volume(volume.array[c], volume.spacing, volume.origin, volume.direction,
+                                                volume.modality)) for c, key in enumerate(keys)}
+        else:
+            images = {keys[0] if keys else "image": to_metatensor(volume)}
+        # LoadImaged(image_only=False) also gives "<key>_meta_dict"; some bundles' own transforms read it.
+        return {**images, **{f"{key}_meta_dict": dict(image.meta) for key, image in images.items()}}
 
     def _postprocess(self, data: dict[str, Any], image: Any, pred: Any, volume: Volume) -> Any:
         meta = image.meta if isinstance(image, MetaTensor) else {}
