@@ -59,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.config_file is None):
+        raise ConfigError("check-config: give the configuration file once (check-config FILE or --config FILE)")
+    args.file = args.file or args.config_file
     settings = load_settings(Path(args.file))
     problem = storage_problem(settings.storage.resolved_path())
     if problem is not None:
@@ -317,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("check-config", help="validate a configuration file")
-    s.add_argument("file")
+    s.add_argument("file", nargs="?", help="the YAML configuration")
+    s.add_argument("--config", dest="config_file", help="the same, as the other commands take it")
     s.set_defaults(func=cmd_check_config)
 
     rules = sub.add_parser("rules", help="rule tooling")

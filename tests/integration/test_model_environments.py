@@ -183,6 +183,22 @@ def test_the_old_and_the_new_monai_run_side_by_side_warm(node: dict[str, Any]) -
         registry.close()
 
 
+def test_an_offline_install_uses_only_the_wheel_folder_and_keeps_what_was_built(node: dict[str, Any]) -> None:
+    """--wheels means no index: a folder without MONAI 1.4.0 fails, and the built environment stays ready."""
+    config = str(node["config"])
+    empty = node["tmp"] / "no-wheels"
+    empty.mkdir(exist_ok=True)
+    state = load_settings(node["config"]).storage.resolved_path()
+    out = _cli("models", "install", "probe", "--config", config, "--wheels", str(empty), "--force")
+    assert out.returncode != 0
+    assert "No matching distribution found for monai" in out.stderr, out.stderr
+    assert not list((state / "environments").glob(".*building*"))  # the half-built one is gone
+    listed = _cli("models", "list", "--config", config).stdout
+    assert "ready" in listed.split("probe ", 1)[1].splitlines()[0], listed
+    missing = _cli("models", "install", "probe", "--config", config, "--wheels", str(empty / "nowhere"))
+    assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
 def test_a_changed_plan_makes_the_environment_stale(node: dict[str, Any]) -> None:
     metadata_path = node["bundle"] / "configs" / "metadata.json"
     original = metadata_path.read_text()

@@ -119,6 +119,8 @@ def test_storage_path_under_a_file(tmp_path: Path) -> None:
     assert "which is a file, not a directory" in line
     check = _run(["check-config", str(config)])
     assert check.returncode == 2 and "storage.path:" in check.stderr and "is a file" in check.stderr
+    same = _run(["check-config", "--config", str(config)])  # as serve, status and rules take it
+    assert same.returncode == 2 and same.stderr == check.stderr
 
 
 def test_storage_path_not_writable(tmp_path: Path) -> None:
