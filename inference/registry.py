@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from inference.anatomy import LATERALITY
 from inference.types import Code, Model, ModelCard, SegmentSpec, Task
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def segments_from_labels(labels: Any) -> tuple[SegmentSpec, ...]:
             category=Code(lbl.category.value, lbl.category.scheme, lbl.category.meaning),
             type=Code(lbl.snomed.value, lbl.snomed.scheme, lbl.snomed.meaning),
             color=tuple(lbl.color),
+            modifier=LATERALITY.get(str(getattr(lbl, "laterality", "") or "")[:1].upper()),
         )
         for lbl in (labels or ())
     )

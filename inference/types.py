@@ -134,6 +134,12 @@ class SegmentSpec:
         SNOMED CT segmented property type, e.g. ``Code("3341006", "SCT", "Right lung")``.
     color:
         Recommended display colour as RGB 0-255.
+    modifier:
+        Laterality or other modifier of ``type`` (SNOMED CT ``7771000`` Left,
+        ``24028007`` Right), where the type concept itself has no side.
+    site:
+        Where a segment that is not itself anatomy lies (a cyst: its organ);
+        ``modifier`` then qualifies the site.
     """
 
     label: int
@@ -141,6 +147,8 @@ class SegmentSpec:
     category: Code
     type: Code
     color: tuple[int, int, int] = (255, 0, 0)
+    modifier: Code | None = None
+    site: Code | None = None
 
 
 @dataclass(frozen=True)

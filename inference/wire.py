@@ -102,12 +102,21 @@ def _code_in(obj: list[str]) -> Code:
     return Code(*obj)
 
 
+def _maybe_code_out(code: Code | None) -> list[str] | None:
+    return None if code is None else _code_out(code)
+
+
+def _maybe_code_in(obj: list[str] | None) -> Code | None:
+    return None if obj is None else Code(*obj)
+
+
 def card_out(card: ModelCard) -> dict[str, Any]:
     return {"name": card.name, "version": card.version, "family": card.family, "task": str(card.task),
             "intended_use": card.intended_use, "modality": card.modality, "classes": list(card.classes),
             "model_hash": card.model_hash, "runtime": card.runtime,
             "segments": [{"label": s.label, "name": s.name, "category": _code_out(s.category),
-                          "type": _code_out(s.type), "color": list(s.color)} for s in card.segments]}
+                          "type": _code_out(s.type), "color": list(s.color), "modifier": _maybe_code_out(s.modifier),
+                          "site": _maybe_code_out(s.site)} for s in card.segments]}
 
 
 def card_in(obj: Mapping[str, Any]) -> ModelCard:
@@ -116,7 +125,8 @@ def card_in(obj: Mapping[str, Any]) -> ModelCard:
         intended_use=obj["intended_use"], modality=obj["modality"], classes=tuple(obj["classes"]),
         model_hash=obj["model_hash"], runtime=obj.get("runtime", ""),
         segments=tuple(SegmentSpec(s["label"], s["name"], _code_in(s["category"]), _code_in(s["type"]),
-                                   tuple(s["color"])) for s in obj["segments"]))  # type: ignore[arg-type]
+                                   tuple(s["color"]), modifier=_maybe_code_in(s.get("modifier")),  # type: ignore[arg-type]
+                                   site=_maybe_code_in(s.get("site"))) for s in obj["segments"]))
 
 
 def prediction_out(prediction: Prediction) -> dict[str, Any]:

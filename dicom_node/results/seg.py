@@ -200,7 +200,12 @@ def _segment_description(
             f"Segment name {spec.name!r} must be 1 to {_MAX_LO_LENGTH} characters: fix the model card"
         )
     red, green, blue = spec.color
-    return hd.seg.SegmentDescription(
+    region = None
+    if spec.site is not None:  # a finding in an organ: the organ is the anatomic region, the side qualifies it
+        region = to_coded_concept(spec.site)
+        if spec.modifier is not None:
+            region.AnatomicRegionModifierSequence = [to_coded_concept(spec.modifier)]
+    description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=spec.name,
         segmented_property_category=to_coded_concept(spec.category),
@@ -209,8 +214,13 @@ def _segment_description(
         algorithm_identification=algorithm,
         tracking_uid=segment_tracking_uid(identity, spec.label),
         tracking_id=spec.name,
+        anatomic_regions=None if region is None else [region],
         display_color=hd.color.CIELabColor.from_rgb(red, green, blue),
     )
+    if spec.modifier is not None and spec.site is None:  # the side of the structure itself (Kidney, Left)
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            to_coded_concept(spec.modifier)]
+    return description
 
 
 def build_seg(

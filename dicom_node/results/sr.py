@@ -194,11 +194,21 @@ def _segment_groups(
                     source_series=source_series,
                 ),
                 finding_type=to_coded_concept(spec.type),
+                finding_sites=_finding_sites(spec),
                 algorithm_id=algorithm,
                 measurements=_measurements(prediction.card, label, prediction.measurements.get(label, ())),
             )
         )
     return groups
+
+
+def _finding_sites(spec: SegmentSpec) -> list[hd.sr.FindingSite] | None:
+    """The finding's site with its side (TID 1419 row 4): the organ of a finding, or the structure's own side."""
+    if spec.site is None and spec.modifier is None:
+        return None
+    location = spec.site if spec.site is not None else spec.type
+    return [hd.sr.FindingSite(anatomic_location=to_coded_concept(location),
+                              laterality=None if spec.modifier is None else to_coded_concept(spec.modifier))]
 
 
 def _source_series_uid(seg: Dataset) -> str:
@@ -224,6 +234,7 @@ def _unreferenced_groups(
                     uid=identity.derive("tracking", str(label)), identifier=spec.name
                 ),
                 finding_type=to_coded_concept(spec.type),
+                finding_sites=_finding_sites(spec),
                 algorithm_id=algorithm,
                 measurements=_measurements(prediction.card, label, prediction.measurements[label]),
             )

@@ -98,6 +98,7 @@ class LabelSettings(BaseModel):
     snomed: CodeSettings
     category: CodeSettings = CodeSettings(value="123037004", meaning="Anatomical Structure")
     color: tuple[_Channel, _Channel, _Channel] = (255, 0, 0)
+    laterality: Literal["left", "right"] | None = None
 
 
 def _check_modality(value: Any) -> str:

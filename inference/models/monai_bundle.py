@@ -19,8 +19,8 @@ preprocessing itself, nearest neighbour).
 
 Labels come from ``network_data_format.outputs.pred.channel_def`` (or
 ``label_def``, as some bundles name it) unless the config lists ``labels``
-(with SNOMED CT codes); a channel name the node knows
-(:data:`KNOWN_STRUCTURES`) gets its SNOMED CT code, any other a private code
+(with SNOMED CT codes); a channel name the node's anatomy table knows
+(:mod:`inference.anatomy`) gets its SNOMED CT code, any other a private code
 and a warning in the log.  A ``channel_def`` without a background channel 0
 describes overlapping sigmoid channels (BraTS's tumour regions), not the
 label values the bundle's postprocessing writes: such a bundle needs
@@ -58,6 +58,7 @@ from monai.data import MetaTensor
 from monai.inferers import SimpleInferer
 from monai.transforms import Invertd
 
+from inference import anatomy
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
     _LPS_TO_RAS,
@@ -84,25 +85,6 @@ logger = logging.getLogger(__name__)
 #: Transforms that read or write files: the node replaces them.
 LOADERS = frozenset({"LoadImaged", "LoadImage"})
 WRITERS = frozenset({"SaveImaged", "SaveImage"})
-
-#: SNOMED CT codes of common channel names of Model Zoo bundles (lower-case name -> code).
-KNOWN_STRUCTURES: Mapping[str, Code] = {
-    "spleen": Code("78961009", "SCT", "Spleen"),
-    "liver": Code("10200004", "SCT", "Liver"),
-    "kidney": Code("64033007", "SCT", "Kidney"),
-    "right kidney": Code("9846003", "SCT", "Right kidney"),
-    "left kidney": Code("18639004", "SCT", "Left kidney"),
-    "pancreas": Code("15776009", "SCT", "Pancreas"),
-    "stomach": Code("69695003", "SCT", "Stomach"),
-    "gallbladder": Code("28231008", "SCT", "Gallbladder"),
-    "aorta": Code("15825003", "SCT", "Aorta"),
-    "esophagus": Code("32849002", "SCT", "Esophagus"),
-    "heart": Code("80891009", "SCT", "Heart"),
-    "lung": Code("39607008", "SCT", "Lung"),
-    "right lung": Code("3341006", "SCT", "Right lung"),
-    "left lung": Code("44029006", "SCT", "Left lung"),
-    "urinary bladder": Code("89837001", "SCT", "Urinary bladder"),
-}
 
 #: Private coding scheme for channel names without a known SNOMED CT code.
 PRIVATE_SCHEME = "99DCMNODE"
@@ -171,10 +153,12 @@ def segments_from_channels(names: Mapping[int, str], model: str) -> tuple[Segmen
     for index, name in sorted(names.items()):
         if index == 0:
             continue
-        code = KNOWN_STRUCTURES.get(name.strip().lower())
-        if code is None:
-            uncoded.append(name)
-            code = Code(name.strip()[:16].upper().replace(" ", "_") or f"CH{index}", PRIVATE_SCHEME, name[:64])
+        known = anatomy.segment(index, name)
+        if known is not None:
+            segments.append(known)
+            continue
+        uncoded.append(name)
+        code = Code(name.strip()[:16].upper().replace(" ", "_") or f"CH{index}", PRIVATE_SCHEME, name[:64])
         segments.append(SegmentSpec(index, name[:64], SCT_ANATOMICAL_STRUCTURE, code,
                                     _PALETTE[(index - 1) % len(_PALETTE)]))
     if uncoded:

@@ -51,7 +51,7 @@ def test_yaml_config_and_label_def(tmp_path: Path) -> None:
                                  config_format="yaml", postprocessing=[ARGMAX, INVERT])
     assert (bundle / "configs" / "inference.yaml").is_file()
     model = MonaiBundleModel("b", bundle, _spec(bundle))
-    assert [(s.label, s.name, s.type.value) for s in model.card.segments] == [(1, "liver", "10200004")]
+    assert [(s.label, s.name, s.type.value) for s in model.card.segments] == [(1, "Liver", "10200004")]
     labelmap = model.predict(volume).labelmap
     np.testing.assert_array_equal(labelmap, (volume.array > -499.5).astype(np.uint8))
 

@@ -87,7 +87,7 @@ def test_card_comes_from_metadata_and_config_overrides(tmp_path: Path) -> None:
     model = ModelRegistry(_spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, device: cpu}}}}")).get("b")
     assert model.card.version == "0.4.2" and model.card.modality == "CT"
     assert [(s.label, s.name, s.type) for s in model.card.segments] == [
-        (1, "spleen", Code("78961009", "SCT", "Spleen"))]
+        (1, "Spleen", Code("78961009", "SCT", "Spleen"))]
     overridden = ModelRegistry(_spec(f"""
 models:
   b:
