@@ -16,6 +16,14 @@ same network, volume, device and AMP setting:
 Prints the median of ``--repeat`` runs (after a warm-up), the node's
 breakdown (load / model / encode), the ratio node / bare, and on CUDA the
 peak GPU memory of each.
+
+``--nnunet PYTHON`` adds an nnU-Net v2 row: a trained-model folder with
+nnU-Net's own random initialisation (PlainConvUNet, instance norm, 4 stages),
+built with that Python (one that has nnunetv2: a managed environment's
+``bin/python`` after ``dicom-node models install``); **bare** is
+``nnUNetPredictor.predict_single_npy_array`` on the array already in memory,
+timed in that Python; **node** is the whole job with the model in that
+interpreter (``environment: PYTHON``), as a node runs it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sw-batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
+    parser.add_argument("--nnunet", metavar="PYTHON", help="also time an nnU-Net v2 model in this Python "
+                        "(one with nnunetv2, e.g. a managed environment's bin/python)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -129,7 +139,93 @@ models:
     if cuda:
         print(f"peak GPU memory: bare {bare_peak / 2**20:.0f} MiB, node {node_peak / 2**20:.0f} MiB "
               "(torch.cuda.max_memory_allocated)")
+    if args.nnunet:
+        _nnunet_row(args, device)
     return 0
+
+
+_BARE_NNUNET = r'''
+import json, statistics, sys, time
+import numpy as np, torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+folder, array_path, spacing, repeat, device = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+device = torch.device(device)
+predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                            perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                            allow_tqdm=False)
+predictor.initialize_from_trained_model_folder(folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+array = np.load(array_path)
+def once():
+    predictor.predict_single_npy_array(array[None], {"spacing": spacing}, None, None, False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+once()
+times = []
+for _ in range(repeat):
+    t0 = time.perf_counter(); once(); times.append(time.perf_counter() - t0)
+print(json.dumps({"median": statistics.median(times)}))
+'''
+
+
+def _nnunet_row(args: argparse.Namespace, device: Any) -> None:
+    """node job vs bare ``nnUNetPredictor`` on the same array, the model in ``args.nnunet``'s Python."""
+    import json
+    import subprocess
+
+    import numpy as np
+
+    from dicom_node.scheduler.pipeline import InferTask, run_infer
+    from dicom_node.settings import load_settings_text
+    from dicom_node.spool import Spool
+    from inference.registry import ModelRegistry
+    from tests.nnunet_factory import write_nnunet_folder
+    from tests.phantoms import make_chest_phantom, write_ct_series
+
+    python = str(Path(args.nnunet).expanduser())
+    with tempfile.TemporaryDirectory(prefix="bench-nnunet-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        spacing = (1.5, 1.0, 1.0)
+        folder = write_nnunet_folder(tmp / "model", python, channels=["CT"],
+                                     labels={"background": 0, "lung_right": 1, "lung_left": 2}, spacing=spacing,
+                                     patch=(args.roi, args.roi, args.roi), features=(16, 32, 64, 128),
+                                     intensities=[{"lower": -1000.0, "upper": 400.0, "mean": -300.0, "std": 400.0}])
+        hu, _ = make_chest_phantom(shape=args.shape, spacing=spacing)
+        np.save(tmp / "volume.npy", hu.astype(np.float32))
+        spool = Spool(tmp / "state")
+        files = write_ct_series(hu, spacing, spool.root / "bench-source")
+        settings = load_settings_text(f"""
+storage: {{path: {tmp / 'state'}}}
+models:
+  nnunet: {{type: nnunet, path: {folder}, environment: {python}, device: {device}}}
+""")
+        bare_out = subprocess.run([python, "-c", _BARE_NNUNET, str(folder), str(tmp / "volume.npy"),
+                                   json.dumps(list(spacing)), str(args.repeat), str(device)],
+                                  capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
+        if bare_out.returncode != 0:
+            raise RuntimeError(f"bare nnUNetPredictor failed: {bare_out.stderr[-2000:]}")
+        bare_s = float(json.loads(bare_out.stdout.strip().splitlines()[-1])["median"])
+        registry = ModelRegistry(settings.models, state_dir=tmp / "state")
+        task = InferTask(1, str(_series_uid(files[0])), "nnunet", tuple(spool.relative(f) for f in files),
+                         ("seg", "sr"))
+        runs: list[dict[str, float]] = []
+
+        def node() -> None:
+            outcome = run_infer(task, registry, spool, settings.outputs)
+            if not outcome.ok:
+                raise RuntimeError(outcome.error)
+            runs.append(outcome.seconds)
+
+        try:
+            node_s, _ = _timed(node, args.repeat, False, device)
+        finally:
+            registry.close()
+    print(f"nnU-Net v2 (PlainConvUNet 16-128, patch {args.roi}^3, mirroring on, tile step 0.5, {device}):")
+    print(f"bare nnUNetPredictor.predict_single_npy_array : {bare_s:8.3f} s (median of {args.repeat})")
+    print(f"node job (files -> SEG + SR, model process)   : {node_s:8.3f} s (median of {args.repeat})")
+    for key in ("load", "model", "encode"):
+        values = [r.get(key, 0.0) for r in runs[1:]] or [0.0]
+        print(f"    {key:<43}: {statistics.median(values):8.3f} s")
+    print(f"ratio node / bare                             : {node_s / bare_s:8.2f}x")
 
 
 def _series_uid(path: Path) -> Any:

@@ -79,7 +79,7 @@ def _environment_notes(settings: Settings) -> list[str]:
 
     notes = []
     for name, spec in settings.models.items():
-        if (getattr(spec, "environment", "shared") or "shared") == "shared":
+        if (getattr(spec, "environment", "shared") or "shared") == "shared" and spec.type != "nnunet":
             continue
         try:
             state = state_of(name, spec, settings.storage.resolved_path())

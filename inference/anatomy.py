@@ -11,12 +11,16 @@ themselves anatomy (a kidney cyst), the anatomic region.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from inference.types import Code, SegmentSpec
+from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, SegmentSpec
+
+logger = logging.getLogger(__name__)
 
 TABLE = Path(__file__).with_name("data") / "anatomy.tsv"
 
@@ -26,6 +30,9 @@ CATEGORIES = {
     "altered": Code("49755003", "SCT", "Morphologically Altered Structure"),
     "object": Code("260787004", "SCT", "Physical object"),
 }
+#: Private coding scheme for label names without a known SNOMED CT code.
+PRIVATE_SCHEME = "99DCMNODE"
+
 LATERALITY = {"L": Code("7771000", "SCT", "Left"), "R": Code("24028007", "SCT", "Right")}
 
 #: Colours by kind of structure (RGB), so neighbouring labels of a whole-body model stay distinguishable.
@@ -109,3 +116,27 @@ def segment(value: int, name: str) -> SegmentSpec | None:
         return None
     return SegmentSpec(value, structure.label[:64], structure.category, structure.type, _color(structure, value),
                        modifier=structure.laterality, site=structure.site)
+
+
+def segments_for(names: Mapping[int, str], model: str) -> tuple[SegmentSpec, ...]:
+    """Segments for label values 1.. named ``names`` (value 0, the background, is skipped).
+
+    A name the table knows gets its codes; any other gets a private code
+    (scheme :data:`PRIVATE_SCHEME`), and one warning lists them all.
+    """
+    segments, uncoded = [], []
+    for value, name in sorted(names.items()):
+        if value == 0:
+            continue
+        known = segment(value, name)
+        if known is None:
+            uncoded.append(name)
+            code = Code(name.strip()[:16].upper().replace(" ", "_") or f"L{value}", PRIVATE_SCHEME, name[:64])
+            known = SegmentSpec(value, name[:64] or f"Label {value}", SCT_ANATOMICAL_STRUCTURE, code,
+                                _ORGANS[value % len(_ORGANS)])
+        segments.append(known)
+    if uncoded:
+        logger.warning("Model %s: %d of %d label(s) have no known SNOMED CT code (%s%s); they get private codes "
+                       "(scheme %s): list them under labels in the config to code them", model, len(uncoded),
+                       len(segments), ", ".join(uncoded[:5]), ", ..." if len(uncoded) > 5 else "", PRIVATE_SCHEME)
+    return tuple(segments)

@@ -28,6 +28,7 @@ The model's worker process runs in that interpreter and imports only this
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -53,6 +54,14 @@ TRANSFORM_NEEDS = {
     "RemoveSmallObjects": "scikit-image",
     "LabelFilter": "scikit-image",
 }
+#: The nnU-Net v2 release the node runs ``type: nnunet`` models with (its predictor API).
+NNUNET = "nnunetv2==2.8.1"
+
+#: Packages pulled in as dependencies that a model does not need and that can break the environment: a
+#: torchvision wheel from the index is built for the index's (CUDA) torch; beside a local CPU torch build its
+#: compiled operators fail to register (``operator torchvision::nms does not exist``) and every import fails.
+UNNEEDED_IF_BROKEN = ("torchvision",)
+
 #: The scikit-image and PyYAML releases the node itself is tested with.
 SKIMAGE = "scikit-image==0.26.0"
 PYYAML = "PyYAML==6.0.4"
@@ -158,6 +167,8 @@ def plan_for(name: str, spec: Any, torch_release: str | None = None) -> Plan:
         configs = Path(spec.path).expanduser() / "configs"
         if "pyyaml" not in chosen and configs.is_dir() and any(configs.glob("*.y*ml")):
             put(PYYAML, "MONAI reads the bundle's yaml configs with it")
+    if spec.type == "nnunet":
+        put(NNUNET, "nnU-Net v2's predictor runs the model (the release the node is tested with)")
     for requirement in getattr(spec, "requirements", ()) or ():
         put(requirement, "the model's requirements")
     return Plan(model=name, packages=tuple(chosen[k] for k in sorted(chosen)), reasons=dict(sorted(reasons.items())),
@@ -214,6 +225,10 @@ def state_of(name: str, spec: Any, state_dir: Path) -> EnvironmentState:
     """Where model ``name`` runs and whether that environment is there (installs nothing)."""
     environment = getattr(spec, "environment", "shared") or "shared"
     if environment == "shared":
+        if spec.type == "nnunet" and importlib.util.find_spec("nnunetv2") is None:
+            return EnvironmentState("missing", "nnunetv2 is not installed in the node's environment: give the model "
+                                    f"environment: managed and run dicom-node models install {name} (or install "
+                                    "the node's nnunet extra)")
         return EnvironmentState("ready", "the node's own environment", Path(sys.executable))
     if environment != "managed":
         python = Path(environment)
@@ -298,10 +313,11 @@ def install(name: str, spec: Any, state_dir: Path, *, wheels: Path | None = None
             pip += ["--no-index", "--find-links", str(Path(wheels).expanduser().resolve())]
         _stream(pip + list(plan.packages), _pip_progress(progress), env)
         progress("[3/3] checking that the environment imports what the model needs")
+        dropped = _drop_broken(building, plan, env, progress)
         versions = _check(building, plan, env)
         description = {"model": name, "key": plan.key, "packages": list(plan.packages),
                        "python": plan.python_version, "versions": versions, "built_at": time.time(),
-                       "left_out": list(plan.left_out)}
+                       "left_out": list(plan.left_out) + dropped}
         (building / DESCRIPTION).write_text(json.dumps(description, indent=2), encoding="utf-8")
         if directory.exists():  # --force: the old one goes only once the new one is complete
             shutil.rmtree(directory)
@@ -330,11 +346,42 @@ def _pip_progress(progress: Callable[[str], None]) -> Callable[[str], None]:
     return show
 
 
+def _drop_broken(directory: Path, plan: Plan, env: Mapping[str, str], progress: Callable[[str], None]) -> list[str]:
+    """Uninstall dependencies the plan did not ask for that cannot even be imported here (see UNNEEDED_IF_BROKEN)."""
+    dropped: list[str] = []
+    python = str(python_of(directory))
+    for project in UNNEEDED_IF_BROKEN:
+        if any(package_name(p) == project for p in plan.packages):
+            continue  # asked for: a failure to import is the check's to report
+        probe = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({project!r}))"],
+                               capture_output=True, text=True, env=dict(env), stdin=subprocess.DEVNULL, timeout=120)
+        if probe.returncode != 0:
+            continue  # not installed
+        version = probe.stdout.strip()
+        imported = subprocess.run([python, "-c", f"import {project}"], capture_output=True, text=True,
+                                  env=dict(env), stdin=subprocess.DEVNULL, timeout=300)
+        if imported.returncode == 0:
+            continue
+        reason = (imported.stderr.strip().splitlines() or ["import failed"])[-1][:160]
+        _stream([python, "-m", "pip", "uninstall", "--yes", project], lambda _line: None, env)
+        note = f"{project} {version} (a dependency that does not import beside this torch: {reason})"
+        progress(f"  left out: {note}")
+        dropped.append(note)
+    return dropped
+
+
+#: What each planned project is imported as, to check it (and record its version).
+_IMPORTS = {"monai": "monai", "nnunetv2": "nnunetv2"}
+
+
 def _check(directory: Path, plan: Plan, env: Mapping[str, str]) -> dict[str, str]:
-    """Import torch (and MONAI when planned) and this package in the new environment; their versions."""
-    modules = ["torch", "numpy"] + (["monai"] if any(package_name(p) == "monai" for p in plan.packages) else [])
-    code = ("import json, importlib, inference.types\n"
-            f"print(json.dumps({{m: importlib.import_module(m).__version__ for m in {modules!r}}}))")
+    """Import torch (and MONAI / nnU-Net when planned) and this package in the new environment; their versions."""
+    planned = {package_name(p) for p in plan.packages}
+    modules = ["torch", "numpy"] + [module for project, module in _IMPORTS.items() if project in planned]
+    extra = "import nnunetv2.inference.predict_from_raw_data\n" if "nnunetv2" in planned else ""
+    code = ("import json, importlib, importlib.metadata, inference.types\n" + extra +
+            "print(json.dumps({m: getattr(importlib.import_module(m), '__version__', None) or "
+            f"importlib.metadata.version(m) for m in {modules!r}}}))")
     run_env = dict(env)
     run_env["PYTHONPATH"] = str(link_inference(directory))
     out = subprocess.run([str(python_of(directory)), "-c", code], capture_output=True, text=True, env=run_env,

@@ -90,6 +90,12 @@ def _in_environment(name: str, spec: Any, state_dir: Path | None) -> Model:
                             label=f"interpreter {state.python}")
 
 
+def _nnunet(name: str, spec: Any) -> Model:
+    from inference.models.nnunet import NnunetModel
+
+    return NnunetModel(name, spec, segments=segments_from_labels(spec.labels))
+
+
 def _monai_bundle(name: str, spec: Any) -> Model:
     from inference.models.monai_bundle import MonaiBundleModel
 
@@ -147,8 +153,8 @@ class ModelRegistry:
         chain: its two models' fingerprints.
         """
         digest = hashlib.sha256()
-        if spec.type == "chain":
-            for part in (spec.first, spec.then):
+        if spec.type in ("chain", "merge"):
+            for part in ((spec.first, spec.then) if spec.type == "chain" else spec.models):
                 digest.update(self.get(part).card.model_hash.encode())
         else:
             if spec.type == "torchscript":
@@ -177,7 +183,7 @@ class ModelRegistry:
             self._cache.clear()
 
     def _load(self, name: str, spec: Any) -> Model:
-        if (getattr(spec, "environment", "shared") or "shared") != "shared" and spec.type != "chain":
+        if (getattr(spec, "environment", "shared") or "shared") != "shared" and spec.type not in ("chain", "merge"):
             return _in_environment(name, spec, self.state_dir)
         if spec.type == "builtin":
             return _builtin(spec)
@@ -187,6 +193,13 @@ class ModelRegistry:
             return _torchscript(name, spec)
         if spec.type == "monai_bundle":
             return _monai_bundle(name, spec)
+        if spec.type == "nnunet":
+            return _nnunet(name, spec)
+        if spec.type == "merge":
+            from inference.models.merge import MergeModel
+
+            return MergeModel(name, str(spec.version), [self.get(part) for part in spec.models],
+                              overlap=spec.overlap, intended_use=spec.intended_use)
         if spec.type == "chain":
             from inference.models.chain import ChainModel
 

@@ -74,7 +74,8 @@ class EnvironmentModel(Model):
                          name=f"model-{self.name}-stderr").start()
         answer = self._ask({"op": "load", "name": self.name, "spec": self.spec})
         card = wire.card_in(answer["card"])
-        card = replace(card, runtime=f"{answer['runtime']} ({self.label})")
+        where = f"{answer['runtime']} ({self.label})"
+        card = replace(card, runtime=f"{card.runtime}; {where}" if card.runtime else where)
         logger.info("Model %s: running in %s: %s (process %d)", self.name, self.label, answer["runtime"],
                     self._proc.pid)
         return card

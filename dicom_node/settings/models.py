@@ -1,4 +1,4 @@
-"""``models:``: the model types (builtin, python, torchscript, monai_bundle, chain) and their labels."""
+"""``models:``: the model types (builtin, python, torchscript, monai_bundle, nnunet, chain, merge) and their labels."""
 
 from __future__ import annotations
 
@@ -330,7 +330,88 @@ class ChainModel(BaseModel):
 
 
 
+def _check_fold(value: Any) -> Any:
+    if isinstance(value, str) and value.strip() == "all":
+        return "all"
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        raise ValueError(f"a fold is a number (the fold_N folder) or 'all' (got {value!r})")
+    return int(value)
+
+
+class NnunetModel(_EnvironmentFields):
+    """A trained nnU-Net v2 model folder (``type: nnunet``), run by nnunetv2's own predictor.
+
+    ``path`` is the folder nnU-Net's training writes,
+    ``<Trainer>__<Plans>__<configuration>/`` with ``dataset.json``, ``plans.json``
+    and ``fold_N/<checkpoint>``.  ``folds`` (default: every fold that has the
+    checkpoint) are ensembled; ``mirroring`` is nnU-Net's test-time mirroring;
+    ``tile_step`` its sliding-window step (fraction of the patch).  Labels
+    come from ``dataset.json`` and are coded from the node's anatomy table;
+    ``labels`` here override them by value (and are required for
+    region-based models).  nnU-Net does not reorient: the volume goes in as
+    the DICOM series stores it unless ``orientation`` names the axis codes the
+    model was trained in (e.g. ``RAS`` for models trained on reoriented NIfTI).
+    """
+
+    type: Literal["nnunet"]
+    path: Path
+    folds: tuple[Annotated[int | str, BeforeValidator(_check_fold)], ...] | None = None
+    checkpoint: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._-]+$")] = \
+        "checkpoint_final.pth"
+    mirroring: Flag = True
+    tile_step: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
+    orientation: Annotated[str | None, BeforeValidator(_check_axcodes)] = None
+    labels: tuple[LabelSettings, ...] = ()
+    version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] | None = None
+    intended_use: Annotated[str, Field(max_length=1024)] = ""
+    modality: Modality = ""
+    device: str = "auto"
+    timeout_s: Seconds | None = None
+    task: Literal["segmentation"] = "segmentation"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+    @model_validator(mode="after")
+    def _unique(self) -> NnunetModel:
+        no_duplicates("fold", [str(f) for f in self.folds or ()])
+        no_duplicates("label value", [label.value for label in self.labels])
+        no_duplicates("label name", [label.name for label in self.labels])
+        if self.folds is not None and not self.folds:
+            raise ValueError("folds is a list of fold numbers (or 'all'); leave it out to use every trained fold")
+        return self
+
+
+class MergeModel(BaseModel):
+    """Several segmentation models run on the same series, their label maps merged into one (``type: merge``).
+
+    A TotalSegmentator-class task (several nnU-Net models, each a part of the
+    body) gives one SEG with one label list: the parts' labels in the order
+    of ``models``, renumbered 1..n.  Where two parts label the same voxel,
+    ``overlap: first`` keeps the earlier model's label, ``last`` the later one.
+    """
+
+    model_config = FROZEN
+
+    type: Literal["merge"]
+    models: Annotated[tuple[Name, ...], Field(min_length=2, max_length=32)]
+    overlap: Literal["first", "last"] = "first"
+    channels: tuple[Name, ...] = ()
+    version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
+    intended_use: Annotated[str, Field(max_length=1024)] = ""
+    timeout_s: Seconds | None = None
+    task: Literal["segmentation"] = "segmentation"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> MergeModel:
+        no_duplicates("model", list(self.models))
+        no_duplicates("channel", list(self.channels))
+        return self
+
+
 ModelSpec = Annotated[
-    Annotated[BuiltinModel, Tag("builtin")] | Annotated[PythonModel, Tag("python")] | Annotated[MonaiBundleModel, Tag("monai_bundle")] | Annotated[TorchscriptModel, Tag("torchscript")] | Annotated[ChainModel, Tag("chain")],
+    Annotated[BuiltinModel, Tag("builtin")] | Annotated[PythonModel, Tag("python")] | Annotated[MonaiBundleModel, Tag("monai_bundle")] | Annotated[TorchscriptModel, Tag("torchscript")] | Annotated[ChainModel, Tag("chain")] | Annotated[NnunetModel, Tag("nnunet")] | Annotated[MergeModel, Tag("merge")],
     Discriminator(type_of(None)),
 ]

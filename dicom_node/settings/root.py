@@ -90,6 +90,20 @@ class Settings(BaseModel):
                 elif key == "first" and getattr(target, "task", "segmentation") != "segmentation":
                     problems.append((("models", name, key), f"chain {name!r}: first model {spec.first!r} must "
                                      "be a segmentation model"))
+        for name, spec in self.models.items():
+            if spec.type != "merge":
+                continue
+            for j, part in enumerate(spec.models):
+                target = self.models.get(part)
+                if target is None:
+                    problems.append((("models", name, "models", j), f"merge {name!r} uses unknown model {part!r} "
+                                     f"(models: {', '.join(sorted(self.models))})"))
+                elif target.type in ("merge", "chain"):
+                    problems.append((("models", name, "models", j), f"merge {name!r}: {part!r} is a {target.type}; "
+                                     "merge takes plain segmentation models"))
+                elif getattr(target, "task", "segmentation") != "segmentation":
+                    problems.append((("models", name, "models", j), f"merge {name!r}: {part!r} is not a "
+                                     "segmentation model"))
         if self.http.enabled and self.http.port == self.node.port and (
             self.http.host == self.node.host or {"0.0.0.0", "::"} & {self.http.host, self.node.host}
         ):

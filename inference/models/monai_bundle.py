@@ -59,6 +59,7 @@ from monai.inferers import SimpleInferer
 from monai.transforms import Invertd
 
 from inference import anatomy
+from inference.anatomy import PRIVATE_SCHEME  # noqa: F401 - where callers found it
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
     _LPS_TO_RAS,
@@ -69,8 +70,6 @@ from inference.runner import (
     to_metatensor,
 )
 from inference.types import (
-    SCT_ANATOMICAL_STRUCTURE,
-    Code,
     Detection,
     Model,
     ModelCard,
@@ -85,13 +84,6 @@ logger = logging.getLogger(__name__)
 #: Transforms that read or write files: the node replaces them.
 LOADERS = frozenset({"LoadImaged", "LoadImage"})
 WRITERS = frozenset({"SaveImaged", "SaveImage"})
-
-#: Private coding scheme for channel names without a known SNOMED CT code.
-PRIVATE_SCHEME = "99DCMNODE"
-
-_PALETTE = ((221, 130, 101), (144, 238, 144), (128, 174, 128), (241, 214, 145), (177, 122, 101),
-            (111, 184, 210), (216, 101, 79), (183, 156, 220), (252, 208, 0), (255, 128, 0))
-
 
 def find_config(bundle: Path, config_file: str | None) -> Path:
     """The bundle's inference config: ``configs/<config_file>``, else ``inference.json`` / ``.yaml`` / ``.yml``."""
@@ -149,23 +141,7 @@ def input_modality(metadata: Mapping[str, Any]) -> str:
 
 def segments_from_channels(names: Mapping[int, str], model: str) -> tuple[SegmentSpec, ...]:
     """Segments for channels 1.. of ``channel_def`` (channel 0 is the background)."""
-    segments, uncoded = [], []
-    for index, name in sorted(names.items()):
-        if index == 0:
-            continue
-        known = anatomy.segment(index, name)
-        if known is not None:
-            segments.append(known)
-            continue
-        uncoded.append(name)
-        code = Code(name.strip()[:16].upper().replace(" ", "_") or f"CH{index}", PRIVATE_SCHEME, name[:64])
-        segments.append(SegmentSpec(index, name[:64], SCT_ANATOMICAL_STRUCTURE, code,
-                                    _PALETTE[(index - 1) % len(_PALETTE)]))
-    if uncoded:
-        logger.warning("Model %s: %d of %d label(s) have no known SNOMED CT code (%s%s); they get private codes "
-                       "(scheme %s): list them under labels in the config to code them", model, len(uncoded),
-                       len(segments), ", ".join(uncoded[:5]), ", ..." if len(uncoded) > 5 else "", PRIVATE_SCHEME)
-    return tuple(segments)
+    return anatomy.segments_for(names, model)
 
 
 class BundleImports:
