@@ -11,7 +11,10 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
   UID (the segment's Tracking ID/UID in the SEG), the referenced segment (SEG
   SOP Instance UID, Segment Number, source series), finding type = the
   segment's Segmented Property Type, algorithm identification (TID 4019), and
-  the prediction's measurements for that label;
+  the prediction's measurements for that label; and, with the same tracking
+  identifier and UID, a TID 1410 *Planar ROI* group placing the same finding:
+  its largest cross-section as a SCOORD3D ellipse in the source's frame of
+  reference (:mod:`dicom_node.results.places`), which a viewer draws and jumps to;
 - per label that has measurements but no SEG segment (no SEG was made, or the
   segment was empty), a TID 1501 group with the same content minus the
   segment reference;
@@ -19,14 +22,14 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
   SCT Yes/No, and the probability (DCM 122157 "Probability", UCUM ``1``);
 - per detection (best score first, at most :data:`MAX_DETECTIONS`), a TID
   1410 *Planar ROI* group: finding type = the class (private scheme), the
-  box as a closed SCOORD3D polygon on the axial plane through its centre
+  ellipse inscribed in the box's axial section through its centre as SCOORD3D
   (patient coordinates, the source's frame of reference), and the score
   (DCM 122157 "Probability");
 - a TID 1501 "Findings" group holding each free-text finding as a TEXT
   qualitative evaluation (DCM 121071 "Finding"); it also says when the model
   found no segment (and therefore no SEG exists) or reported nothing at all.
 
-Evidence lists the source instances and the SEG.
+The TID 1600 Image Library lists the source images; evidence lists them and the SEG.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
 import highdicom as hd
-import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
@@ -53,6 +55,7 @@ from dicom_node.results.identity import (
     derive_uid,
     software_versions,
 )
+from dicom_node.results.places import box_place, segment_place, slice_planes
 from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
 from inference.types import Classification, Code, Detection, Measurement, ModelCard, Prediction, SegmentSpec
 
@@ -174,9 +177,13 @@ def _segment_groups(
     seg: Dataset,
     segment_numbers: Mapping[int, int],
     algorithm: hd.sr.AlgorithmIdentification,
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    groups = []
+    source_images: Sequence[Dataset],
+    frame_of_reference: str,
+) -> list[_Group]:
+    groups: list[_Group] = []
     source_series = hd.sr.SourceSeriesForSegmentation(_source_series_uid(seg))
+    labelmap = prediction.labelmap
+    planes = slice_planes(source_images, labelmap.shape[0]) if labelmap is not None and labelmap.ndim == 3 else None
     for label, number in sorted(segment_numbers.items(), key=lambda item: item[1]):
         spec = specs[label]
         uid, tracking_id = _segment_tracking(seg, number)
@@ -199,6 +206,22 @@ def _segment_groups(
                 measurements=_measurements(prediction.card, label, prediction.measurements.get(label, ())),
             )
         )
+        place = segment_place(labelmap, label, planes) if planes is not None and labelmap is not None else None
+        if place is not None and frame_of_reference:
+            # The same finding (same tracking UID) where a viewer can draw it and jump to it: its largest
+            # cross-section as a TID 1410 planar ROI on the source's frame of reference.
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=hd.sr.ImageRegion3D(
+                        graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSE, graphic_data=place[1],
+                        frame_of_reference_uid=frame_of_reference,
+                    ),
+                    finding_type=to_coded_concept(spec.type),
+                    finding_sites=_finding_sites(spec),
+                    algorithm_id=algorithm,
+                )
+            )
     return groups
 
 
@@ -274,16 +297,12 @@ def _detection_group(
     if not 0.0 <= item.score <= 1.0:
         raise ResultError(f"Score of detection {index} is {item.score}, not in [0, 1]")
     name = classes[item.label] if 0 <= item.label < len(classes) else f"class {item.label}"
-    (cx, cy, cz), (sx, sy, _) = item.center, item.size
-    corners = [(cx - sx / 2, cy - sy / 2), (cx + sx / 2, cy - sy / 2), (cx + sx / 2, cy + sy / 2),
-               (cx - sx / 2, cy + sy / 2)]
-    polygon = [[x, y, cz] for x, y in corners + corners[:1]]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=identity.derive("detection", str(index)), identifier=f"{name} {index + 1}"[:64]
         ),
         referenced_region=hd.sr.ImageRegion3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON, graphic_data=np.asarray(polygon, dtype=float),
+            graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSE, graphic_data=box_place(item.center, item.size),
             frame_of_reference_uid=frame_of_reference,
         ),
         finding_type=class_concept(name),
@@ -394,7 +413,8 @@ def build_sr(
         referenced: Mapping[int, int] = {}
         if seg is not None and segment_numbers is not None:
             referenced = segment_numbers
-            groups.extend(_segment_groups(prediction, specs, identity, seg, segment_numbers, algorithm))
+            groups.extend(_segment_groups(prediction, specs, identity, seg, segment_numbers, algorithm,
+                                          source_images, str(getattr(source, "FrameOfReferenceUID", "") or "")))
         others = sorted(
             label for label, items in prediction.measurements.items() if items and label not in referenced
         )
@@ -428,6 +448,7 @@ def build_sr(
             observation_context=_observation_context(card, identity),
             procedure_reported=_procedure_reported(source),
             imaging_measurements=groups,
+            referenced_images=list(source_images),  # TID 1600 Image Library: the images reported on
         )
         evidence = [complete_source(source), *source_images[1:], *([seg] if seg is not None else [])]
         sr = hd.sr.Comprehensive3DSR(

@@ -664,7 +664,7 @@ def test_dciodvfy_sr_with_classification(tmp_path: Path) -> None:
 
 
 def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None:
-    """A detection model's boxes: one Planar ROI per box, a closed SCOORD3D polygon through its centre."""
+    """A detection model's boxes: one Planar ROI per box, the SCOORD3D ellipse inscribed in its central section."""
     source = _synthetic_ct(3)
     card = ModelCard(name="nodules", version="1", task=Task.DETECTION, classes=("Lung nodule",))
     boxes = (Detection(0, 0.61, (10.0, -20.0, 5.0), (8.0, 6.0, 4.0)), Detection(0, 0.93, (-30.0, 12.5, 2.5),
@@ -677,11 +677,38 @@ def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None
     best = groups[0]  # best score first
     assert best.finding_type.meaning == "Lung nodule"
     region = best.roi
-    assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues3D.POLYGON
+    assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues3D.ELLIPSE
     assert region.frame_of_reference_uid == source[0].FrameOfReferenceUID
     points = region.value
-    np.testing.assert_allclose(points[0], points[-1])  # closed
+    assert points.shape == (4, 3)  # major axis end points, then minor axis end points
     np.testing.assert_allclose(points.min(axis=0), (-36.0, 6.5, 2.5))
     np.testing.assert_allclose(points.max(axis=0), (-24.0, 18.5, 2.5))
+    np.testing.assert_allclose(points.mean(axis=0), (-30.0, 12.5, 2.5))
+    second = groups[1].roi.value  # 8 x 6 mm: the major axis runs along x
+    np.testing.assert_allclose(second[:2], [[6.0, -20.0, 5.0], [14.0, -20.0, 5.0]])
     probability = next(m for m in best.get_measurements() if m.name.meaning == "Probability")
     assert probability.value == pytest.approx(0.93)
+
+
+def test_sr_places_each_segment_and_lists_its_images(ct_slices: list[Dataset], ct_seg: SegResult) -> None:
+    """Every segment finding also has a place (its largest cross-section, SCOORD3D ellipse, same tracking UID);
+    the Image Library (TID 1600) lists the source images. A viewer (OHIF) needs both to open the report."""
+    sr = _roundtrip_sr(_sr_with_seg(_ct_prediction(), ct_slices, ct_seg))
+    volumetric = {g.tracking_uid: g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    planar = {g.tracking_uid: g for g in sr.content.get_planar_roi_measurement_groups()}
+    assert set(planar) == set(volumetric) and len(planar) == 2
+    library = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    assert len(library) == 1
+    listed = {ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+              for group in library[0].ContentSequence for ref in group.ContentSequence}
+    assert listed == {ds.SOPInstanceUID for ds in ct_slices}
+    liver = next(g for g in planar.values() if g.finding_type.meaning == "Liver")
+    points = liver.roi.value
+    # Liver: rows 200-299, columns 100-219 on slices 0 and 1 (plus one voxel); slice 0 has the most pixels.
+    first = ct_slices[0]
+    spacing = [float(v) for v in first.PixelSpacing]
+    row_dir, col_dir = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    centre = np.asarray(first.ImagePositionPatient, float) + 159.5 * spacing[1] * row_dir + 249.5 * spacing[0] * col_dir
+    np.testing.assert_allclose(points.mean(axis=0), centre, atol=0.02 * spacing[0] * 100)
+    major = np.linalg.norm(points[1] - points[0])
+    assert major == pytest.approx(4 * 120 / np.sqrt(12) * spacing[1], rel=0.02)  # 4 sigma of a 120-pixel span
