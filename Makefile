@@ -1,7 +1,8 @@
 # dicom-node: every target does its own set-up on a fresh Debian machine.
 #   make run    install into .venv and start the node on the embedded default
 #   make test   install test needs (Debian orthanc, orthanc-dicomweb, dcmtk, dicom3tools, openjph-tools,
-#               chromium, systemd, util-linux when root), run ruff and mypy, then the whole suite
+#               chromium, poppler-utils, npm, systemd, util-linux when root; the prebuilt OHIF viewer from
+#               npm), run ruff and mypy, then the whole suite
 #   make bench  run the benchmarks under bench/ (one: make bench NAME=receive)
 
 PYTHON ?= python3.11
@@ -9,8 +10,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?=
+# The OHIF viewer the tests open results in (npm's @ohif/app ships it prebuilt in dist/).
+OHIF_VERSION := 3.13.2
+OHIF   := .cache/ohif-$(OHIF_VERSION)
 
-.PHONY: run test test-unit lint install system-deps bench clean install-service lock
+.PHONY: run test test-unit lint install system-deps ohif bench clean install-service lock
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
@@ -28,15 +32,23 @@ run: $(STAMP)
 
 # Real PACS, modality and validator used by the integration tests.
 system-deps:
-	@if command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v ojph_compress >/dev/null && command -v chromium >/dev/null && command -v systemd-analyze >/dev/null && command -v setpriv >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
-	  echo "system test tools present (Orthanc, DCMTK, dciodvfy, OpenJPH, Chromium, systemd-analyze, Orthanc DICOMweb)"; \
+	@if command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v ojph_compress >/dev/null && command -v chromium >/dev/null && command -v pdftoppm >/dev/null && command -v npm >/dev/null && command -v systemd-analyze >/dev/null && command -v setpriv >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  echo "system test tools present (Orthanc, DCMTK, dciodvfy, OpenJPH, Chromium, poppler, npm, systemd-analyze, Orthanc DICOMweb)"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openjph-tools chromium systemd util-linux; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openjph-tools chromium poppler-utils systemd util-linux $$(command -v npm >/dev/null || echo npm); \
 	else \
-	  echo "not root: install the Debian packages orthanc orthanc-dicomweb dcmtk dicom3tools openjph-tools chromium systemd util-linux yourself"; \
+	  echo "not root: install the Debian packages orthanc orthanc-dicomweb dcmtk dicom3tools openjph-tools chromium poppler-utils npm systemd util-linux yourself"; \
 	fi
 
-test: $(STAMP) system-deps lint
+# The prebuilt OHIF viewer (only the package's dist/, unpacked under .cache; no node_modules).
+$(OHIF)/dist/index.html:
+	@command -v npm >/dev/null || { echo "npm not found: install the Debian package npm (make system-deps as root)"; exit 1; }
+	rm -rf $(OHIF) && mkdir -p $(OHIF)
+	cd $(OHIF) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz package/dist && mv package/dist dist && rm -rf package ohif-app-$(OHIF_VERSION).tgz
+
+ohif: $(OHIF)/dist/index.html
+
+test: $(STAMP) system-deps ohif lint
 	$(BIN)/python -m pytest
 
 # Static checks, part of make test: ruff (a small rule set, pyproject.toml) and mypy (disallow_untyped_defs).

@@ -5,10 +5,13 @@ the segment has the most pixels, the ellipse centred on those pixels with
 the same spread along the image's row and column directions (semi-axis
 ``2 * standard deviation``, which is exact for a filled ellipse).  A box's
 place is the ellipse inscribed in its section through the box centre.
-Both are SCOORD3D ``ELLIPSE`` content (major axis end points, then minor
-axis end points) in the source's frame of reference, axis-aligned with the
-image, which TID 1410 allows and which viewers that draw SR annotations on
-images (OHIF) can draw.
+Both are ``ELLIPSE`` content (major axis end points, then minor axis end
+points), axis-aligned with the image: as SCOORD3D in the source's frame of
+reference, and as SCOORD on the source image the place lies on (image
+coordinates, pixel centres at .5), which TID 1410 both allows.  A viewer
+that draws SR annotations on images jumps to the image-plane form (OHIF 3.13
+draws SCOORD3D ellipses only when a viewport happens to show their plane,
+and does not navigate to them in a stack viewport).
 """
 
 from __future__ import annotations
@@ -91,3 +94,23 @@ def box_place(center: Sequence[float], size: Sequence[float]) -> np.ndarray:
     down = [np.array([cx, cy - sy / 2, cz]), np.array([cx, cy + sy / 2, cz])]
     major, minor = (across, down) if sx >= sy else (down, across)
     return np.array(major + minor, dtype=float)
+
+
+def nearest_slice(planes: Sequence[SlicePlane], point: Sequence[float]) -> int | None:
+    """The slice whose plane is nearest ``point`` (LPS), if within half a slice gap of it (else ``None``)."""
+    if not planes:
+        return None
+    p = np.asarray(point, float)
+    distances = [abs(float(np.cross(pl.row_direction, pl.column_direction) @ (p - pl.origin))) for pl in planes]
+    k = int(np.argmin(distances))
+    gap = (min(abs(float(np.cross(planes[0].row_direction, planes[0].column_direction) @ (b.origin - a.origin)))
+               for a, b in zip(planes, planes[1:])) if len(planes) > 1 else 1.0)
+    return k if distances[k] <= max(gap, 1e-3) / 2 + 1e-3 else None
+
+
+def to_image(plane: SlicePlane, points: np.ndarray) -> np.ndarray:
+    """LPS points on ``plane`` as SCOORD image coordinates ``(column, row)``, the first pixel's centre at (0.5, 0.5)."""
+    offsets = np.asarray(points, float) - plane.origin
+    columns = offsets @ plane.row_direction / plane.spacing[1] + 0.5
+    rows = offsets @ plane.column_direction / plane.spacing[0] + 0.5
+    return np.stack([columns, rows], axis=1)

@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
@@ -55,7 +56,7 @@ from dicom_node.results.identity import (
     derive_uid,
     software_versions,
 )
-from dicom_node.results.places import box_place, segment_place, slice_planes
+from dicom_node.results.places import SlicePlane, box_place, nearest_slice, segment_place, slice_planes, to_image
 from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
 from inference.types import Classification, Code, Detection, Measurement, ModelCard, Prediction, SegmentSpec
 
@@ -207,22 +208,35 @@ def _segment_groups(
             )
         )
         place = segment_place(labelmap, label, planes) if planes is not None and labelmap is not None else None
-        if place is not None and frame_of_reference:
+        if place is not None and planes is not None:
             # The same finding (same tracking UID) where a viewer can draw it and jump to it: its largest
-            # cross-section as a TID 1410 planar ROI on the source's frame of reference.
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    referenced_region=hd.sr.ImageRegion3D(
-                        graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSE, graphic_data=place[1],
-                        frame_of_reference_uid=frame_of_reference,
-                    ),
-                    finding_type=to_coded_concept(spec.type),
-                    finding_sites=_finding_sites(spec),
-                    algorithm_id=algorithm,
-                )
-            )
+            # cross-section as TID 1410 planar ROIs, on its source image and on the source's frame of reference.
+            groups.extend(_place_groups(tracking, spec.type, _finding_sites(spec), algorithm, place[1],
+                                        source_images, planes, place[0], frame_of_reference))
     return groups
+
+
+def _place_groups(
+    tracking: hd.sr.TrackingIdentifier, finding: Code, sites: list[hd.sr.FindingSite] | None,
+    algorithm: hd.sr.AlgorithmIdentification, ellipse: np.ndarray, source_images: Sequence[Dataset],
+    planes: Sequence[SlicePlane] | None, index: int | None, frame_of_reference: str,
+    measurements: Sequence[hd.sr.Measurement] = (),
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """A finding's ellipse as planar ROI groups: on its source image (SCOORD) first, then in 3D (SCOORD3D)."""
+    regions: list[hd.sr.ImageRegion | hd.sr.ImageRegion3D] = []
+    single_frame = planes is not None and len(source_images) == len(planes)
+    if single_frame and index is not None and planes is not None:
+        image = source_images[index]
+        regions.append(hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=to_image(planes[index], ellipse),
+            source_image=hd.sr.SourceImageForRegion(str(image.SOPClassUID), str(image.SOPInstanceUID))))
+    if frame_of_reference:
+        regions.append(hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSE, graphic_data=ellipse,
+                                           frame_of_reference_uid=frame_of_reference))
+    return [hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, referenced_region=region, finding_type=to_coded_concept(finding),
+        finding_sites=sites, algorithm_id=algorithm, measurements=list(measurements) or None)
+        for region in regions]
 
 
 def _finding_sites(spec: SegmentSpec) -> list[hd.sr.FindingSite] | None:
@@ -290,25 +304,21 @@ def _classification_group(
 MAX_DETECTIONS: Final[int] = 100
 
 
-def _detection_group(
+def _detection_groups(
     index: int, item: Detection, classes: Sequence[str], frame_of_reference: str, identity: OutputIdentity,
-    algorithm: hd.sr.AlgorithmIdentification,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    algorithm: hd.sr.AlgorithmIdentification, source_images: Sequence[Dataset], planes: Sequence[SlicePlane] | None,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     if not 0.0 <= item.score <= 1.0:
         raise ResultError(f"Score of detection {index} is {item.score}, not in [0, 1]")
     name = classes[item.label] if 0 <= item.label < len(classes) else f"class {item.label}"
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=identity.derive("detection", str(index)), identifier=f"{name} {index + 1}"[:64]
-        ),
-        referenced_region=hd.sr.ImageRegion3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSE, graphic_data=box_place(item.center, item.size),
-            frame_of_reference_uid=frame_of_reference,
-        ),
-        finding_type=class_concept(name),
-        algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.score), unit=_UCUM_NO_UNITS)],
-    )
+    tracking = hd.sr.TrackingIdentifier(uid=identity.derive("detection", str(index)),
+                                        identifier=f"{name} {index + 1}"[:64])
+    probability = hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.score), unit=_UCUM_NO_UNITS)
+    ellipse = box_place(item.center, item.size)
+    slice_index = nearest_slice(planes, item.center) if planes else None
+    concept = class_concept(name)
+    return _place_groups(tracking, Code(concept.value, concept.scheme_designator, concept.meaning), None, algorithm,
+                         ellipse, source_images, planes, slice_index, frame_of_reference, [probability])
 
 
 def _findings_group(
@@ -426,10 +436,10 @@ def build_sr(
         detections = sorted(prediction.detections, key=lambda d: -d.score)
         if detections and not getattr(source, "FrameOfReferenceUID", None):
             raise ResultError("the source images have no FrameOfReferenceUID: boxes cannot be placed")
-        groups.extend(
-            _detection_group(index, item, card.classes, str(source.FrameOfReferenceUID), identity, algorithm)
-            for index, item in enumerate(detections[:MAX_DETECTIONS])
-        )
+        planes = slice_planes(source_images, len(source_images)) if detections else None
+        for index, item in enumerate(detections[:MAX_DETECTIONS]):
+            groups.extend(_detection_groups(index, item, card.classes, str(source.FrameOfReferenceUID), identity,
+                                            algorithm, source_images, planes))
         if len(detections) > MAX_DETECTIONS:
             texts_extra = [f"{len(detections) - MAX_DETECTIONS} more box(es) with lower scores are not listed"]
         else:

@@ -672,8 +672,14 @@ def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None
     sr = _sr_without_seg(Prediction(card, detections=boxes), source)
     _assert_dciodvfy_clean(sr, tmp_path / "sr_det.dcm", "Comprehensive3DSR")
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    groups = report.content.get_planar_roi_measurement_groups()
-    assert len(groups) == 2
+    every = report.content.get_planar_roi_measurement_groups()
+    assert len(every) == 4  # per box: on its source image (SCOORD) first, then in 3D (SCOORD3D), one tracking UID
+    images = [g for g in every if g.roi.ValueType == "SCOORD"]
+    groups = [g for g in every if g not in images]
+    assert [g.tracking_uid for g in images] == [g.tracking_uid for g in groups]
+    on_image = images[0].roi  # the best box's centre (z 2.5) lies on the second slice
+    assert on_image.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source[1].SOPInstanceUID
+    np.testing.assert_allclose(np.asarray(on_image.GraphicData).reshape(-1, 2).mean(axis=0), (-21.5, 21.0))
     best = groups[0]  # best score first
     assert best.finding_type.meaning == "Lung nodule"
     region = best.roi
