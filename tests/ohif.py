@@ -55,7 +55,7 @@ _CONFIG = """window.config = {
       wadoUriRoot: '%(origin)s/wado', qidoRoot: '%(origin)s/dicom-web', wadoRoot: '%(origin)s/dicom-web',
       qidoSupportsIncludeField: false, imageRendering: 'wadors', thumbnailRendering: 'wadors',
       enableStudyLazyLoad: true, supportsFuzzyMatching: false, supportsWildcard: true,
-      singlepart: 'bulkdata,video,pdf', bulkDataURI: {enabled: true}, omitQuotationForMultipartRequest: true,
+      singlepart: 'bulkdata,video', bulkDataURI: {enabled: true}, omitQuotationForMultipartRequest: true,
     },
   }],
 };

@@ -1,0 +1,201 @@
+"""What the radiologist sees: the node's results opened in the OHIF viewer, in a real browser.
+
+A chest CT goes into Orthanc (with its DICOMweb plugin), is routed to ``dicom-node serve``, and
+the SEG, SR and PDF come back into the study.  OHIF 3.13 (npm's prebuilt ``@ohif/app``) is served
+with Orthanc's DICOMweb on one origin and driven in Debian's chromium, headless: each object is put
+in the viewport as a user would pick it, and what OHIF loaded is read from ``window.services`` and
+cornerstone's state, then compared with the DICOM objects and the phantom's truth.  Screenshots
+are kept under ``test-output/ohif``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from tests.integration.conftest import free_port, node_config, start_orthanc, storescu, wait_until
+from tests.ohif import ORTHANC_DICOMWEB, ViewerServer, browser, display_sets, require_viewer, wait_for_services
+from tests.phantoms import make_chest_phantom, write_ct_series
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SHOTS = REPO / "test-output" / "ohif"
+
+
+def _show(page: Any, display_set_uid: str) -> None:
+    page.evaluate("""(uid) => { const g = window.services.viewportGridService;
+        g.setDisplaySetsForViewport({viewportId: g.getState().activeViewportId, displaySetInstanceUIDs: [uid]}); }""",
+                  display_set_uid)
+
+
+def _dismiss(page: Any) -> None:
+    """OHIF's first-visit tour and its investigational-use banner cover the viewport: close them as a user would."""
+    for _ in range(10):
+        closed = page.evaluate("""() => { let n = 0;
+            for (const b of document.querySelectorAll('button, a')) {
+              if (['Skip all', 'Confirm and hide'].includes(b.textContent.trim())) { b.click(); n++; } }
+            const cancel = document.querySelector('.shepherd-cancel-icon'); if (cancel) { cancel.click(); n++; }
+            return n; }""")
+        if not closed and not page.query_selector(".shepherd-modal-is-visible"):
+            return
+        time.sleep(0.5)
+
+
+def _drawn_ellipses(page: Any) -> list[dict[str, float]]:
+    """The SR ellipses cornerstone drew in the viewport's SVG layer (centre and radii in canvas pixels)."""
+    return json.loads(page.evaluate("""() => JSON.stringify(Array.from(document.querySelectorAll(
+        '[data-cy="viewport-pane"] svg ellipse')).map(e => ({cx: +e.getAttribute('cx'), cy: +e.getAttribute('cy'),
+        rx: +e.getAttribute('rx'), ry: +e.getAttribute('ry')})).filter(e => e.rx > 3 && e.ry > 3))"""))
+
+
+def _no_error_shown(page: Any) -> None:
+    text = page.evaluate("() => document.body.innerText")
+    assert "Something went wrong" not in text, text[:2000]
+    fatal = [e for e in page.errors if "TypeError" in e or "Unsupported GraphicType" in e]
+    assert not fatal, fatal
+
+
+def _send_through_node(tmp: Path, node_factory: Any, files: list[Path], models: dict[str, Any] | None = None,
+                       outputs: tuple[str, ...] = ("seg", "sr", "pdf")) -> tuple[Any, str]:
+    """Orthanc with DICOMweb routing to a node that sends its results back; the study stored in Orthanc."""
+    pacs_port = free_port()
+    config = node_config(tmp, destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}})
+    if models is not None:
+        config["models"] = models
+        config["rules"][0]["run"] = list(models)
+    config["rules"][0]["outputs"] = list(outputs)
+    node = node_factory(config)
+    orthanc = start_orthanc(tmp / "pacs", node.port, dicom_port=pacs_port, extra=ORTHANC_DICOMWEB)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    sent = storescu(orthanc.dicom_port, files, aec="ORTHANC")
+    assert sent.returncode == 0, sent.stderr
+    return orthanc, study
+
+
+def _wait_for_modalities(orthanc: Any, study: str, wanted: set[str]) -> dict[str, str]:
+    def arrived() -> dict[str, str] | None:
+        found = {s["MainDicomTags"].get("Modality"): s["ID"] for s in orthanc.series_of_study(study)}
+        return found if wanted <= set(found) else None
+
+    return wait_until(arrived, 300, f"{sorted(wanted)} in Orthanc")
+
+
+def _open_viewer(page: Any, server: ViewerServer, study: str, count: int) -> dict[str, dict[str, Any]]:
+    page.goto(f"{server.origin}/viewer?StudyInstanceUIDs={study}")
+    wait_for_services(page)
+    page.wait_for_function(f"() => window.services.displaySetService.getActiveDisplaySets().length >= {count}",
+                           timeout=120_000)
+    _dismiss(page)
+    return {d["Modality"]: d for d in display_sets(page)}
+
+
+@pytest.fixture()
+def chest(tmp_path: Path, node_factory: Any) -> Iterator[dict[str, Any]]:
+    require_viewer()
+    spacing = (2.5, 2.0, 2.0)
+    hu, truth = make_chest_phantom(shape=(40, 128, 128), spacing=spacing)
+    files = write_ct_series(hu, spacing, tmp_path / "ct")
+    orthanc, study = _send_through_node(tmp_path, node_factory, files)
+    series = _wait_for_modalities(orthanc, study, {"CT", "SEG", "SR", "DOC"})
+    yield {"orthanc": orthanc, "study": study, "series": series, "files": files, "truth": truth, "spacing": spacing}
+    orthanc.stop()
+
+
+def _download(orthanc: Any, series_id: str) -> pydicom.Dataset:
+    instance = orthanc.get(f"/series/{series_id}/instances")[0]
+    return pydicom.dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{instance['ID']}/file")))
+
+
+def test_lungs_seg_sr_and_pdf_open_in_ohif(chest: dict[str, Any]) -> None:
+    _, chromium = require_viewer()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    orthanc = chest["orthanc"]
+    seg_ds, sr_ds = _download(orthanc, chest["series"]["SEG"]), _download(orthanc, chest["series"]["SR"])
+    server = ViewerServer(require_viewer()[0], orthanc.http_port)
+    try:
+        with browser(chromium) as page:
+            sets = _open_viewer(page, server, chest["study"], 4)
+            assert {"CT", "SEG", "SR", "DOC"} <= set(sets), sets
+
+            # The SR opens on its first finding: every finding loaded (drawn on an image), with its values.
+            _show(page, sets["SR"]["uid"])
+            page.wait_for_function("""(uid) => { const d = window.services.displaySetService.getDisplaySetByUID(uid);
+                return d && d.isLoaded && d.measurements && d.measurements.every(m => m.loaded); }""",
+                                   arg=sets["SR"]["uid"], timeout=60_000)
+            time.sleep(2)
+            measurements = json.loads(page.evaluate("""(uid) => JSON.stringify(window.services.displaySetService
+                .getDisplaySetByUID(uid).measurements.map(m => ({id: m.TrackingIdentifier, labels: m.labels,
+                sop: m.ReferencedSOPInstanceUID})))""", sets["SR"]["uid"]))
+            report = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
+            volumes = {g.tracking_identifier: next(m.value for m in g.get_measurements() if m.name.meaning == "Volume")
+                       for g in report.content.get_volumetric_roi_measurement_groups()}
+            assert sorted(m["id"] for m in measurements) == sorted(volumes) == ["Left lung", "Right lung"]
+            for m in measurements:
+                shown = next(label["value"] for label in m["labels"] if label["label"] == "Volume")
+                assert shown == f"{float(volumes[m['id']]):.2f} ml", m
+                assert m["sop"] in {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                                    for f in chest["files"]}
+            ellipses = _drawn_ellipses(page)
+            assert len(ellipses) == 2, ellipses  # both lungs' largest cross-sections lie on the slice shown
+            _no_error_shown(page)
+            page.screenshot(path=str(SHOTS / "lungs-sr.png"))
+
+            # The SEG: OHIF's label map on every slice is the SEG's, voxel for voxel.
+            _show(page, sets["SEG"]["uid"])
+            page.wait_for_function("() => window.services.segmentationService.getSegmentations().length > 0",
+                                   timeout=60_000)
+            time.sleep(2)
+            loaded = json.loads(page.evaluate("""() => { const s = window.services.segmentationService
+                .getSegmentations()[0]; const C = window.cornerstone;
+                return JSON.stringify({segments: Object.entries(s.segments).map(([k, v]) => [+k, v.label]),
+                  slices: s.representationData.Labelmap.imageIds.map(id => { const im = C.cache.getImage(id);
+                    const p = C.metaData.get('imagePlaneModule', im.referencedImageId || id);
+                    return {z: p.imagePositionPatient[2], rows: im.rows, columns: im.columns,
+                            pixels: Array.from(im.voxelManager ? im.voxelManager.getScalarData() : im.getPixelData())};
+                  })}); }"""))
+            seg = hd.seg.Segmentation.from_dataset(seg_ds)
+            numbers = {seg.get_segment_description(n).segment_label: n for n in seg.segment_numbers}
+            assert sorted(label for _, label in loaded["segments"]) == sorted(numbers)
+            by_label = dict((label, number) for number, label in loaded["segments"])
+            headers = {round(float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]), 3):
+                       str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in chest["files"]}
+            voxel_ml = float(np.prod(chest["spacing"])) / 1000
+            totals = dict.fromkeys(numbers, 0)
+            for plane in loaded["slices"]:
+                shown = np.asarray(plane["pixels"]).reshape(plane["rows"], plane["columns"])
+                uid = headers[round(float(plane["z"]), 3)]
+                for label, number in numbers.items():
+                    mask = seg.get_pixels_by_source_instance([uid], segment_numbers=[number],
+                                                             assert_missing_frames_are_empty=True)[0, ..., 0]
+                    np.testing.assert_array_equal(shown == by_label[label], mask > 0, err_msg=f"{label} at {plane['z']}")
+                    totals[label] += int(np.count_nonzero(shown == by_label[label]))
+            assert totals["Right lung"] * voxel_ml == pytest.approx(chest["truth"]["right_ml"], rel=0.03)
+            assert totals["Left lung"] * voxel_ml == pytest.approx(chest["truth"]["left_ml"], rel=0.03)
+            _no_error_shown(page)
+            page.screenshot(path=str(SHOTS / "lungs-seg.png"))
+
+            # The encapsulated PDF opens in OHIF's PDF viewport, and what it loads is the node's PDF.
+            _show(page, sets["DOC"]["uid"])
+            page.wait_for_selector("object[type='application/pdf'], embed[type='application/pdf'], iframe",
+                                   timeout=60_000)
+            source = page.evaluate("""() => { const e = document.querySelector(
+                "object[type='application/pdf'], embed[type='application/pdf'], iframe");
+                return e.getAttribute('data') || e.getAttribute('src'); }""")
+            head = page.evaluate("""async (url) => { const r = await fetch(url); const b = new Uint8Array(
+                await r.arrayBuffer()); return String.fromCharCode(...b.slice(0, 5)); }""", source)
+            assert head == "%PDF-", (source, page.evaluate("async (url) => (await fetch(url)).text()", source)[:500])
+            time.sleep(2)
+            _no_error_shown(page)
+            page.screenshot(path=str(SHOTS / "lungs-pdf.png"))
+    finally:
+        server.close()
