@@ -1,11 +1,13 @@
 """Prediction -> Encapsulated PDF summary for referring clinicians (own output kind ``pdf``).
 
-The PDF (made with Pillow, no other dependency) has A4 pages at 100 dpi:
+The PDF (made with Pillow, no other dependency) has A4 or US Letter pages
+(``outputs.paper``) at 150 dpi:
 
 - a header with the banner, the model (name, version, hash) and the node's version;
-- a table: one row per segment with its measurements (value and UCUM unit),
-  then one row per classification (probability, positive or not), then the
-  model's free-text findings;
+- a table: one row per segment with its measurements (value and unit, as a
+  person writes it: HU, ml, %), then one row per classification (probability,
+  positive or not), then the model's free-text findings; every cell wraps
+  within its column and the table continues on the next page;
 - key images: for each segment present, the slice where it is largest, drawn
   as in the secondary-capture overlay (see :mod:`dicom_node.results.sc`),
   at most :data:`MAX_KEY_IMAGES`, in slice order.
@@ -52,9 +54,14 @@ logger = logging.getLogger(__name__)
 MAX_KEY_IMAGES: Final[int] = 6
 """Most key images in one PDF."""
 
-_PAGE: Final[tuple[int, int]] = (827, 1169)  # A4 at 100 dpi
-_MARGIN: Final[int] = 40
-_DPI: Final[float] = 100.0
+_DPI: Final[float] = 150.0
+#: Paper sizes in inches (width, height).
+PAPER: Final[dict[str, tuple[float, float]]] = {"a4": (8.27, 11.69), "letter": (8.5, 11.0)}
+_MARGIN: Final[int] = 60  # 0.4 inch at 150 dpi
+#: UCUM codes as people write the units (others print as their code).
+UNIT_SYMBOLS: Final[dict[str, str]] = {"[hnsf'U]": "HU", "1": "", "{ratio}": "", "mm2": "mm²", "mm3": "mm³",
+                                       "cm2": "cm²", "cm3": "cm³", "ml": "ml", "mL": "ml", "%": "%", "mm": "mm",
+                                       "cm": "cm", "g/cm3": "g/cm³", "/min": "/min", "s": "s"}
 _COPIED: Final[tuple[str, ...]] = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
@@ -62,8 +69,41 @@ _COPIED: Final[tuple[str, ...]] = (
 _DOCUMENT_TITLE: Final[str] = "AI result summary"
 
 
-def _font_small() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return load_font(10)
+def _font(points: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return load_font(round(points * _DPI / 72))
+
+
+def unit_symbol(code: str) -> str:
+    """The unit as a person writes it (``[hnsf'U]`` -> ``HU``)."""
+    return UNIT_SYMBOLS.get(code, code)
+
+
+def _value(value: float, unit: str) -> str:
+    symbol = unit_symbol(unit)
+    return f"{value:.4g} {symbol}".rstrip() if symbol != "%" else f"{value:.4g} %"
+
+
+def wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (at spaces; a word longer than a line is cut)."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while font.getlength(word) > width:  # a very long token: cut it where it fits
+                cut = max(1, int(len(word) * width / max(font.getlength(word), 1.0)))
+                while cut > 1 and font.getlength(word[:cut]) > width:
+                    cut -= 1
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines
 
 
 def _table_rows(prediction: Prediction) -> list[tuple[str, str]]:
@@ -72,7 +112,7 @@ def _table_rows(prediction: Prediction) -> list[tuple[str, str]]:
     present = {spec.label for spec in prediction.present_segments()}
     for spec in card.segments:
         items = prediction.measurements.get(spec.label, ())
-        values = "; ".join(f"{m.concept.meaning} {m.value:.4g} {m.unit.value}" for m in items)
+        values = "; ".join(f"{m.concept.meaning} {_value(m.value, m.unit.value)}" for m in items)
         if not values:
             values = "present" if spec.label in present else "not found"
         rows.append((spec.name, values))
@@ -95,43 +135,59 @@ def key_slices(prediction: Prediction) -> list[int]:
     return sorted(chosen)[:MAX_KEY_IMAGES]
 
 
-def _pages(prediction: Prediction, key_images: Sequence[np.ndarray], style: OverlayStyle) -> list[Image.Image]:
+def _pages(prediction: Prediction, key_images: Sequence[np.ndarray], style: OverlayStyle,
+           paper: str = "a4") -> list[Image.Image]:
     card = prediction.card
-    width, height = _PAGE
-    title, body = load_font(22), load_font(14)
-    pages = [Image.new("RGB", _PAGE, (255, 255, 255))]
+    inches = PAPER.get(paper, PAPER["a4"])
+    size = (round(inches[0] * _DPI), round(inches[1] * _DPI))
+    width, height = size
+    title, body, small = _font(16), _font(10), _font(7.5)
+    line_height = round(body.size * 1.35) if hasattr(body, "size") else 20
+    pages = [Image.new("RGB", size, (255, 255, 255))]
     draw = ImageDraw.Draw(pages[0])
+    content = width - 2 * _MARGIN
     y = _MARGIN
-    draw.text((_MARGIN, y), _DOCUMENT_TITLE, fill=(0, 0, 0), font=title)
-    y += 34
-    draw.text((_MARGIN, y), style.banner, fill=(180, 0, 0), font=body)
-    y += 22
-    draw.text((_MARGIN, y), f"Model {card.name} {card.version}"[:100], fill=(0, 0, 0), font=body)
-    y += 20
+
+    def text_block(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, fill: tuple[int, int, int],
+                   step: int) -> None:
+        nonlocal y
+        for line in wrap(text, font, content):
+            draw.text((_MARGIN, y), line, fill=fill, font=font)
+            y += step
+
+    text_block(_DOCUMENT_TITLE, title, (0, 0, 0), round(line_height * 1.8))
+    text_block(style.banner, body, (180, 0, 0), line_height)
+    text_block(f"Model {card.name} {card.version}", body, (0, 0, 0), line_height)
     if card.model_hash:
-        draw.text((_MARGIN, y), f"Model hash {card.model_hash}"[:100], fill=(90, 90, 90), font=_font_small())
-        y += 20
-    draw.text((_MARGIN, y), f"{SOFTWARE_NAME} {SOFTWARE_VERSION}", fill=(90, 90, 90), font=body)
-    y += 30
-    column = _MARGIN + 220
+        text_block(f"Model hash {card.model_hash}", small, (90, 90, 90), round(line_height * 0.8))
+    text_block(f"{SOFTWARE_NAME} {SOFTWARE_VERSION}", body, (90, 90, 90), line_height)
+    y += line_height // 2
+    name_width = round(content * 0.3)
+    gap = 16
+    values_x, values_width = _MARGIN + name_width + gap, content - name_width - gap
     for name, values in _table_rows(prediction):
-        if y > height - _MARGIN - 20:
-            pages.append(Image.new("RGB", _PAGE, (255, 255, 255)))
+        names, cells = wrap(name, body, name_width), wrap(values, body, values_width)
+        rows = max(len(names), len(cells))
+        if y + rows * line_height > height - _MARGIN:
+            pages.append(Image.new("RGB", size, (255, 255, 255)))
             draw, y = ImageDraw.Draw(pages[-1]), _MARGIN
         draw.line((_MARGIN, y - 4, width - _MARGIN, y - 4), fill=(200, 200, 200))
-        draw.text((_MARGIN, y), name[:30], fill=(0, 0, 0), font=body)
-        draw.text((column, y), values[:80], fill=(0, 0, 0), font=body)
-        y += 22
-    y += 10
-    tile = (width - 3 * _MARGIN) // 2
+        for i in range(rows):
+            if i < len(names):
+                draw.text((_MARGIN, y + i * line_height), names[i], fill=(0, 0, 0), font=body)
+            if i < len(cells):
+                draw.text((values_x, y + i * line_height), cells[i], fill=(0, 0, 0), font=body)
+        y += rows * line_height + 6
+    y += line_height
+    tile = (content - _MARGIN) // 2
     x = _MARGIN
     for image in key_images:
         picture = Image.fromarray(image)
-        picture.thumbnail((tile, tile))
+        scale = tile / max(picture.width, picture.height)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
         if y + picture.height > height - _MARGIN:
-            if x == _MARGIN:
-                pages.append(Image.new("RGB", _PAGE, (255, 255, 255)))
-                draw, y = ImageDraw.Draw(pages[-1]), _MARGIN
+            pages.append(Image.new("RGB", size, (255, 255, 255)))
+            draw, y, x = ImageDraw.Draw(pages[-1]), _MARGIN, _MARGIN
         pages[-1].paste(picture, (x, y))
         if x == _MARGIN:
             x = 2 * _MARGIN + tile
@@ -140,7 +196,8 @@ def _pages(prediction: Prediction, key_images: Sequence[np.ndarray], style: Over
     return pages
 
 
-def render_pdf(prediction: Prediction, source_images: Sequence[Dataset], style: OverlayStyle) -> tuple[bytes, list[tuple[Dataset, int]]]:
+def render_pdf(prediction: Prediction, source_images: Sequence[Dataset], style: OverlayStyle,
+               paper: str = "a4") -> tuple[bytes, list[tuple[Dataset, int]]]:
     """Render the summary PDF.
 
     Returns
@@ -161,7 +218,7 @@ def render_pdf(prediction: Prediction, source_images: Sequence[Dataset], style: 
             present = [specs[int(v)] for v in np.unique(labelmap[z]) if v != 0 and int(v) in specs]
             key_images.append(render_overlay(values, window_of(source, values, frame), labelmap[z], present, style))
             references.append((source, frame))
-    pages = _pages(prediction, key_images, style)
+    pages = _pages(prediction, key_images, style, paper)
     buffer = io.BytesIO()
     pages[0].save(buffer, "PDF", save_all=True, append_images=pages[1:], resolution=_DPI,
                   title=_DOCUMENT_TITLE, author=SOFTWARE_NAME, producer=SOFTWARE_NAME)
@@ -175,6 +232,7 @@ def build_pdf(
     *,
     style: OverlayStyle = OverlayStyle(),
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    paper: str = "a4",
 ) -> Dataset:
     """Encode the summary as an Encapsulated PDF Storage instance in the source study.
 
@@ -190,6 +248,8 @@ def build_pdf(
         Banner and fill opacity of the key images.
     device_serial_number:
         Device Serial Number (0018,1000) naming this node instance.
+    paper:
+        ``a4`` or ``letter``.
 
     Returns
     -------
@@ -205,7 +265,7 @@ def build_pdf(
         raise ResultError("No source images given: a PDF summary belongs to the study of its images")
     card = prediction.card
     source = complete_source(source_images[0])
-    document, references = render_pdf(prediction, source_images, style)
+    document, references = render_pdf(prediction, source_images, style, paper)
     now = datetime.datetime.now()
 
     ds = Dataset()

@@ -309,7 +309,8 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style, replaces=replaces):
             write(OutputKind.SC, image, int(image.InstanceNumber) - 1)
     if OutputKind.PDF in task.outputs:
-        write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF), style=style))
+        write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF), style=style,
+                                        paper=outputs.paper))
     return produced
 
 

@@ -54,6 +54,7 @@ class OutputsSettings(BaseModel):
         "AI result - not for primary diagnosis"
     )
     fill_opacity: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.35
+    paper: Literal["a4", "letter"] = "a4"
 
     @field_validator("uid_root")
     @classmethod

@@ -31,6 +31,7 @@ from dicom_node.settings import load_settings_text
 from dicom_node.spool import Spool
 from inference.types import SCT_VOLUME, UCUM_ML, Measurement, Prediction
 from tests.realdata import real_ct_slices
+from tests.tools import require_tool
 from tests.unit.test_results import (
     CARD,
     _assert_dciodvfy_clean,
@@ -330,6 +331,72 @@ def test_pdf_of_a_classifier_has_no_key_images(tmp_path: Path) -> None:
     ds = build_pdf(Prediction(replace(CARD, segments=()), findings=("nothing",)), source, _identity(source, "pdf"))
     assert "SourceInstanceSequence" not in ds
     _assert_dciodvfy_clean(ds, tmp_path / "pdf_cls.dcm", "EncapsulatedPDF")
+
+
+def _rendered_pages(document: bytes, tmp: Path) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
+    """Every page of a PDF as a picture (poppler's pdftoppm at 100 dpi) and its size in points (pdfinfo)."""
+    tool, info = require_tool("pdftoppm"), require_tool("pdfinfo")
+    path = tmp / "summary.pdf"
+    path.write_bytes(document)
+    subprocess.run([tool, "-r", "100", "-png", str(path), str(tmp / "page")], check=True, timeout=120)
+    pages = [np.asarray(Image.open(p).convert("L")) for p in sorted(tmp.glob("page*.png"))]
+    text = subprocess.run([info, "-f", "1", "-l", "999", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    sizes = [(float(w), float(h)) for w, h in re.findall(r"Page\s+\d+ size:\s+([\d.]+) x ([\d.]+) pts", text)]
+    return pages, sizes
+
+
+@pytest.mark.parametrize(("paper", "points"), [("a4", (595.0, 842.0)), ("letter", (612.0, 792.0))])
+def test_pdf_text_stays_on_the_page_and_units_read_as_people_write_them(
+        ct_slices: list[Dataset], tmp_path: Path, paper: str, points: tuple[float, float]) -> None:
+    """The lungs' long measurement rows wrap inside the page; every page, looked at as a picture, has blank margins."""
+    from dicom_node.results.pdf import _table_rows, unit_symbol
+    from inference.types import SCT_MEAN, UCUM_HU, UCUM_PERCENT, Code
+
+    laa = Code("LAA950", "99DCMNODE", "Percent low attenuation area below -950 HU")
+    prediction = replace(_prediction(), measurements={
+        1: (Measurement(SCT_VOLUME, 2847.25, UCUM_ML), Measurement(SCT_MEAN, -847.39, UCUM_HU),
+            Measurement(laa, 4.17, UCUM_PERCENT)),
+        2: (Measurement(SCT_VOLUME, 12.5, UCUM_ML),)},
+        findings=("a very long free-text finding " * 12 + "Averyveryverylongwordwithoutanyspaceatallthatmustbecut" * 3,))
+    rows = dict(_table_rows(prediction))
+    assert "[hnsf'U]" not in " ".join(rows.values()) and "Mean -847.4 HU" in rows["Liver"]
+    assert unit_symbol("[hnsf'U]") == "HU" and unit_symbol("ml") == "ml" and unit_symbol("kg") == "kg"
+    ds = build_pdf(prediction, ct_slices, _identity(ct_slices, "pdf", HASHED, 904), paper=paper)
+    document = bytes(ds.EncapsulatedDocument)[: int(ds.EncapsulatedDocumentLength)]
+    pages, sizes = _rendered_pages(document, tmp_path)
+    assert pages and len(sizes) == len(pages)
+    for (width, height), page in zip(sizes, pages, strict=True):
+        assert (round(width), round(height)) == (round(points[0]), round(points[1]))
+        rows_px, cols_px = page.shape
+        margin = int(0.3 * 100)  # 0.3 inch at 100 dpi: the page margin is 0.4 inch
+        edges = [page[:, cols_px - margin:], page[:, :margin], page[rows_px - margin:, :], page[:margin, :]]
+        assert all(int(edge.min()) > 200 for edge in edges), "ink in the page margin: text runs off the page"
+    assert int(pages[0][: pages[0].shape[0] // 3].min()) < 100  # and there is text on the page
+
+    # Nothing is cut: the long finding wraps onto more lines (text bands on the page) instead of ending at the edge.
+    short = build_pdf(replace(prediction, findings=("short",)), ct_slices, _identity(ct_slices, "pdf", HASHED, 904),
+                      paper=paper)
+    (tmp_path / "short").mkdir()
+    short_pages, _ = _rendered_pages(bytes(short.EncapsulatedDocument)[: int(short.EncapsulatedDocumentLength)],
+                                     tmp_path / "short")
+
+    def bands(page: np.ndarray) -> int:
+        inked = (page < 128).any(axis=1)
+        return int(np.count_nonzero(inked[1:] & ~inked[:-1]))
+
+    assert bands(pages[0]) >= bands(short_pages[0]) + 4
+
+
+def test_wrap_keeps_every_character_within_the_width() -> None:
+    from dicom_node.results.overlay import load_font
+    from dicom_node.results.pdf import wrap
+
+    font = load_font(21)
+    text = "Percent low attenuation area below -950 HU 4.17 %; " * 5 + "X" * 300
+    lines = wrap(text, font, 400)
+    assert all(font.getlength(line) <= 400 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
 
 
 # --------------------------------------------------------------------------- routing and config
