@@ -62,7 +62,8 @@ def _card(name: str, spec: Any) -> ModelCard:
 def _python(name: str, spec: Any) -> Model:
     from inference.models.python_callable import PythonModel, load_callable
 
-    return PythonModel(_card(name, spec), load_callable(spec.callable, spec.path), threshold=float(spec.threshold))
+    return PythonModel(_card(name, spec), load_callable(spec.callable, spec.path), threshold=float(spec.threshold),
+                       max_detections=int(getattr(spec, "max_detections", 100)))
 
 
 def _torchscript(name: str, spec: Any) -> Model:

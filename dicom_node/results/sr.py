@@ -25,9 +25,11 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
   ellipse inscribed in the box's axial section through its centre as SCOORD3D
   (patient coordinates, the source's frame of reference), and the score
   (DCM 122157 "Probability");
-- a TID 1501 "Findings" group holding each free-text finding as a TEXT
-  qualitative evaluation (DCM 121071 "Finding"); it also says when the model
-  found no segment (and therefore no SEG exists) or reported nothing at all.
+- the report's Qualitative Evaluations container (TID 1500, UMLS C0034375)
+  holding each free-text finding as TEXT (DCM 121071 "Finding"); it also says
+  when the model found no segment (and therefore no SEG exists) or reported
+  nothing at all.  Values without a place (a classification's probability, the
+  volume of a segment absent from the SEG) are INFERRED FROM the source images.
 
 The TID 1600 Image Library lists the source images; evidence lists them and the SEG.
 """
@@ -44,6 +46,7 @@ from typing import Final, TypeAlias
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
 from dicom_node.errors import ResultError
@@ -146,7 +149,16 @@ def _observation_context(card: ModelCard, identity: OutputIdentity) -> hd.sr.Obs
     )
 
 
-def _measurements(card: ModelCard, label: int, items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
+def _inferred_from(source_images: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurement]:
+    """The images a value without a place was inferred from (TID 300 INFERRED FROM), for a measurement of no ROI.
+
+    A viewer that places every measurement (OHIF) reads them instead of failing on a group with no geometry.
+    """
+    return [hd.sr.SourceImageForMeasurement(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in source_images]
+
+
+def _measurements(card: ModelCard, label: int, items: Sequence[Measurement],
+                  inferred_from: Sequence[hd.sr.SourceImageForMeasurement] | None = None) -> list[hd.sr.Measurement]:
     out = []
     for item in items:
         if not math.isfinite(item.value):
@@ -158,6 +170,7 @@ def _measurements(card: ModelCard, label: int, items: Sequence[Measurement]) -> 
                 name=to_coded_concept(item.concept),
                 value=float(item.value),
                 unit=to_coded_concept(item.unit),
+                referenced_images=list(inferred_from) if inferred_from else None,
             )
         )
     return out
@@ -261,6 +274,7 @@ def _unreferenced_groups(
     identity: OutputIdentity,
     labels: Sequence[int],
     algorithm: hd.sr.AlgorithmIdentification,
+    inferred_from: Sequence[hd.sr.SourceImageForMeasurement],
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     groups = []
     for label in labels:
@@ -273,14 +287,15 @@ def _unreferenced_groups(
                 finding_type=to_coded_concept(spec.type),
                 finding_sites=_finding_sites(spec),
                 algorithm_id=algorithm,
-                measurements=_measurements(prediction.card, label, prediction.measurements[label]),
+                measurements=_measurements(prediction.card, label, prediction.measurements[label], inferred_from),
             )
         )
     return groups
 
 
 def _classification_group(
-    index: int, item: Classification, identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification
+    index: int, item: Classification, identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification,
+    inferred_from: Sequence[hd.sr.SourceImageForMeasurement] = (),
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     if not 0.0 <= item.probability <= 1.0:
         raise ResultError(f"Probability of class {item.name!r} is {item.probability}, not in [0, 1]")
@@ -295,7 +310,8 @@ def _classification_group(
             hd.sr.QualitativeEvaluation(name=concept, value=_YES if item.positive else _NO)
         ],
         measurements=[
-            hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.probability), unit=_UCUM_NO_UNITS)
+            hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.probability), unit=_UCUM_NO_UNITS,
+                              referenced_images=list(inferred_from) or None)
         ],
     )
 
@@ -321,24 +337,35 @@ def _detection_groups(
                          ellipse, source_images, planes, slice_index, frame_of_reference, [probability])
 
 
-def _findings_group(
-    texts: Sequence[str], identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.derive("findings"), identifier="Findings"),
-        algorithm_id=algorithm,
-    )
-    # TID 1501 allows TEXT qualitative evaluations; highdicom builds only CODE ones.
-    container = group[0]
-    for text in texts:
-        container.ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.DCM.Finding,
-                value=text,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
-    return group
+#: TID 1500's report-level container of qualitative evaluations (row 8): free-text findings of the whole study.
+QUALITATIVE_EVALUATIONS: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("C0034375", "UMLS",
+                                                                          "Qualitative Evaluations")
+
+
+def _findings_container(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """Free-text findings as TEXT items of the report's Qualitative Evaluations, not as a measurement group.
+
+    They describe the study, not a region: a TID 1501 group holding only text has no place and no value, and
+    a viewer that places every measurement group (OHIF 3.13) fails on one.
+    """
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = DicomSequence([
+        hd.sr.TextContentItem(name=codes.DCM.Finding, value=text[:1024],
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for text in texts
+    ])
+    return container
+
+
+def report_findings(sr: Dataset) -> list[str]:
+    """The free-text findings of a report made by :func:`build_sr` (its Qualitative Evaluations)."""
+    found: list[str] = []
+    for item in sr.get("ContentSequence", []):
+        concept = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "CONTAINER" and concept.CodeValue == QUALITATIVE_EVALUATIONS.value:
+            found.extend(str(child.TextValue) for child in item.get("ContentSequence", []) if child.ValueType == "TEXT")
+    return found
 
 
 def _check_seg(
@@ -428,9 +455,10 @@ def build_sr(
         others = sorted(
             label for label, items in prediction.measurements.items() if items and label not in referenced
         )
-        groups.extend(_unreferenced_groups(prediction, specs, identity, others, algorithm))
+        inferred_from = _inferred_from(source_images)
+        groups.extend(_unreferenced_groups(prediction, specs, identity, others, algorithm, inferred_from))
         groups.extend(
-            _classification_group(index, item, identity, algorithm)
+            _classification_group(index, item, identity, algorithm, inferred_from)
             for index, item in enumerate(prediction.classifications)
         )
         detections = sorted(prediction.detections, key=lambda d: -d.score)
@@ -451,15 +479,26 @@ def build_sr(
             texts.append(NO_SEGMENT_FINDING)
         if not groups and not texts:
             texts.append(NO_RESULT_FINDING)
-        if texts:
-            groups.append(_findings_group(texts, identity, algorithm))
 
+        # highdicom builds TID 1500 from at least one measurement group; a report of findings only has none
+        # (TID 1500 needs Imaging Measurements or Qualitative Evaluations): the placeholder is taken out again.
+        placeholder = [] if groups else [hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.derive("findings"), identifier="Findings"))]
         report = hd.sr.MeasurementReport(
             observation_context=_observation_context(card, identity),
             procedure_reported=_procedure_reported(source),
-            imaging_measurements=groups,
+            imaging_measurements=groups or placeholder,
             referenced_images=list(source_images),  # TID 1600 Image Library: the images reported on
         )
+        root = report[0].ContentSequence
+        if placeholder:
+            kept = [item for item in root if not (item.ValueType == "CONTAINER" and
+                                                  item.ConceptNameCodeSequence[0].CodeValue == "126010")]
+            while len(root):
+                root.pop()
+            root.extend(kept)  # without Imaging Measurements
+        if texts:
+            root.append(_findings_container(texts))
         evidence = [complete_source(source), *source_images[1:], *([seg] if seg is not None else [])]
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,

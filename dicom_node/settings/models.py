@@ -147,7 +147,8 @@ class PythonModel(_EnvironmentFields):
     type: Literal["python"]
     callable: str
     path: Path | None = None
-    task: Literal["segmentation", "classification"] = "segmentation"
+    task: Literal["segmentation", "classification", "detection"] = "segmentation"
+    max_detections: Annotated[Int, Field(ge=1, le=1000)] = 100
     version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
     labels: tuple[LabelSettings, ...] = ()
     classes: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
@@ -173,8 +174,8 @@ class PythonModel(_EnvironmentFields):
     def _outputs_declared(self) -> PythonModel:
         if self.task == "segmentation" and not self.labels:
             raise ValueError("a segmentation model needs at least one entry in labels")
-        if self.task == "classification" and not self.classes:
-            raise ValueError("a classification model needs at least one entry in classes")
+        if self.task in ("classification", "detection") and not self.classes:
+            raise ValueError(f"a {self.task} model needs at least one entry in classes")
         no_duplicates("label value", [label.value for label in self.labels])
         no_duplicates("label name", [label.name for label in self.labels])
         no_duplicates("class", list(self.classes))
@@ -241,6 +242,7 @@ class _NetworkModel(_EnvironmentFields):
     amp: Flag = True
     timeout_s: Seconds | None = None
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    max_detections: Annotated[Int, Field(ge=1, le=1000)] = 100
 
     @field_validator("device")
     @classmethod

@@ -277,6 +277,7 @@ class MonaiBundleModel(Model):
         self.amp = bool(spec.amp)
         self.activation = spec.activation
         self.threshold = float(spec.threshold)
+        self.max_detections = int(getattr(spec, "max_detections", 100))
         task = Task(spec.task)
         if task is Task.SEGMENTATION and is_detection(metadata):
             task = Task.DETECTION  # the bundle says its output is boxes
@@ -431,9 +432,9 @@ class MonaiBundleModel(Model):
                 found.append(Detection(int(label), float(score), (float(centre[0]), float(centre[1]), float(centre[2])),
                                        (float(size[0]), float(size[1]), float(size[2]))))
         found.sort(key=lambda d: -d.score)
-        logger.info("Model %s: %d box(es) at score >= %.2f (of %d)", self.card.name, len(found), self.threshold,
-                    len(boxes))
-        return Prediction(card=self.card, detections=tuple(found))
+        logger.info("Model %s: %d box(es) at score >= %.2f (of %d), the best %d kept", self.card.name, len(found),
+                    self.threshold, len(boxes), min(len(found), self.max_detections))
+        return Prediction(card=self.card, detections=tuple(found[:self.max_detections]))
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -32,6 +32,7 @@ from inference.types import (
     SCT_VOLUME,
     UCUM_ML,
     Classification,
+    Detection,
     Measurement,
     Model,
     ModelCard,
@@ -130,10 +131,12 @@ class PythonModel(Model):
         For classification: a class is positive when its probability >= threshold.
     """
 
-    def __init__(self, card: ModelCard, func: Callable[..., Any], threshold: float = 0.5) -> None:
+    def __init__(self, card: ModelCard, func: Callable[..., Any], threshold: float = 0.5,
+                 max_detections: int = 100) -> None:
         self.card = card
         self.func = func
         self.threshold = threshold
+        self.max_detections = max_detections
 
     takes_several_inputs = True
 
@@ -155,6 +158,9 @@ class PythonModel(Model):
         return self._prediction(out, volumes[primary], f" (the grid of the primary series {primary!r})")
 
     def _prediction(self, out: Any, volume: Volume, grid: str = "") -> Prediction:
+        if self.card.task is Task.DETECTION:
+            return Prediction(card=self.card, detections=detections_from(out, self.card, self.threshold,
+                                                                         self.max_detections))
         if self.card.task is Task.CLASSIFICATION:
             if not isinstance(out, Mapping):
                 raise TypeError(f"classification model {self.card.name} must return a dict "
@@ -185,3 +191,49 @@ def segment_volumes(labelmap: np.ndarray, card: ModelCard, volume: Volume) -> di
         if n:
             out[seg.label] = (Measurement(SCT_VOLUME, n * voxel_ml, UCUM_ML),)
     return out
+
+
+def detections_from(out: Any, card: ModelCard, threshold: float, limit: int) -> tuple[Detection, ...]:
+    """A detection model's boxes: ``[{"center": [x, y, z], "size": [x, y, z], "score": p, "class": name}, ...]``.
+
+    Centre and size are in patient coordinates (LPS, mm; the geometry dict's
+    ``affine`` maps voxel indices there); ``class`` is one of the card's
+    classes (or ``label``, its index).  Boxes below ``threshold`` are
+    dropped; the best ``limit`` are kept.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For anything else, naming the box.
+    """
+    if not isinstance(out, list | tuple):
+        raise TypeError(f"detection model {card.name} must return a list of boxes, got {type(out).__name__}")
+    found = []
+    for i, box in enumerate(out):
+        if not isinstance(box, Mapping):
+            raise TypeError(f"detection model {card.name}: box {i} is a {type(box).__name__}, not a dict")
+        try:
+            center = tuple(float(v) for v in box["center"])
+            size = tuple(float(v) for v in box["size"])
+            score = float(box["score"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"detection model {card.name}: box {i} needs center [x, y, z], size [x, y, z] (mm) "
+                             f"and score ({exc})") from None
+        if "class" in box:
+            if box["class"] not in card.classes:
+                raise ValueError(f"detection model {card.name}: box {i} class {box['class']!r} is not one of "
+                                 f"{list(card.classes)}")
+            label = card.classes.index(box["class"])
+        else:
+            label = int(box.get("label", 0))
+            if not 0 <= label < len(card.classes):
+                raise ValueError(f"detection model {card.name}: box {i} label {label} is not a class index")
+        if len(center) != 3 or len(size) != 3 or not all(np.isfinite(center + size)) or min(size) <= 0:
+            raise ValueError(f"detection model {card.name}: box {i} needs three finite coordinates and a positive "
+                             f"size (got center {center}, size {size})")
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"detection model {card.name}: box {i} score {score} is not in [0, 1]")
+        if score >= threshold:
+            found.append(Detection(label, score, center, size))  # type: ignore[arg-type]
+    found.sort(key=lambda d: -d.score)
+    return tuple(found[:limit])

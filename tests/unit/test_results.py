@@ -34,7 +34,7 @@ from dicom_node.results.identity import (
 )
 from dicom_node.results.seg import SegResult, build_seg
 from dicom_node.results.source import character_set
-from dicom_node.results.sr import NO_RESULT_FINDING, NO_SEGMENT_FINDING, PRIVATE_SCHEME, build_sr
+from dicom_node.results.sr import NO_RESULT_FINDING, NO_SEGMENT_FINDING, PRIVATE_SCHEME, build_sr, report_findings
 from inference.types import (
     SCT_ANATOMICAL_STRUCTURE,
     SCT_MEAN,
@@ -503,8 +503,8 @@ def test_sr_round_trip_references_seg_and_measurements(ct_slices: list[Dataset],
         assert got == measurements
         seg_item = ct_seg.dataset.SegmentSequence[ct_seg.segment_numbers[spec.label] - 1]
         assert group.tracking_uid == seg_item.TrackingUID
-    (findings,) = sr.content.get_image_measurement_groups()
-    assert _text_values(findings) == ["spleen borders uncertain"]
+    assert sr.content.get_image_measurement_groups() == []  # findings describe the study: not a measurement group
+    assert report_findings(sr) == ["spleen borders uncertain"]
 
 
 def test_sr_identity_study_and_evidence(ct_slices: list[Dataset], ct_seg: SegResult) -> None:
@@ -556,8 +556,12 @@ def test_sr_without_seg_says_no_segment_was_found(ct_slices: list[Dataset]) -> N
         if group.finding_type is not None
     ]
     assert volumes == [(LIVER.type.value, [0.0])]
-    texts = [text for group in groups for text in _text_values(group)]
-    assert texts == ["no lungs found", NO_SEGMENT_FINDING]
+    assert [text for group in groups for text in _text_values(group)] == []
+    assert report_findings(sr) == ["no lungs found", NO_SEGMENT_FINDING]
+    # The absent segment's volume has no place: it is inferred from the source images (a viewer needs a reference).
+    (volume,) = groups[0].get_measurements()
+    assert [ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for ref in volume[0].ContentSequence] == [
+        ds.SOPInstanceUID for ds in ct_slices]
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert [series.SeriesInstanceUID for series in evidence] == [ct_slices[0].SeriesInstanceUID]
 
@@ -592,8 +596,8 @@ def test_sr_with_nothing_to_report_still_says_so() -> None:
     source = _synthetic_ct(2)
     card = ModelCard(name="empty", version="1", task=Task.CLASSIFICATION)
     sr = _roundtrip_sr(_sr_without_seg(Prediction(card), source))
-    (group,) = sr.content.get_image_measurement_groups()
-    assert _text_values(group) == [NO_RESULT_FINDING]
+    assert sr.content.get_image_measurement_groups() == []
+    assert report_findings(sr) == [NO_RESULT_FINDING]
 
 
 def test_sr_rejects_inconsistent_inputs(ct_slices: list[Dataset], ct_seg: SegResult) -> None:
