@@ -15,11 +15,13 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
   identifier and UID, a TID 1410 *Planar ROI* group placing the same finding:
   its largest cross-section as a SCOORD3D ellipse in the source's frame of
   reference (:mod:`dicom_node.results.places`), which a viewer draws and jumps to;
-- per label that has measurements but no SEG segment (no SEG was made, or the
-  segment was empty), a TID 1501 group with the same content minus the
-  segment reference;
-- per classification, a TID 1501 group: qualitative evaluation class ->
-  SCT Yes/No, and the probability (DCM 122157 "Probability", UCUM ``1``);
+- per label that has measurements but no SEG segment: if present (the rule
+  asked for no SEG), TID 1410 groups placing it with its values; if absent, a
+  line in the report's findings;
+- per classification, in the report's Qualitative Evaluations: CODE class ->
+  SCT Yes/No, then the verdict and probability as TEXT (a classification of
+  the series has no place; a measurement group without one stops OHIF 3.13
+  from opening the report);
 - per detection (best score first, at most :data:`MAX_DETECTIONS`), a TID
   1410 *Planar ROI* group: finding type = the class (private scheme), the
   ellipse inscribed in the box's axial section through its centre as SCOORD3D
@@ -28,8 +30,7 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
 - the report's Qualitative Evaluations container (TID 1500, UMLS C0034375)
   holding each free-text finding as TEXT (DCM 121071 "Finding"); it also says
   when the model found no segment (and therefore no SEG exists) or reported
-  nothing at all.  Values without a place (a classification's probability, the
-  volume of a segment absent from the SEG) are INFERRED FROM the source images.
+  nothing at all.
 
 The TID 1600 Image Library lists the source images; evidence lists them and the SEG.
 """
@@ -149,16 +150,7 @@ def _observation_context(card: ModelCard, identity: OutputIdentity) -> hd.sr.Obs
     )
 
 
-def _inferred_from(source_images: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurement]:
-    """The images a value without a place was inferred from (TID 300 INFERRED FROM), for a measurement of no ROI.
-
-    A viewer that places every measurement (OHIF) reads them instead of failing on a group with no geometry.
-    """
-    return [hd.sr.SourceImageForMeasurement(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in source_images]
-
-
-def _measurements(card: ModelCard, label: int, items: Sequence[Measurement],
-                  inferred_from: Sequence[hd.sr.SourceImageForMeasurement] | None = None) -> list[hd.sr.Measurement]:
+def _measurements(card: ModelCard, label: int, items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
     out = []
     for item in items:
         if not math.isfinite(item.value):
@@ -170,7 +162,6 @@ def _measurements(card: ModelCard, label: int, items: Sequence[Measurement],
                 name=to_coded_concept(item.concept),
                 value=float(item.value),
                 unit=to_coded_concept(item.unit),
-                referenced_images=list(inferred_from) if inferred_from else None,
             )
         )
     return out
@@ -246,10 +237,12 @@ def _place_groups(
     if frame_of_reference:
         regions.append(hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSE, graphic_data=ellipse,
                                            frame_of_reference_uid=frame_of_reference))
+    # The values go with the first form only: they are the finding's, not each drawing's (a viewer merging the
+    # groups of one tracking UID would list them twice).
     return [hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, referenced_region=region, finding_type=to_coded_concept(finding),
-        finding_sites=sites, algorithm_id=algorithm, measurements=list(measurements) or None)
-        for region in regions]
+        finding_sites=sites, algorithm_id=algorithm, measurements=(list(measurements) or None) if i == 0 else None)
+        for i, region in enumerate(regions)]
 
 
 def _finding_sites(spec: SegmentSpec) -> list[hd.sr.FindingSite] | None:
@@ -274,46 +267,49 @@ def _unreferenced_groups(
     identity: OutputIdentity,
     labels: Sequence[int],
     algorithm: hd.sr.AlgorithmIdentification,
-    inferred_from: Sequence[hd.sr.SourceImageForMeasurement],
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    groups = []
+    source_images: Sequence[Dataset],
+    frame_of_reference: str,
+) -> tuple[list[_Group], list[str]]:
+    """Labels with measurements but no SEG segment: placed where they are (TID 1410), else said in words.
+
+    A present segment (the rule asked for no SEG) keeps its values on its largest cross-section; the values
+    of an absent one (a volume of 0 ml) have no place, and go to the report's findings as text.
+    """
+    groups: list[_Group] = []
+    texts: list[str] = []
+    labelmap = prediction.labelmap
+    planes = slice_planes(source_images, labelmap.shape[0]) if labelmap is not None and labelmap.ndim == 3 else None
     for label in labels:
         spec = specs[label]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=identity.derive("tracking", str(label)), identifier=spec.name
-                ),
-                finding_type=to_coded_concept(spec.type),
-                finding_sites=_finding_sites(spec),
-                algorithm_id=algorithm,
-                measurements=_measurements(prediction.card, label, prediction.measurements[label], inferred_from),
-            )
-        )
-    return groups
+        values = _measurements(prediction.card, label, prediction.measurements[label])
+        place = segment_place(labelmap, label, planes) if planes is not None and labelmap is not None else None
+        if place is None:
+            words = "; ".join(f"{m.concept.meaning} {m.value:.4g} {m.unit.value}"
+                              for m in prediction.measurements[label])
+            texts.append(f"{spec.name}: not found in the image ({words})" if words else f"{spec.name}: not found")
+            continue
+        tracking = hd.sr.TrackingIdentifier(uid=identity.derive("tracking", str(label)), identifier=spec.name)
+        groups.extend(_place_groups(tracking, spec.type, _finding_sites(spec), algorithm, place[1], source_images,
+                                    planes, place[0], frame_of_reference, values))
+    return groups, texts
 
 
-def _classification_group(
-    index: int, item: Classification, identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification,
-    inferred_from: Sequence[hd.sr.SourceImageForMeasurement] = (),
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    if not 0.0 <= item.probability <= 1.0:
-        raise ResultError(f"Probability of class {item.name!r} is {item.probability}, not in [0, 1]")
-    concept = class_concept(item.name)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=identity.derive("classification", str(index), item.name), identifier=item.name[:64]
-        ),
-        finding_type=concept,
-        algorithm_id=algorithm,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=_YES if item.positive else _NO)
-        ],
-        measurements=[
-            hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.probability), unit=_UCUM_NO_UNITS,
-                              referenced_images=list(inferred_from) or None)
-        ],
-    )
+def _classification_items(items: Sequence[Classification]) -> list[hd.sr.ContentItem]:
+    """Each class as the report's qualitative evaluation: CODE class -> Yes/No, then its probability in words.
+
+    A classification of the series has no place on an image; as a measurement group without one, OHIF 3.13
+    fails to open the whole report.  TID 1500's Qualitative Evaluations hold CODE and TEXT items.
+    """
+    out: list[hd.sr.ContentItem] = []
+    for item in items:
+        if not 0.0 <= item.probability <= 1.0:
+            raise ResultError(f"Probability of class {item.name!r} is {item.probability}, not in [0, 1]")
+        out.append(hd.sr.CodeContentItem(name=class_concept(item.name), value=_YES if item.positive else _NO,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        out.append(hd.sr.TextContentItem(
+            name=codes.DCM.Finding, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            value=f"{item.name}: {'positive' if item.positive else 'negative'}, probability {item.probability:.3f}"))
+    return out
 
 
 #: At most this many boxes are reported (a detector's random or untrained output can hold hundreds).
@@ -342,7 +338,8 @@ QUALITATIVE_EVALUATIONS: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("C003437
                                                                           "Qualitative Evaluations")
 
 
-def _findings_container(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
+def _findings_container(texts: Sequence[str], evaluations: Sequence[hd.sr.ContentItem] = ()
+                        ) -> hd.sr.ContainerContentItem:
     """Free-text findings as TEXT items of the report's Qualitative Evaluations, not as a measurement group.
 
     They describe the study, not a region: a TID 1501 group holding only text has no place and no value, and
@@ -350,11 +347,10 @@ def _findings_container(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
     """
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = DicomSequence([
+    container.ContentSequence = DicomSequence([*evaluations, *(
         hd.sr.TextContentItem(name=codes.DCM.Finding, value=text[:1024],
                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        for text in texts
-    ])
+        for text in texts)])
     return container
 
 
@@ -455,12 +451,11 @@ def build_sr(
         others = sorted(
             label for label, items in prediction.measurements.items() if items and label not in referenced
         )
-        inferred_from = _inferred_from(source_images)
-        groups.extend(_unreferenced_groups(prediction, specs, identity, others, algorithm, inferred_from))
-        groups.extend(
-            _classification_group(index, item, identity, algorithm, inferred_from)
-            for index, item in enumerate(prediction.classifications)
-        )
+        frame_of_reference = str(getattr(source, "FrameOfReferenceUID", "") or "")
+        placed, unplaced = _unreferenced_groups(prediction, specs, identity, others, algorithm, source_images,
+                                                frame_of_reference)
+        groups.extend(placed)
+        evaluations = _classification_items(prediction.classifications)
         detections = sorted(prediction.detections, key=lambda d: -d.score)
         if detections and not getattr(source, "FrameOfReferenceUID", None):
             raise ResultError("the source images have no FrameOfReferenceUID: boxes cannot be placed")
@@ -473,11 +468,11 @@ def build_sr(
         else:
             texts_extra = []
 
-        texts = [text for text in prediction.findings if text.strip()] + texts_extra
+        texts = [text for text in prediction.findings if text.strip()] + unplaced + texts_extra
         # A SEG is only made when a segment is present: no need to scan the label map then.
         if card.segments and prediction.labelmap is not None and seg is None and not prediction.present_segments():
             texts.append(NO_SEGMENT_FINDING)
-        if not groups and not texts:
+        if not groups and not texts and not evaluations:
             texts.append(NO_RESULT_FINDING)
 
         # highdicom builds TID 1500 from at least one measurement group; a report of findings only has none
@@ -497,8 +492,8 @@ def build_sr(
             while len(root):
                 root.pop()
             root.extend(kept)  # without Imaging Measurements
-        if texts:
-            root.append(_findings_container(texts))
+        if texts or evaluations:
+            root.append(_findings_container(texts, evaluations))
         evidence = [complete_source(source), *source_images[1:], *([seg] if seg is not None else [])]
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,

@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom_node.results.sr import report_findings
 from tests.integration.conftest import free_port, node_config, start_orthanc, storescu, wait_until
 from tests.ohif import ORTHANC_DICOMWEB, ViewerServer, browser, display_sets, require_viewer, wait_for_services
 from tests.phantoms import make_chest_phantom, write_ct_series
@@ -60,7 +61,13 @@ def _drawn_ellipses(page: Any) -> list[dict[str, float]]:
 
 def _no_error_shown(page: Any) -> None:
     text = page.evaluate("() => document.body.innerText")
-    assert "Something went wrong" not in text, text[:2000]
+    if "Something went wrong" in text:
+        details = page.get_by_text("Show Details")
+        if details.count():
+            details.first.click(timeout=5000)
+            time.sleep(0.5)
+        shown = page.evaluate("() => document.body.innerText")
+        raise AssertionError("OHIF shows an error: " + shown[:3000] + "\n".join(page.errors[-10:]))
     fatal = [e for e in page.errors if "TypeError" in e or "Unsupported GraphicType" in e]
     assert not fatal, fatal
 
@@ -199,3 +206,133 @@ def test_lungs_seg_sr_and_pdf_open_in_ohif(chest: dict[str, Any]) -> None:
             page.screenshot(path=str(SHOTS / "lungs-pdf.png"))
     finally:
         server.close()
+
+
+NODULES_PY = '''
+import numpy as np
+from scipy import ndimage
+
+
+def find(array, geometry):
+    """Boxes around bright blobs, in patient coordinates (LPS mm), from the geometry the node gives."""
+    labels, count = ndimage.label(array > -300)
+    spacing, origin = np.asarray(geometry["spacing"]), np.asarray(geometry["origin"])
+    axes = np.asarray(geometry["direction"]) * spacing[:, None]  # rows: one step along z, y, x in mm
+    boxes = []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        idx = np.argwhere(labels[box] == index) + [s.start for s in box]
+        centre = origin + idx.mean(axis=0) @ axes
+        extent = (idx.max(axis=0) - idx.min(axis=0) + 1) * spacing  # z, y, x
+        boxes.append({"center": centre.tolist(), "size": [extent[2], extent[1], extent[0]],
+                      "score": round(0.95 - 0.1 * len(boxes), 2), "class": "Lung nodule"})
+    return boxes
+
+
+def triage(array, geometry):
+    return {"Nodule present": 0.83}
+'''
+
+
+def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: Any) -> None:
+    """Three synthetic nodules found by a detection model: each drawn on its slice, within 2 mm of the truth;
+    a classification's report opens without error and its probability is read."""
+    _, chromium = require_viewer()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "nodule_models.py").write_text(NODULES_PY)
+    spacing = (2.0, 1.0, 1.0)
+    shape = (30, 96, 96)
+    z, y, x = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]]
+    hu = np.full(shape, -850, np.int16)
+    nodules = [((8, 30, 30), 5.0), ((15, 60, 40), 6.0), ((22, 40, 70), 4.0)]  # (z, y, x) voxel centre, radius mm
+    for (cz, cy, cx), radius in nodules:
+        inside = ((z - cz) * spacing[0]) ** 2 + ((y - cy) * spacing[1]) ** 2 + ((x - cx) * spacing[2]) ** 2 <= radius ** 2
+        hu[inside] = 40
+    files = write_ct_series(hu, spacing, tmp_path / "ct")
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files), key=lambda d: int(d.InstanceNumber))
+    first = headers[0]
+    row_dir, col_dir = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    truth = [np.asarray(headers[cz].ImagePositionPatient, float) + cx * spacing[2] * row_dir + cy * spacing[1] * col_dir
+             for (cz, cy, cx), _ in nodules]
+    models = {
+        "nodules": {"type": "python", "callable": "nodule_models:find", "path": str(code), "task": "detection",
+                    "classes": ["Lung nodule"], "threshold": 0.5, "max_detections": 10},
+        "triage": {"type": "python", "callable": "nodule_models:triage", "path": str(code), "task": "classification",
+                   "classes": ["Nodule present"]},
+    }
+    orthanc, study = _send_through_node(tmp_path, node_factory, files, models=models, outputs=("sr",))
+
+    def two_reports() -> list[dict[str, Any]] | None:
+        found = [s for s in orthanc.series_of_study(study) if s["MainDicomTags"].get("Modality") == "SR"]
+        return found if len(found) == 2 else None
+
+    wait_until(two_reports, 300, "both reports in Orthanc")
+    server = ViewerServer(require_viewer()[0], orthanc.http_port)
+    try:
+        with browser(chromium) as page:
+            page.goto(f"{server.origin}/viewer?StudyInstanceUIDs={study}")
+            wait_for_services(page)
+            page.wait_for_function("() => window.services.displaySetService.getActiveDisplaySets()"
+                                   ".filter(d => d.Modality === 'SR').length === 2", timeout=120_000)
+            _dismiss(page)
+            reports = [d for d in display_sets(page) if d["Modality"] == "SR"]
+            parsed: dict[str, list[dict[str, Any]]] = {}
+            for report in reports:  # parsed as OHIF parses a report (its SOP class handler), without a viewport
+                page.evaluate("""async (uid) => { const d = window.services.displaySetService.getDisplaySetByUID(uid);
+                    if (!d.isLoaded) { await d.load(); } }""", report["uid"])
+                page.wait_for_function("""(uid) => { const d = window.services.displaySetService.getDisplaySetByUID(uid);
+                    return d && d.isLoaded && d.measurements; }""", arg=report["uid"], timeout=60_000)
+                time.sleep(2)
+                parsed[report["uid"]] = json.loads(page.evaluate("""(uid) => JSON.stringify(window.services
+                    .displaySetService.getDisplaySetByUID(uid).measurements.map(m => ({id: m.TrackingIdentifier,
+                    uid: m.TrackingUniqueIdentifier, loaded: m.loaded, labels: m.labels,
+                    sop: m.ReferencedSOPInstanceUID || null})))""", report["uid"]))
+                _no_error_shown(page)
+            detection_uid = next(uid for uid, ms in parsed.items() if any(m["id"].startswith("Lung nodule") for m in ms))
+            assert all(m["loaded"] for m in parsed[detection_uid])
+            classification_uid = next(uid for uid in parsed if uid != detection_uid)
+
+            # The classification's report loads without error (its verdict is a qualitative evaluation of the
+            # report, with no place for the viewer to draw) and says the verdict.
+            assert parsed[classification_uid] == []
+            series = {d["uid"]: d["SeriesInstanceUID"] for d in reports}
+            orthanc_id = next(s["ID"] for s in orthanc.series_of_study(study)
+                              if s["MainDicomTags"].get("SeriesInstanceUID") == series[classification_uid])
+            assert report_findings(_download(orthanc, orthanc_id)) == ["Nodule present: positive, probability 0.830"]
+
+            # Each nodule: loaded on the source image of its centre (within one slice) and drawn there.
+            _show(page, detection_uid)
+            page.wait_for_function("""(uid) => window.services.displaySetService.getDisplaySetByUID(uid)
+                .measurements.every(m => m.loaded)""", arg=detection_uid, timeout=60_000)
+            found = parsed[detection_uid]
+            assert sorted(m["id"] for m in found) == ["Lung nodule 1", "Lung nodule 2", "Lung nodule 3"]
+            by_sop = {str(h.SOPInstanceUID): float(h.ImagePositionPatient[2]) for h in headers}
+            placed = json.loads(page.evaluate("""() => JSON.stringify(window.cornerstoneTools.annotation.state
+                .getAllAnnotations().filter(a => a.metadata.toolName === 'DICOMSRDisplay')
+                .map(a => ({uid: a.annotationUID, points: a.data.handles.points})))"""))
+            centres = {a["uid"]: np.mean(np.asarray(a["points"], float), axis=0) for a in placed}
+            for m in found:
+                centre = centres[m["uid"]]
+                nearest = min(truth, key=lambda t: float(np.linalg.norm(t - centre)))
+                assert float(np.linalg.norm(nearest - centre)) <= 2.0, (m, centre, nearest)
+                assert abs(by_sop[m["sop"]] - nearest[2]) <= spacing[0], (m, nearest)
+                assert any(label["label"] == "Probability" for label in m["labels"]), m
+            for step, m in enumerate(found):  # the viewport's arrows go from finding to finding, in report order
+                if step:
+                    page.locator('[data-cy="viewport-action-arrows-right"]').first.click(timeout=10_000)
+                # Shown: the image the finding references, with its ellipse drawn around its centre.
+                page.wait_for_function("""([sop, centre]) => { const g = window.services.viewportGridService;
+                    const v = window.services.cornerstoneViewportService.getCornerstoneViewport(
+                        g.getState().activeViewportId);
+                    const id = v.getCurrentImageId(); if (!id || !id.includes(sop)) { return false; }
+                    const [x, y] = v.worldToCanvas(centre);
+                    return Array.from(document.querySelectorAll('[data-cy="viewport-pane"] svg ellipse')).some(e =>
+                        +e.getAttribute('rx') > 3 && Math.hypot(+e.getAttribute('cx') - x, +e.getAttribute('cy') - y) < 6);
+                    }""", arg=[m["sop"], centres[m["uid"]].tolist()], timeout=30_000)
+                page.screenshot(path=str(SHOTS / f"detection-{step + 1}.png"))
+            _no_error_shown(page)
+    finally:
+        server.close()
+        orthanc.stop()
+

@@ -549,19 +549,10 @@ def test_sr_without_seg_says_no_segment_was_found(ct_slices: list[Dataset]) -> N
     )
     sr = _roundtrip_sr(_sr_without_seg(prediction, ct_slices))
     assert sr.content.get_volumetric_roi_measurement_groups() == []
-    groups = sr.content.get_image_measurement_groups()
-    volumes = [
-        (group.finding_type.value, [m.value for m in group.get_measurements()])
-        for group in groups
-        if group.finding_type is not None
-    ]
-    assert volumes == [(LIVER.type.value, [0.0])]
-    assert [text for group in groups for text in _text_values(group)] == []
-    assert report_findings(sr) == ["no lungs found", NO_SEGMENT_FINDING]
-    # The absent segment's volume has no place: it is inferred from the source images (a viewer needs a reference).
-    (volume,) = groups[0].get_measurements()
-    assert [ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for ref in volume[0].ContentSequence] == [
-        ds.SOPInstanceUID for ds in ct_slices]
+    # Nothing has a place: no measurement group (a viewer could not place one); the absent liver is said in words.
+    assert sr.content.get_image_measurement_groups() == []
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    assert report_findings(sr) == ["no lungs found", "Liver: not found in the image (Volume 0 ml)", NO_SEGMENT_FINDING]
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert [series.SeriesInstanceUID for series in evidence] == [ct_slices[0].SeriesInstanceUID]
 
@@ -576,19 +567,13 @@ def test_sr_records_classifications() -> None:
         classifications=(Classification("pneumothorax", 0.91, True), Classification("effusion", 0.12, False)),
     )
     sr = _roundtrip_sr(_sr_without_seg(prediction, source))
-    groups = sr.content.get_image_measurement_groups()
-    answers = {}
-    for group in groups:
-        concept = group.finding_type
-        assert concept.scheme_designator == PRIVATE_SCHEME
-        (evaluation,) = group.get_qualitative_evaluations(name=concept)
-        (probability,) = group.get_measurements(name=codes.DCM.Probability)
-        assert probability.unit.value == "1"
-        answers[concept.meaning] = (evaluation.value.value, probability.value)
-    assert answers == {
-        "pneumothorax": ("373066001", pytest.approx(0.91)),
-        "effusion": ("373067005", pytest.approx(0.12)),
-    }
+    assert sr.content.get_image_measurement_groups() == []  # no place on an image: not a measurement group
+    (evaluations,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    codes_found = {item.ConceptNameCodeSequence[0].CodeMeaning: (item.ConceptNameCodeSequence[0].CodingSchemeDesignator,
+                                                                item.ConceptCodeSequence[0].CodeValue)
+                   for item in evaluations.ContentSequence if item.ValueType == "CODE"}
+    assert codes_found == {"pneumothorax": (PRIVATE_SCHEME, "373066001"), "effusion": (PRIVATE_SCHEME, "373067005")}
+    assert report_findings(sr) == ["pneumothorax: positive, probability 0.910", "effusion: negative, probability 0.120"]
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
 
 
@@ -696,8 +681,8 @@ def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None
     np.testing.assert_allclose(points.mean(axis=0), (-30.0, 12.5, 2.5))
     second = groups[1].roi.value  # 8 x 6 mm: the major axis runs along x
     np.testing.assert_allclose(second[:2], [[6.0, -20.0, 5.0], [14.0, -20.0, 5.0]])
-    probability = next(m for m in best.get_measurements() if m.name.meaning == "Probability")
-    assert probability.value == pytest.approx(0.93)
+    probability = next(m for m in images[0].get_measurements() if m.name.meaning == "Probability")
+    assert probability.value == pytest.approx(0.93) and best.get_measurements() == []  # the values: once
 
 
 def test_sr_places_each_segment_and_lists_its_images(ct_slices: list[Dataset], ct_seg: SegResult) -> None:
