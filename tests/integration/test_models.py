@@ -25,6 +25,7 @@ from pydicom.pixels import apply_modality_lut
 
 from dicom_node.errors import ImagingError
 from dicom_node.imaging import load_series
+from dicom_node.results.sr import report_findings
 from inference.models.monai_bundle import MonaiBundleModel
 from tests.integration.conftest import node_config, require_tool, storescu, wait_until
 from tests.models_factory import (
@@ -257,8 +258,10 @@ def test_models_of_every_type_run_through_the_node(tmp_path: Path, node_factory:
     assert job["cls"]["state"] == "done", job["cls"]
     dark = float(np.mean(np.concatenate([_source_pixels(pydicom.dcmread(f)).ravel() for f in series["cls"]]) < 0))
     items = _sr_items(result("cls", "sr"))
-    probabilities = [v for n, v in items if n == "Probability"]
-    assert probabilities == pytest.approx([dark, 1 - dark], abs=1e-6)
+    # In the report's qualitative evaluations: the class -> Yes/No, and the verdict with its probability.
+    verdicts = report_findings(pydicom.dcmread(result("cls", "sr")))
+    probabilities = [float(text.rsplit("probability ", 1)[1]) for text in verdicts]
+    assert probabilities == pytest.approx([dark, 1 - dark], abs=5e-4)
     assert ("mostly dark", "Yes" if dark >= 0.6 else "No") in items
 
     # Chain: ball and block from the first model, the bright spot (label 3) from the region expert.
