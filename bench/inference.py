@@ -131,9 +131,7 @@ models:
           f"roi {args.roi}^3, sw_batch_size {args.sw_batch_size}, UNet 16-128 channels, 3 classes")
     print(f"bare sliding_window_inference : {bare_s:8.3f} s (median of {args.repeat})")
     print(f"node job (files -> SEG + SR)  : {node_s:8.3f} s (median of {args.repeat})")
-    for key in ("load", "model", "encode"):
-        values = [r.get(key, 0.0) for r in node_runs[1:]] or [0.0]
-        print(f"    {key:<27}: {statistics.median(values):8.3f} s")
+    _print_breakdown(node_runs, 27)
     print(f"ratio node / bare             : {node_s / bare_s:8.2f}x")
     print(f"overhead node - bare          : {node_s - bare_s:8.3f} s")
     if cuda:
@@ -222,10 +220,15 @@ models:
     print(f"nnU-Net v2 (PlainConvUNet 16-128, patch {args.roi}^3, mirroring on, tile step 0.5, {device}):")
     print(f"bare nnUNetPredictor.predict_single_npy_array : {bare_s:8.3f} s (median of {args.repeat})")
     print(f"node job (files -> SEG + SR, model process)   : {node_s:8.3f} s (median of {args.repeat})")
+    _print_breakdown(runs, 43)
+    print(f"ratio node / bare                             : {node_s / bare_s:8.2f}x")
+
+
+def _print_breakdown(runs: list[dict[str, float]], width: int) -> None:
+    """The node job's parts (median of the timed runs; the first, a warm-up, left out)."""
     for key in ("load", "model", "encode"):
         values = [r.get(key, 0.0) for r in runs[1:]] or [0.0]
-        print(f"    {key:<43}: {statistics.median(values):8.3f} s")
-    print(f"ratio node / bare                             : {node_s / bare_s:8.2f}x")
+        print(f"    {key:<{width}}: {statistics.median(values):8.3f} s")
 
 
 def _series_uid(path: Path) -> Any:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -16,6 +18,24 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+#: The node's command line as ``make test`` installs it.
+NODE_CLI = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dicom-node"
+
+
+def node_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``dicom-node ARGS`` as a user runs it (no PYTHONPATH from the test run, no standard input)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(NODE_CLI), *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def require_node_cli() -> Path:
+    """The installed ``dicom-node`` (fails under ``CI=true``, skips elsewhere, when ``make test`` has not run)."""
+    if not NODE_CLI.exists():
+        unavailable(f"{NODE_CLI} not found: run make test (it installs the node into .venv)")
+    return NODE_CLI
 
 
 def require_tool(name: str) -> str:

@@ -111,6 +111,10 @@ def check_device(value: str) -> str:
     return value
 
 
+#: A model's ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+Device = Annotated[str, AfterValidator(check_device)]
+
+
 def no_duplicates(what: str, values: Sequence[Any]) -> None:
     """Raise ``ValueError`` naming the first value given twice."""
     seen: set[Any] = set()

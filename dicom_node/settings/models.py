@@ -11,12 +11,12 @@ from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, fiel
 from dicom_node.settings.base import (
     CALLABLE_RE,
     FROZEN,
+    Device,
     Flag,
     Float,
     Int,
     Name,
     Seconds,
-    check_device,
     no_duplicates,
     text_or_int,
     type_of,
@@ -118,7 +118,7 @@ class BuiltinModel(BaseModel):
 
     type: Literal["builtin"]
     name: str
-    device: str = "auto"
+    device: Device = "auto"
     timeout_s: Seconds | None = None
 
     @field_validator("name")
@@ -127,11 +127,6 @@ class BuiltinModel(BaseModel):
         if value not in BUILTIN_MODEL_NAMES:
             raise ValueError(f"unknown builtin model {value!r} (available: {', '.join(BUILTIN_MODEL_NAMES)})")
         return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return check_device(value)
 
 
 class PythonModel(_EnvironmentFields):
@@ -153,7 +148,7 @@ class PythonModel(_EnvironmentFields):
     labels: tuple[LabelSettings, ...] = ()
     classes: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
     threshold: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.5
-    device: str = "auto"
+    device: Device = "auto"
     timeout_s: Seconds | None = None
     modality: Modality = ""
     intended_use: Annotated[str, Field(max_length=1024)] = ""
@@ -164,11 +159,6 @@ class PythonModel(_EnvironmentFields):
         if not CALLABLE_RE.fullmatch(value.strip()):
             raise ValueError(f"callable must look like 'package.module:function' (got {value!r})")
         return value.strip()
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return check_device(value)
 
     @model_validator(mode="after")
     def _outputs_declared(self) -> PythonModel:
@@ -238,16 +228,11 @@ class _NetworkModel(_EnvironmentFields):
     threshold: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.5
     intended_use: Annotated[str, Field(max_length=1024)] = ""
     modality: Modality = ""
-    device: str = "auto"
+    device: Device = "auto"
     amp: Flag = True
     timeout_s: Seconds | None = None
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     max_detections: Annotated[Int, Field(ge=1, le=1000)] = 100
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return check_device(value)
 
     @model_validator(mode="after")
     def _unique_outputs(self) -> _NetworkModel:
@@ -367,14 +352,9 @@ class NnunetModel(_EnvironmentFields):
     version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] | None = None
     intended_use: Annotated[str, Field(max_length=1024)] = ""
     modality: Modality = ""
-    device: str = "auto"
+    device: Device = "auto"
     timeout_s: Seconds | None = None
     task: Literal["segmentation"] = "segmentation"
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return check_device(value)
 
     @model_validator(mode="after")
     def _unique(self) -> NnunetModel:

@@ -11,8 +11,6 @@ in, SEG out, the network in the other interpreter.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,10 +29,8 @@ from inference.registry import ModelRegistry
 from inference.types import Volume
 from tests.models_factory import UNET_DEF, write_shaped_bundle
 from tests.phantoms import make_chest_phantom, write_ct_series
-from tests.tools import unavailable
+from tests.tools import node_cli, require_node_cli, unavailable
 
-REPO = Path(__file__).resolve().parents[2]
-CLI = REPO / ".venv" / "bin" / "dicom-node"
 OLD_MONAI = "1.4.0"
 
 PROBE_PY = '''
@@ -59,16 +55,9 @@ def where_am_i(array, geometry):
 '''
 
 
-def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          stdin=subprocess.DEVNULL)
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not CLI.exists():
-        unavailable(f"{CLI} not found: run make test (it installs the node into .venv)")
+    require_node_cli()
     tmp = tmp_path_factory.mktemp("environments")
     torch.manual_seed(3)
     net = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
@@ -112,15 +101,15 @@ rules:
 
 def test_missing_environment_is_said_then_models_install_builds_it(node: dict[str, Any]) -> None:
     config = str(node["config"])
-    check = _cli("check-config", config)
+    check = node_cli("check-config", config)
     assert check.returncode == 0, check.stderr
     assert "model 'old': environment missing: managed environment not built; run dicom-node models install old" \
         in check.stdout
-    listed = _cli("models", "list", "--config", config)
+    listed = node_cli("models", "list", "--config", config)
     assert listed.returncode == 0 and "missing" in listed.stdout.split("old", 1)[1].splitlines()[0]
 
     started = time.monotonic()
-    built = _cli("models", "install", "old", "--config", config)
+    built = node_cli("models", "install", "old", "--config", config)
     if built.returncode != 0 and "No matching distribution" in built.stderr + built.stdout:
         unavailable(f"the package registry does not serve monai=={OLD_MONAI}: {built.stderr[-300:]}")
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
@@ -132,23 +121,23 @@ def test_missing_environment_is_said_then_models_install_builds_it(node: dict[st
     assert f"monai {OLD_MONAI}" in done, done
     first = time.monotonic() - started
 
-    again = _cli("models", "install", "old", "--config", config)  # idempotent: nothing rebuilt
+    again = node_cli("models", "install", "old", "--config", config)  # idempotent: nothing rebuilt
     assert again.returncode == 0 and "is already built" in again.stdout
     assert time.monotonic() - started - first < first
     # The python model asks for the same packages: it shares the environment (keyed by its contents).
-    same = _cli("models", "install", "probe", "--config", config)
+    same = node_cli("models", "install", "probe", "--config", config)
     assert same.returncode == 0 and "is already built" in same.stdout, same.stdout + same.stderr
 
-    listed = _cli("models", "list", "--config", config).stdout
+    listed = node_cli("models", "list", "--config", config).stdout
     for name in ("old", "probe"):
         assert "ready" in listed.split(f"{name} ", 1)[1].splitlines()[0], listed
-    assert "warning: model 'old'" not in _cli("check-config", config).stdout
+    assert "warning: model 'old'" not in node_cli("check-config", config).stdout
 
 
 def test_the_old_and_the_new_monai_run_side_by_side_warm(node: dict[str, Any]) -> None:
     settings = load_settings(node["config"])
     state = settings.storage.resolved_path()
-    if "ready" not in _cli("models", "list", "--config", str(node["config"])).stdout.split("old ", 1)[1][:60]:
+    if "ready" not in node_cli("models", "list", "--config", str(node["config"])).stdout.split("old ", 1)[1][:60]:
         pytest.fail("the managed environment was not built by the test before")
     registry = ModelRegistry(settings.models, state_dir=state)
     try:
@@ -189,13 +178,13 @@ def test_an_offline_install_uses_only_the_wheel_folder_and_keeps_what_was_built(
     empty = node["tmp"] / "no-wheels"
     empty.mkdir(exist_ok=True)
     state = load_settings(node["config"]).storage.resolved_path()
-    out = _cli("models", "install", "probe", "--config", config, "--wheels", str(empty), "--force")
+    out = node_cli("models", "install", "probe", "--config", config, "--wheels", str(empty), "--force")
     assert out.returncode != 0
     assert "No matching distribution found for monai" in out.stderr, out.stderr
     assert not list((state / "environments").glob(".*building*"))  # the half-built one is gone
-    listed = _cli("models", "list", "--config", config).stdout
+    listed = node_cli("models", "list", "--config", config).stdout
     assert "ready" in listed.split("probe ", 1)[1].splitlines()[0], listed
-    missing = _cli("models", "install", "probe", "--config", config, "--wheels", str(empty / "nowhere"))
+    missing = node_cli("models", "install", "probe", "--config", config, "--wheels", str(empty / "nowhere"))
     assert missing.returncode == 2 and "not a directory" in missing.stderr
 
 
@@ -206,9 +195,9 @@ def test_a_changed_plan_makes_the_environment_stale(node: dict[str, Any]) -> Non
     metadata["optional_packages_version"]["einops"] = "0.7.0"  # the bundle was updated
     metadata_path.write_text(json.dumps(metadata))
     try:
-        out = _cli("check-config", str(node["config"])).stdout
+        out = node_cli("check-config", str(node["config"])).stdout
         assert "model 'old': environment stale" in out and "einops==0.7.0" in out, out
-        status = _cli("models", "list", "--config", str(node["config"])).stdout
+        status = node_cli("models", "list", "--config", str(node["config"])).stdout
         assert "stale" in status.split("old ", 1)[1].splitlines()[0]
     finally:
         metadata_path.write_text(original)
@@ -222,9 +211,9 @@ models:
   m: {{type: python, callable: "x:y", environment: /nonexistent/bin/python3, labels: [{{value: 1, name: T, snomed: {{value: "85756007", meaning: Tissue}}}}]}}
 rules: [{{name: r, when: {{Modality: CT}}, run: [m]}}]
 """)
-    out = _cli("check-config", str(config))
+    out = node_cli("check-config", str(config))
     assert out.returncode == 0 and "model 'm': environment missing: interpreter /nonexistent/bin/python3 not found" \
         in out.stdout
-    bad = _cli("models", "install", "m", "--config", str(config))
+    bad = node_cli("models", "install", "m", "--config", str(config))
     assert bad.returncode == 2 and "builds environment: managed only" in bad.stderr
     assert sys.executable  # the node's own interpreter is what 'shared' means

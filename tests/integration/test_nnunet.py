@@ -11,7 +11,6 @@ in Orthanc, for a merged two-folder task on one CT and for a two-channel model o
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -29,12 +28,10 @@ from inference.types import Volume
 from tests.integration.conftest import dciodvfy_errors, free_port, node_config, storescu, wait_until
 from tests.nnunet_factory import build_checkpoints, prepare_nnunet_folder
 from tests.phantoms import write_ct_series
-from tests.tools import unavailable
+from tests.tools import node_cli, require_node_cli, unavailable
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-CLI = REPO / ".venv" / "bin" / "dicom-node"
 SPACING = (2.5, 1.5, 1.5)
 
 #: One-channel parts of a merged task: part A writes spleen / left kidney, part B liver (values of its own).
@@ -56,17 +53,10 @@ def expected(channels: list[np.ndarray], logits: dict[str, Any], lower: float = 
     return np.argmax(scores, axis=0).astype(np.uint8)
 
 
-def _cli(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          stdin=subprocess.DEVNULL)
-
-
 @pytest.fixture(scope="module")
 def nnunet_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The managed environment, built by ``models install``, and the model folders built with it."""
-    if not CLI.exists():
-        unavailable(f"{CLI} not found: run make test (it installs the node into .venv)")
+    require_node_cli()
     tmp = tmp_path_factory.mktemp("nnunet")
     placeholder = tmp / "models" / "placeholder"
     placeholder.mkdir(parents=True)
@@ -74,10 +64,10 @@ def nnunet_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     config.write_text(yaml.safe_dump({
         "storage": {"path": str(tmp / "state")},
         "models": {"organs": {"type": "nnunet", "path": str(placeholder), "environment": "managed"}}}))
-    listed = _cli("models", "list", "--config", str(config))
+    listed = node_cli("models", "list", "--config", str(config))
     assert "missing" in listed.stdout, listed.stdout + listed.stderr
     started = time.monotonic()
-    built = _cli("models", "install", "organs", "--config", str(config))
+    built = node_cli("models", "install", "organs", "--config", str(config), timeout=1500)
     if built.returncode != 0 and "No matching distribution" in built.stderr + built.stdout:
         unavailable(f"the package registry does not serve nnunetv2==2.8.1: {built.stderr[-300:]}")
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
@@ -119,7 +109,7 @@ def _volume(hu: np.ndarray, direction: np.ndarray | None = None) -> Volume:
 
 
 def test_models_list_and_check_config_say_ready_once_installed(nnunet_env: dict[str, Any]) -> None:
-    out = _cli("models", "list", "--config", str(nnunet_env["config"])).stdout
+    out = node_cli("models", "list", "--config", str(nnunet_env["config"])).stdout
     assert "ready" in out.split("organs", 1)[1].splitlines()[0], out
 
 
