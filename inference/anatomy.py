@@ -11,6 +11,7 @@ themselves anatomy (a kidney cyst), the anatomic region.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Mapping
@@ -116,6 +117,37 @@ def segment(value: int, name: str) -> SegmentSpec | None:
         return None
     return SegmentSpec(value, structure.label[:64], structure.category, structure.type, _color(structure, value),
                        modifier=structure.laterality, site=structure.site)
+
+
+def private_code(name: str) -> Code:
+    """A private code (scheme :data:`PRIVATE_SCHEME`) for a class name no table codes.
+
+    Code value = the name in upper case with other characters than A-Z, 0-9
+    replaced by ``_`` when that fits 16 characters (VR SH), else its first 7
+    characters, ``_`` and 8 hex digits of its SHA-256; meaning = the name.
+    """
+    value = re.sub(r"[^A-Z0-9_]+", "_", name.strip().upper()).strip("_") or "CLASS"
+    if len(value) > 16:
+        value = f"{value[:7]}_{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8].upper()}"
+    return Code(value, PRIVATE_SCHEME, name.strip()[:64])
+
+
+#: Colours of detection boxes in a SEG (one per box, cycling).
+_BOXES = ((255, 215, 0), (0, 200, 255), (255, 80, 200), (120, 255, 80), (255, 140, 0), (160, 120, 255))
+
+
+def finding_segment(value: int, name: str) -> SegmentSpec:
+    """A detection class as a segment (``value`` its label): the table's codes, or a private code.
+
+    A name the table lacks (a model's own class) is a finding of category
+    Morphologically Altered Structure with :func:`private_code`.
+    """
+    known = segment(value, name)
+    color = _BOXES[(value - 1) % len(_BOXES)]
+    if known is not None:
+        return SegmentSpec(value, known.name, known.category, known.type, color, known.modifier, known.site)
+    return SegmentSpec(value, name.strip()[:64] or f"Finding {value}", CATEGORIES["altered"], private_code(name),
+                       color)
 
 
 def segments_for(names: Mapping[int, str], model: str) -> tuple[SegmentSpec, ...]:

@@ -70,7 +70,8 @@ def _torchscript(name: str, spec: Any) -> Model:
     from inference.models.torchscript import TorchscriptModel
 
     return TorchscriptModel(_card(name, spec), spec.path, spec.preprocessing, device=spec.device, amp=spec.amp,
-                            activation=spec.activation, threshold=float(spec.threshold))
+                            activation=spec.activation, threshold=float(spec.threshold), box_mode=spec.box_mode,
+                            max_detections=int(spec.max_detections))
 
 
 def _in_environment(name: str, spec: Any, state_dir: Path | None) -> Model:

@@ -37,10 +37,8 @@ The TID 1600 Image Library lists the source images; evidence lists them and the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
@@ -62,11 +60,22 @@ from dicom_node.results.identity import (
 )
 from dicom_node.results.places import SlicePlane, box_place, nearest_slice, segment_place, slice_planes, to_image
 from dicom_node.results.source import character_set, complete_source, drop_invalid_copied
-from inference.types import Classification, Code, Detection, Measurement, ModelCard, Prediction, SegmentSpec
+from inference import anatomy
+from inference.anatomy import private_code
+from inference.types import (
+    Classification,
+    Code,
+    Detection,
+    Measurement,
+    ModelCard,
+    Prediction,
+    SegmentSpec,
+    Task,
+)
 
 logger = logging.getLogger(__name__)
 
-PRIVATE_SCHEME: Final[str] = "99DCMNODE"
+PRIVATE_SCHEME: Final[str] = anatomy.PRIVATE_SCHEME
 """Private coding scheme of concepts the node makes up (classifier class names)."""
 
 IMAGING_PROCEDURE: Final[Code] = Code("363679005", "SCT", "Imaging procedure")
@@ -84,8 +93,6 @@ _Group: TypeAlias = (
 _YES: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("373066001", "SCT", "Yes")
 _NO: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("373067005", "SCT", "No")
 _UCUM_NO_UNITS: Final[hd.sr.CodedConcept] = hd.sr.CodedConcept("1", "UCUM", "no units")
-_CODE_VALUE_PATTERN: Final[re.Pattern[str]] = re.compile(r"[^A-Z0-9_]+")
-_MAX_SH_LENGTH: Final[int] = 16
 
 
 def class_concept(name: str) -> hd.sr.CodedConcept:
@@ -110,11 +117,7 @@ def class_concept(name: str) -> hd.sr.CodedConcept:
     """
     if not name.strip():
         raise ResultError("Classification without a class name: fix the model card's classes")
-    value = _CODE_VALUE_PATTERN.sub("_", name.strip().upper()).strip("_") or "CLASS"
-    if len(value) > _MAX_SH_LENGTH:
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8].upper()
-        value = f"{value[:7]}_{digest}"
-    return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=name.strip()[:64])
+    return to_coded_concept(private_code(name))
 
 
 def _private_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
@@ -319,18 +322,20 @@ MAX_DETECTIONS: Final[int] = 100
 def _detection_groups(
     index: int, item: Detection, classes: Sequence[str], frame_of_reference: str, identity: OutputIdentity,
     algorithm: hd.sr.AlgorithmIdentification, source_images: Sequence[Dataset], planes: Sequence[SlicePlane] | None,
+    seg_tracking: tuple[str | None, str | None] = (None, None),
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """A box as placed groups; ``seg_tracking`` is its segment's tracking UID and ID in the box SEG, if one is made."""
     if not 0.0 <= item.score <= 1.0:
         raise ResultError(f"Score of detection {index} is {item.score}, not in [0, 1]")
     name = classes[item.label] if 0 <= item.label < len(classes) else f"class {item.label}"
-    tracking = hd.sr.TrackingIdentifier(uid=identity.derive("detection", str(index)),
-                                        identifier=f"{name} {index + 1}"[:64])
+    spec = anatomy.finding_segment(index + 1, name)  # the class's code (the table's, else private) and its site
+    tracking = hd.sr.TrackingIdentifier(uid=seg_tracking[0] or identity.derive("detection", str(index)),
+                                        identifier=(seg_tracking[1] or f"{name} {index + 1}")[:64])
     probability = hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.score), unit=_UCUM_NO_UNITS)
     ellipse = box_place(item.center, item.size)
     slice_index = nearest_slice(planes, item.center) if planes else None
-    concept = class_concept(name)
-    return _place_groups(tracking, Code(concept.value, concept.scheme_designator, concept.meaning), None, algorithm,
-                         ellipse, source_images, planes, slice_index, frame_of_reference, [probability])
+    return _place_groups(tracking, spec.type, _finding_sites(spec), algorithm, ellipse, source_images, planes,
+                         slice_index, frame_of_reference, [probability])
 
 
 #: TID 1500's report-level container of qualitative evaluations (row 8): free-text findings of the whole study.
@@ -444,7 +449,8 @@ def build_sr(
         )
         groups: list[_Group] = []
         referenced: Mapping[int, int] = {}
-        if seg is not None and segment_numbers is not None:
+        boxes_seg = card.task is Task.DETECTION  # a SEG of a detection model's boxes: its segments are the boxes
+        if seg is not None and segment_numbers is not None and not boxes_seg:
             referenced = segment_numbers
             groups.extend(_segment_groups(prediction, specs, identity, seg, segment_numbers, algorithm,
                                           source_images, str(getattr(source, "FrameOfReferenceUID", "") or "")))
@@ -461,8 +467,10 @@ def build_sr(
             raise ResultError("the source images have no FrameOfReferenceUID: boxes cannot be placed")
         planes = slice_planes(source_images, len(source_images)) if detections else None
         for index, item in enumerate(detections[:MAX_DETECTIONS]):
+            number = (segment_numbers or {}).get(index + 1)
+            tracking = _segment_tracking(seg, number) if seg is not None and number else (None, None)
             groups.extend(_detection_groups(index, item, card.classes, str(source.FrameOfReferenceUID), identity,
-                                            algorithm, source_images, planes))
+                                            algorithm, source_images, planes, tracking))
         if len(detections) > MAX_DETECTIONS:
             texts_extra = [f"{len(detections) - MAX_DETECTIONS} more box(es) with lower scores are not listed"]
         else:
@@ -470,7 +478,8 @@ def build_sr(
 
         texts = [text for text in prediction.findings if text.strip()] + unplaced + texts_extra
         # A SEG is only made when a segment is present: no need to scan the label map then.
-        if card.segments and prediction.labelmap is not None and seg is None and not prediction.present_segments():
+        if card.segments and prediction.labelmap is not None and seg is None and not boxes_seg \
+                and not prediction.present_segments():
             texts.append(NO_SEGMENT_FINDING)
         if not groups and not texts and not evaluations:
             texts.append(NO_RESULT_FINDING)

@@ -29,6 +29,7 @@ from dicom_node.results.sc import build_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.spool import Spool
+from inference.boxes import with_box_segments
 from inference.registry import ModelRegistry
 from inference.types import Model, Prediction, Task
 
@@ -147,6 +148,9 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
             _require_modality(task.model, model.card, sv.volume)
             prediction = model.predict(sv.volume)
         times["model"] = time.perf_counter() - t1
+        if (prediction.card.task is Task.DETECTION and OutputKind.SEG in task.outputs
+                and getattr(registry.specs.get(task.model), "box_seg", False)):
+            prediction = with_box_segments(prediction, sv.volume)  # the SEG of the boxes' extents
         if prediction.card.runtime:
             notes.append(f"model ran with {prediction.card.runtime}")
         t2 = time.perf_counter()
@@ -285,7 +289,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     segment_numbers: dict[int, int] | None = None
     present = bool(prediction.present_segments())  # one pass over the label map for every output
     replaces = set(task.replaces)
-    if OutputKind.SEG in task.outputs and card.task is Task.SEGMENTATION:
+    if OutputKind.SEG in task.outputs and (card.task is Task.SEGMENTATION or prediction.labelmap is not None):
         seg_identity = identity(OutputKind.SEG)
         if present:
             seg = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),

@@ -144,6 +144,7 @@ class PythonModel(_EnvironmentFields):
     path: Path | None = None
     task: Literal["segmentation", "classification", "detection"] = "segmentation"
     max_detections: Annotated[Int, Field(ge=1, le=1000)] = 100
+    box_seg: Flag = False
     version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
     labels: tuple[LabelSettings, ...] = ()
     classes: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = ()
@@ -166,6 +167,8 @@ class PythonModel(_EnvironmentFields):
             raise ValueError("a segmentation model needs at least one entry in labels")
         if self.task in ("classification", "detection") and not self.classes:
             raise ValueError(f"a {self.task} model needs at least one entry in classes")
+        if self.box_seg and self.task != "detection":
+            raise ValueError("box_seg (a SEG of the boxes' extents) is for task: detection")
         no_duplicates("label value", [label.value for label in self.labels])
         no_duplicates("label name", [label.name for label in self.labels])
         no_duplicates("class", list(self.classes))
@@ -233,6 +236,7 @@ class _NetworkModel(_EnvironmentFields):
     timeout_s: Seconds | None = None
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     max_detections: Annotated[Int, Field(ge=1, le=1000)] = 100
+    box_seg: Flag = False
 
     @model_validator(mode="after")
     def _unique_outputs(self) -> _NetworkModel:
@@ -250,17 +254,27 @@ class TorchscriptModel(_NetworkModel):
     label ``c + 1`` where its probability is at least 0.5; classification
     output is one score per class in ``classes`` order, turned into
     probabilities by ``activation`` (``none``: already probabilities).
+    A detection network returns boxes (a dict ``boxes``/``scores``/``labels``,
+    or a tuple) in ``box_mode``, in voxel coordinates of the preprocessed
+    image it saw; the node maps them to patient coordinates.
     """
 
     type: Literal["torchscript"]
     path: Path
     version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] = "1.0"
     preprocessing: PreprocessingSettings = PreprocessingSettings()
+    box_mode: Literal["xyzxyz", "xxyyzz", "cccwhd"] = "xyzxyz"
 
     @model_validator(mode="after")
     def _outputs_declared(self) -> TorchscriptModel:
+        if self.box_seg and self.task != "detection":
+            raise ValueError("box_seg (a SEG of the boxes' extents) is for task: detection")
         if self.task == "detection":
-            raise ValueError("task: detection is for monai_bundle models (their detector decodes the boxes)")
+            if not self.classes:
+                raise ValueError("a detection model needs at least one entry in classes (what its boxes are)")
+            if self.preprocessing.roi_size:
+                raise ValueError("preprocessing.roi_size: a detection network sees the whole preprocessed image "
+                                 "(boxes of sliding windows are not merged); leave roi_size out, or resize")
         if self.task == "segmentation" and not self.labels:
             raise ValueError("a segmentation model needs at least one entry in labels")
         if self.task == "classification" and not self.classes:

@@ -51,7 +51,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
-import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
@@ -60,9 +59,9 @@ from monai.transforms import Invertd
 
 from inference import anatomy
 from inference.anatomy import PRIVATE_SCHEME  # noqa: F401 - where callers found it
+from inference.boxes import as_float_tensor, detections_from_boxes
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
-    _LPS_TO_RAS,
     classify,
     inference_context,
     labelmap_from_output,
@@ -70,7 +69,6 @@ from inference.runner import (
     to_metatensor,
 )
 from inference.types import (
-    Detection,
     Model,
     ModelCard,
     Prediction,
@@ -421,32 +419,19 @@ class MonaiBundleModel(Model):
         if self.postprocessing is not None:
             data = self.postprocessing(data)
         fmt = self.box_format
-        boxes = _tensor(data.get(fmt.box_key)).reshape(-1, 6)
-        labels = _tensor(data.get(fmt.label_key, torch.zeros(len(boxes)))).reshape(-1)
-        scores = _tensor(data.get(fmt.score_key, torch.ones(len(boxes)))).reshape(-1)
-        corners = _corners_lps(boxes, fmt, image)
-        found = []
-        for (low, high), label, score in zip(corners, labels.tolist(), scores.tolist()):
-            if score >= self.threshold:
-                centre, size = (low + high) / 2, high - low
-                found.append(Detection(int(label), float(score), (float(centre[0]), float(centre[1]), float(centre[2])),
-                                       (float(size[0]), float(size[1]), float(size[2]))))
-        found.sort(key=lambda d: -d.score)
-        logger.info("Model %s: %d box(es) at score >= %.2f (of %d), the best %d kept", self.card.name, len(found),
-                    self.threshold, len(boxes), min(len(found), self.max_detections))
-        return Prediction(card=self.card, detections=tuple(found[:self.max_detections]))
+        boxes = as_float_tensor(data.get(fmt.box_key)).reshape(-1, 6)
+        detections = detections_from_boxes(
+            self.card.name, boxes, as_float_tensor(data.get(fmt.label_key, torch.zeros(len(boxes)))),
+            as_float_tensor(data.get(fmt.score_key, torch.ones(len(boxes)))), mode=fmt.mode, image=image,
+            classes=self.card.classes, threshold=self.threshold, limit=self.max_detections, world=fmt.world,
+            lps=fmt.lps)
+        return Prediction(card=self.card, detections=detections)
 
 
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _tensor(value: Any) -> torch.Tensor:
-    if value is None:
-        return torch.zeros(0)
-    return (value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)).detach().float().cpu()
 
 
 class _BoxFormat:
@@ -477,26 +462,3 @@ def _box_format(parser: ConfigParser) -> _BoxFormat:
         elif target == "ConvertBoxModed":
             fmt.mode = str(item.get("dst_mode", fmt.mode))
     return fmt
-
-
-def _corners_lps(boxes: torch.Tensor, fmt: _BoxFormat, image: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(low, high)`` LPS corners (mm) of each box."""
-    from monai.data.box_utils import convert_box_mode
-
-    if not len(boxes):
-        return []
-    xyz = np.asarray(convert_box_mode(boxes, src_mode=fmt.mode, dst_mode="xyzxyz"), dtype=float)
-    corners = []
-    for box in xyz:
-        low, high = box[:3], box[3:]
-        if not fmt.world:  # voxel coordinates of the preprocessed image: through its RAS affine
-            affine = np.asarray(image.affine if isinstance(image, MetaTensor) else np.eye(4), dtype=float)
-            points = np.array([[a, b, c, 1.0] for a in (low[0], high[0]) for b in (low[1], high[1])
-                               for c in (low[2], high[2])])
-            world = (_LPS_TO_RAS @ affine @ points.T).T[:, :3]  # RAS -> LPS (the flip is its own inverse)
-        else:
-            world = np.array([low, high])
-            if not fmt.lps:
-                world = world * np.array([-1.0, -1.0, 1.0])
-        corners.append((world.min(axis=0), world.max(axis=0)))
-    return corners

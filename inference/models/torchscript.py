@@ -28,6 +28,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from inference.boxes import as_float_tensor, detections_from_boxes
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
     classify,
@@ -63,6 +64,42 @@ def build_preprocessing(pre: Any) -> Compose:
     return Compose(transforms)
 
 
+def box_outputs(out: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(boxes, labels, scores)`` from what a TorchScript detection network returns.
+
+    Accepted: a dict with ``boxes`` (n, 6), ``scores`` (n) and optionally
+    ``labels`` (n, class indices; default 0), as torchvision's and MONAI's
+    detectors give it (``box``, ``label``, ``label_scores`` also read), or a
+    list holding one such dict (one per image of the batch), or a tuple
+    ``(boxes, scores)`` / ``(boxes, scores, labels)``.
+
+    Raises
+    ------
+    ValueError
+        For anything else, saying what was returned.
+    """
+    if isinstance(out, list | tuple) and len(out) == 1 and isinstance(out[0], dict):
+        out = out[0]
+    if isinstance(out, dict):
+        boxes = out.get("boxes", out.get("box"))
+        scores = out.get("scores", out.get("label_scores"))
+        labels = out.get("labels", out.get("label"))
+    elif isinstance(out, list | tuple) and len(out) in (2, 3) and all(torch.is_tensor(t) for t in out):
+        boxes, scores, labels = out[0], out[1], out[2] if len(out) == 3 else None
+    else:
+        raise ValueError(f"detection model {name} returned {type(out).__name__}: it must return a dict with "
+                         "'boxes' (n, 6) and 'scores' (n) (and 'labels'), a list of one such dict, or a tuple "
+                         "(boxes, scores[, labels])")
+    if boxes is None or scores is None:
+        raise ValueError(f"detection model {name} returned keys {sorted(out)}: 'boxes' and 'scores' are needed")
+    boxes_t = as_float_tensor(boxes)
+    if boxes_t.numel() % 6:
+        raise ValueError(f"detection model {name}: boxes of shape {tuple(boxes_t.shape)}, not (n, 6)")
+    boxes_t = boxes_t.reshape(-1, 6)
+    labels_t = torch.zeros(len(boxes_t)) if labels is None else as_float_tensor(labels)
+    return boxes_t, labels_t, as_float_tensor(scores)
+
+
 class TorchscriptModel(Model):
     """A TorchScript network with declared preprocessing.
 
@@ -81,7 +118,13 @@ class TorchscriptModel(Model):
     activation:
         ``softmax`` or ``sigmoid`` (see :func:`inference.runner.decode_segmentation`).
     threshold:
-        Classification: probability at which a class is positive.
+        Classification: probability at which a class is positive; detection:
+        the lowest score of a box kept.
+    box_mode:
+        Detection: how the network gives a box (MONAI's ``xyzxyz``,
+        ``xxyyzz`` or ``cccwhd``), in voxel coordinates of the image it saw.
+    max_detections:
+        Detection: the most boxes kept (best scores first).
 
     Raises
     ------
@@ -90,7 +133,8 @@ class TorchscriptModel(Model):
     """
 
     def __init__(self, card: ModelCard, path: Path, preprocessing: Any, device: str = "auto", amp: bool = True,
-                 activation: str = "softmax", threshold: float = 0.5) -> None:
+                 activation: str = "softmax", threshold: float = 0.5, box_mode: str = "xyzxyz",
+                 max_detections: int = 100) -> None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model {card.name}: TorchScript file {path} not found")
@@ -99,11 +143,21 @@ class TorchscriptModel(Model):
         self.amp = amp
         self.activation = activation
         self.threshold = threshold
+        self.box_mode = box_mode
+        self.max_detections = max_detections
         self.pre = preprocessing
         self.transforms = build_preprocessing(preprocessing)
         self.network = torch.jit.load(str(path), map_location=self.device).eval()
         logger.info("Model %s: TorchScript %s on %s (AMP %s)", card.name, path.name, self.device,
                     "on" if amp and self.device.type == "cuda" else "off")
+
+    def _detect(self, image: MetaTensor) -> Prediction:
+        """The network's boxes (on the whole preprocessed image) as patient-coordinate detections."""
+        batch = image.as_tensor().unsqueeze(0).to(self.device).contiguous()
+        boxes, labels, scores = box_outputs(self.network(batch), self.card.name)
+        return Prediction(card=self.card, detections=detections_from_boxes(
+            self.card.name, boxes, labels, scores, mode=self.box_mode, image=image, classes=self.card.classes,
+            threshold=self.threshold, limit=self.max_detections))
 
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
         batch = image.unsqueeze(0).to(self.device).contiguous()  # strided input makes convolutions slow
@@ -120,6 +174,8 @@ class TorchscriptModel(Model):
             # Preprocess on the model's device: intensity and resampling of a large volume are GPU work too.
             data = self.transforms({"image": to_metatensor(volume, channel=True).to(self.device)})
             image = data["image"]
+            if self.card.task is Task.DETECTION:
+                return self._detect(image if isinstance(image, MetaTensor) else MetaTensor(image))
             out = self._forward(image.as_tensor() if isinstance(image, MetaTensor) else image)
             if self.card.task is Task.CLASSIFICATION:
                 return Prediction(card=self.card,

@@ -670,7 +670,9 @@ def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None
     assert on_image.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source[1].SOPInstanceUID
     np.testing.assert_allclose(np.asarray(on_image.GraphicData).reshape(-1, 2).mean(axis=0), (-21.5, 21.0))
     best = groups[0]  # best score first
-    assert best.finding_type.meaning == "Lung nodule"
+    # The class is coded from the node's table: SNOMED CT Nodule, found in the lung.
+    assert (best.finding_type.value, best.finding_type.scheme_designator) == ("27925004", "SCT")
+    assert [site.value.meaning for site in best.finding_sites] == ["Lung"]
     region = best.roi
     assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues3D.ELLIPSE
     assert region.frame_of_reference_uid == source[0].FrameOfReferenceUID
