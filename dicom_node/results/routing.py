@@ -2,7 +2,9 @@
 
 A rule's ``outputs`` is what its destinations receive, unless a destination
 sets its own ``outputs`` (e.g. ``[sc, sr]`` for a PACS that cannot show
-SEG), which then replaces the rule's for that destination.  The INFER job
+SEG), which then replaces the rule's for that destination; one with
+``sr_form: measurements`` receives the SR in that form (``sr_measurements``)
+instead of the viewer form.  The INFER job
 produces the union of what the destinations receive (the rule's outputs when
 it sends nowhere).  A destination that receives the SEG and has
 ``seg_fallback: sc`` gets the overlay series (``sc``) instead when it refuses
@@ -21,7 +23,11 @@ from typing import Any
 
 from dicom_node.domain import OutputKind
 
-_ORDER = tuple(OutputKind)
+#: The SR in its ``measurements`` form, for a destination with ``sr_form: measurements`` (an SR of its own,
+#: with its own UIDs: each destination gets one form of the report, never both).
+SR_MEASUREMENTS = "sr_measurements"
+
+_ORDER = (OutputKind.SEG.value, OutputKind.SR.value, SR_MEASUREMENTS, OutputKind.SC.value, OutputKind.PDF.value)
 
 SEG_SOP_CLASSES: frozenset[str] = frozenset({
     "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
@@ -58,7 +64,7 @@ class Route:
 
 def _ordered(kinds: Iterable[str]) -> tuple[str, ...]:
     wanted = {str(k) for k in kinds}
-    return tuple(k.value for k in _ORDER if k.value in wanted)
+    return tuple(k for k in _ORDER if k in wanted)
 
 
 def plan_outputs(
@@ -91,6 +97,8 @@ def plan_outputs(
         dest = destinations.get(name)
         own = getattr(dest, "outputs", None)
         kinds = _ordered(own if own is not None else rule_outputs)
+        if getattr(dest, "sr_form", "viewer") == "measurements" and OutputKind.SR.value in kinds:
+            kinds = _ordered([SR_MEASUREMENTS if k == OutputKind.SR.value else k for k in kinds])
         fallback = getattr(dest, "seg_fallback", "none")
         use_fallback = OutputKind.SEG.value in kinds and OutputKind.SC.value not in kinds and fallback == "sc"
         routes[name] = Route(kinds, OutputKind.SC.value if use_fallback else None)

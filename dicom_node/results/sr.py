@@ -21,7 +21,10 @@ Content tree (:dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`):
 - per classification, in the report's Qualitative Evaluations: CODE class ->
   SCT Yes/No, then the verdict and probability as TEXT (a classification of
   the series has no place; a measurement group without one stops OHIF 3.13
-  from opening the report);
+  from opening the report).  The ``measurements`` form (a destination's
+  ``sr_form``) gives each class a TID 1501 group instead: class -> Yes/No
+  and the probability as a NUM (DCM 122157 "Probability", UCUM ``1``), and
+  an absent segment's values a group too;
 - per detection (best score first, at most :data:`MAX_DETECTIONS`), a TID
   1410 *Planar ROI* group: finding type = the class (private scheme), the
   ellipse inscribed in the box's axial section through its centre as SCOORD3D
@@ -272,11 +275,13 @@ def _unreferenced_groups(
     algorithm: hd.sr.AlgorithmIdentification,
     source_images: Sequence[Dataset],
     frame_of_reference: str,
+    form: str = "viewer",
 ) -> tuple[list[_Group], list[str]]:
     """Labels with measurements but no SEG segment: placed where they are (TID 1410), else said in words.
 
     A present segment (the rule asked for no SEG) keeps its values on its largest cross-section; the values
-    of an absent one (a volume of 0 ml) have no place, and go to the report's findings as text.
+    of an absent one (a volume of 0 ml) have no place, and go to the report's findings as text, or in the
+    ``measurements`` form to a TID 1501 group of their own.
     """
     groups: list[_Group] = []
     texts: list[str] = []
@@ -286,6 +291,13 @@ def _unreferenced_groups(
         spec = specs[label]
         values = _measurements(prediction.card, label, prediction.measurements[label])
         place = segment_place(labelmap, label, planes) if planes is not None and labelmap is not None else None
+        if place is None and form == "measurements":
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.derive("tracking", str(label)),
+                                                             identifier=spec.name),
+                finding_type=to_coded_concept(spec.type), finding_sites=_finding_sites(spec), algorithm_id=algorithm,
+                measurements=values))
+            continue
         if place is None:
             words = "; ".join(f"{m.concept.meaning} {m.value:.4g} {m.unit.value}"
                               for m in prediction.measurements[label])
@@ -313,6 +325,29 @@ def _classification_items(items: Sequence[Classification]) -> list[hd.sr.Content
             name=codes.DCM.Finding, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             value=f"{item.name}: {'positive' if item.positive else 'negative'}, probability {item.probability:.3f}"))
     return out
+
+
+def _classification_group(
+    index: int, item: Classification, identity: OutputIdentity, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The ``measurements`` form of a class: a TID 1501 group, class -> Yes/No and its probability as a NUM."""
+    if not 0.0 <= item.probability <= 1.0:
+        raise ResultError(f"Probability of class {item.name!r} is {item.probability}, not in [0, 1]")
+    concept = class_concept(item.name)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.derive("classification", str(index), item.name),
+                                                     identifier=item.name[:64]),
+        finding_type=concept,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=concept, value=_YES if item.positive else _NO)],
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(item.probability),
+                                        unit=_UCUM_NO_UNITS)],
+    )
+
+
+#: SR forms (per destination, ``sr_form``): ``viewer`` puts only findings with a place in measurement groups,
+#: ``measurements`` gives every value its own group (numbers where a reader of numbers looks for them).
+SR_FORMS: Final[tuple[str, ...]] = ("viewer", "measurements")
 
 
 #: At most this many boxes are reported (a detector's random or untrained output can hold hundreds).
@@ -394,6 +429,7 @@ def build_sr(
     seg: Dataset | None,
     segment_numbers: Mapping[int, int] | None,
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    form: str = "viewer",
 ) -> hd.sr.Comprehensive3DSR:
     """Encode a prediction as a TID 1500 Measurement Report (Comprehensive 3D SR).
 
@@ -415,6 +451,13 @@ def build_sr(
         ``None`` exactly when ``seg`` is ``None``.
     device_serial_number:
         Device Serial Number (0018,1000) naming this node instance.
+    form:
+        ``"viewer"`` (default): every measurement group has a place (OHIF 3.x
+        opens no report holding a group without one); a classification is
+        a qualitative evaluation of the report, its probability in words.
+        ``"measurements"``: each classification is a TID 1501 group with
+        its probability as a NUM, and the values of an absent segment a
+        group of their own, for consumers that read numbers from groups.
 
     Returns
     -------
@@ -430,6 +473,8 @@ def build_sr(
     """
     if not source_images:
         raise ResultError("No source images given: an SR must reference the images it reports on")
+    if form not in SR_FORMS:
+        raise ResultError(f"SR form {form!r} is not one of {', '.join(SR_FORMS)}")
     card = prediction.card
     source = source_images[0]
     specs = {spec.label: spec for spec in card.segments}
@@ -459,9 +504,14 @@ def build_sr(
         )
         frame_of_reference = str(getattr(source, "FrameOfReferenceUID", "") or "")
         placed, unplaced = _unreferenced_groups(prediction, specs, identity, others, algorithm, source_images,
-                                                frame_of_reference)
+                                                frame_of_reference, form)
         groups.extend(placed)
-        evaluations = _classification_items(prediction.classifications)
+        evaluations: list[hd.sr.ContentItem] = []
+        if form == "measurements":
+            groups.extend(_classification_group(index, item, identity, algorithm)
+                          for index, item in enumerate(prediction.classifications))
+        else:
+            evaluations = _classification_items(prediction.classifications)
         detections = sorted(prediction.detections, key=lambda d: -d.score)
         if detections and not getattr(source, "FrameOfReferenceUID", None):
             raise ResultError("the source images have no FrameOfReferenceUID: boxes cannot be placed")

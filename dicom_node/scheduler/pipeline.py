@@ -25,6 +25,7 @@ from dicom_node.results.header_check import Change, check_sources, record_change
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.overlay import OverlayStyle
 from dicom_node.results.pdf import build_pdf
+from dicom_node.results.routing import SR_MEASUREMENTS
 from dicom_node.results.sc import build_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
@@ -270,19 +271,20 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     card = prediction.card
     produced: list[ProducedObject] = []
 
-    def identity(kind: OutputKind) -> Any:
-        conf = getattr(outputs, kind.value)
-        return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind.value,
+    def identity(kind: str, series: OutputKind | None = None) -> Any:
+        conf = getattr(outputs, (series or OutputKind(kind)).value)
+        return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind,
                                conf.series_number, conf.description_for(task.model))
 
-    def write(kind: OutputKind, ds: Dataset, index: int | None = None) -> None:
-        path = (spool.result_path(task.series_uid, task.model, kind.value) if index is None
-                else spool.result_part_path(task.series_uid, task.model, kind.value, index))
+    def write(kind: str, ds: Dataset, index: int | None = None) -> None:
+        kind = str(kind)  # an OutputKind is its value
+        path = (spool.result_path(task.series_uid, task.model, kind) if index is None
+                else spool.result_part_path(task.series_uid, task.model, kind, index))
         record_changes(ds, changes)
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         spool.write_atomic(path, buf.getvalue())
-        produced.append(ProducedObject(kind.value, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+        produced.append(ProducedObject(kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
                                        spool.relative(path)))
 
     seg_ds: Dataset | None = None
@@ -305,9 +307,10 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
                            task.job_id)
         else:
             logger.info("Job %d: no segment present; no SEG produced", task.job_id)
-    if OutputKind.SR in task.outputs:
-        sr = build_sr(prediction, sources, identity(OutputKind.SR), seg=seg_ds, segment_numbers=segment_numbers)
-        write(OutputKind.SR, sr)
+    for kind, form in ((OutputKind.SR.value, "viewer"), (SR_MEASUREMENTS, "measurements")):
+        if kind in task.outputs:  # each form its own object (own UIDs): a destination gets one of them
+            write(kind, build_sr(prediction, sources, identity(kind, OutputKind.SR), seg=seg_ds,
+                                 segment_numbers=segment_numbers, form=form))
     style = OverlayStyle(banner=outputs.banner, fill_opacity=outputs.fill_opacity)
     if OutputKind.SC in task.outputs and (present or replaces):
         for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style, replaces=replaces):

@@ -27,6 +27,12 @@ DestinationOutputs = Annotated[
 ]
 
 
+#: How the SR is written for a destination: ``viewer`` (every measurement group placed on an image, what OHIF
+#: 3.x opens; classifications as the report's qualitative evaluations) or ``measurements`` (a TID 1501 group
+#: per classification with its probability as a NUM, for consumers that read numbers from groups).
+SrForm = Literal["viewer", "measurements"]
+
+
 class DimseDestination(BaseModel):
     """A DICOM peer that receives results by C-STORE (``type: dimse``, the default).
 
@@ -34,7 +40,8 @@ class DimseDestination(BaseModel):
     ``[sc, sr]`` for a PACS that cannot show SEG).  ``seg_fallback: sc`` (the
     default) sends the overlay series instead of the SEG when the destination
     does not accept the SEG SOP class in association negotiation; ``none``
-    fails the send job instead.
+    fails the send job instead.  ``sr_form`` chooses the SR's form for this
+    destination (:data:`SrForm`).
     """
 
     model_config = FROZEN
@@ -46,6 +53,7 @@ class DimseDestination(BaseModel):
     calling_ae_title: AETitle | None = None
     timeout_s: Seconds = 30.0
     outputs: DestinationOutputs = None
+    sr_form: SrForm = "viewer"
     seg_fallback: Literal["sc", "none"] = "sc"
 
     def resolve_calling_ae(self, node_ae_title: str) -> str:
@@ -165,6 +173,7 @@ class DicomwebDestination(BaseModel):
     ca_file: Path | None = None
     timeout_s: Seconds = 30.0
     outputs: DestinationOutputs = None
+    sr_form: SrForm = "viewer"
 
     @model_validator(mode="after")
     def _tls(self) -> DicomwebDestination:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,10 +74,12 @@ def _no_error_shown(page: Any) -> None:
 
 
 def _send_through_node(tmp: Path, node_factory: Any, files: list[Path], models: dict[str, Any] | None = None,
-                       outputs: tuple[str, ...] = ("seg", "sr", "pdf")) -> tuple[Any, str]:
+                       outputs: tuple[str, ...] = ("seg", "sr", "pdf"),
+                       more_destinations: dict[str, Any] | None = None) -> tuple[Any, str]:
     """Orthanc with DICOMweb routing to a node that sends its results back; the study stored in Orthanc."""
     pacs_port = free_port()
-    config = node_config(tmp, destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}})
+    config = node_config(tmp, destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
+                                            **(more_destinations or {})})
     if models is not None:
         config["models"] = models
         config["rules"][0]["run"] = list(models)
@@ -233,9 +236,14 @@ def triage(array, geometry):
 '''
 
 
+def _files(folder: Path) -> list[Path]:
+    return [f for f in folder.iterdir() if f.is_file()]
+
+
 def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: Any) -> None:
-    """Three synthetic nodules found by a detection model: each drawn on its slice, within 2 mm of the truth;
-    a classification's report opens without error and its probability is read."""
+    """Three synthetic nodules found by a detection model: each drawn on its slice, within 2 mm of the truth, and
+    its box a segment of the boxes' SEG; a classification's report opens without error and its probability is
+    read; a second destination with ``sr_form: measurements`` gets the other form of both reports."""
     _, chromium = require_viewer()
     SHOTS.mkdir(parents=True, exist_ok=True)
     code = tmp_path / "code"
@@ -257,19 +265,42 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
              for (cz, cy, cx), _ in nodules]
     models = {
         "nodules": {"type": "python", "callable": "nodule_models:find", "path": str(code), "task": "detection",
-                    "classes": ["Lung nodule"], "threshold": 0.5, "max_detections": 10},
+                    "classes": ["Lung nodule"], "threshold": 0.5, "max_detections": 10, "box_seg": True},
         "triage": {"type": "python", "callable": "nodule_models:triage", "path": str(code), "task": "classification",
                    "classes": ["Nodule present"]},
     }
-    orthanc, study = _send_through_node(tmp_path, node_factory, files, models=models, outputs=("sr",))
-
-    def two_reports() -> list[dict[str, Any]] | None:
-        found = [s for s in orthanc.series_of_study(study) if s["MainDicomTags"].get("Modality") == "SR"]
-        return found if len(found) == 2 else None
-
-    wait_until(two_reports, 300, "both reports in Orthanc")
+    # A second destination reads numbers from measurement groups (sr_form: measurements): DCMTK's storescp.
+    registry_port, received = free_port(), tmp_path / "registry"
+    received.mkdir()
+    registry = subprocess.Popen(["storescp", "-aet", "REGISTRY", "-od", str(received), "-uf", str(registry_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        orthanc, study = _send_through_node(tmp_path, node_factory, files, models=models, outputs=("seg", "sr"),
+                                            more_destinations={"registry": {
+                                                "ae_title": "REGISTRY", "host": "127.0.0.1", "port": registry_port,
+                                                "sr_form": "measurements", "outputs": ["sr"]}})
+        try:
+            wait_until(lambda: len([s for s in orthanc.series_of_study(study)
+                                    if s["MainDicomTags"].get("Modality") in ("SR", "SEG")]) == 3, 300,
+                       "both reports and the boxes' SEG in Orthanc")
+            wait_until(lambda: len(_files(received)) == 2, 60, "both reports at the registry")
+        except BaseException:
+            orthanc.stop()
+            raise
+    finally:
+        registry.terminate()
+        registry.wait(10)
     server = ViewerServer(require_viewer()[0], orthanc.http_port)
     try:
+        # The registry's reports are the measurements form: the class's probability is a number in its group.
+        forms = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in _files(received))}
+        measured = [hd.sr.Comprehensive3DSR.from_dataset(ds) for ds in forms.values()]
+        groups = [g for r in measured for g in r.content.get_image_measurement_groups()]
+        (verdict,) = [g for g in groups if str(g.tracking_identifier) == "Nodule present"]
+        assert verdict.get_measurements()[0].value == pytest.approx(0.83)
+        assert sum(len(r.content.get_planar_roi_measurement_groups()) for r in measured) == 6  # 3 boxes, 2 forms
+        in_pacs = {str(s["MainDicomTags"].get("SeriesInstanceUID")) for s in orthanc.series_of_study(study)}
+        assert not {str(ds.SeriesInstanceUID) for ds in forms.values()} & in_pacs  # each destination: one form
         with browser(chromium) as page:
             page.goto(f"{server.origin}/viewer?StudyInstanceUIDs={study}")
             wait_for_services(page)
@@ -332,6 +363,17 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
                     }""", arg=[m["sop"], centres[m["uid"]].tolist()], timeout=30_000)
                 page.screenshot(path=str(SHOTS / f"detection-{step + 1}.png"))
             _no_error_shown(page)
+
+            # The boxes' SEG (box_seg): one segment per box, named as the report's findings.
+            _show(page, next(d["uid"] for d in display_sets(page) if d["Modality"] == "SEG"))
+            page.wait_for_function("() => window.services.segmentationService.getSegmentations().length > 0",
+                                   timeout=60_000)
+            segments = json.loads(page.evaluate("""() => JSON.stringify(Object.values(window.services
+                .segmentationService.getSegmentations()[0].segments).filter(Boolean).map(s => s.label))"""))
+            assert sorted(segments) == ["Lung nodule 1", "Lung nodule 2", "Lung nodule 3"], segments
+            time.sleep(2)
+            _no_error_shown(page)
+            page.screenshot(path=str(SHOTS / "detection-seg.png"))
     finally:
         server.close()
         orthanc.stop()

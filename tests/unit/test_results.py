@@ -34,7 +34,14 @@ from dicom_node.results.identity import (
 )
 from dicom_node.results.seg import SegResult, build_seg
 from dicom_node.results.source import character_set
-from dicom_node.results.sr import NO_RESULT_FINDING, NO_SEGMENT_FINDING, PRIVATE_SCHEME, build_sr, report_findings
+from dicom_node.results.sr import (
+    NO_RESULT_FINDING,
+    NO_SEGMENT_FINDING,
+    PRIVATE_SCHEME,
+    build_sr,
+    class_concept,
+    report_findings,
+)
 from inference.types import (
     SCT_ANATOMICAL_STRUCTURE,
     SCT_MEAN,
@@ -575,6 +582,33 @@ def test_sr_records_classifications() -> None:
     assert codes_found == {"pneumothorax": (PRIVATE_SCHEME, "373066001"), "effusion": (PRIVATE_SCHEME, "373067005")}
     assert report_findings(sr) == ["pneumothorax: positive, probability 0.910", "effusion: negative, probability 0.120"]
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+
+
+def test_sr_measurements_form_gives_each_class_a_group_with_its_probability(tmp_path: Path) -> None:
+    """The form a destination with ``sr_form: measurements`` gets: numbers in TID 1501 groups."""
+    source = _synthetic_ct(3)
+    card = ModelCard(name="ptx-cls", version="3", task=Task.CLASSIFICATION, classes=("pneumothorax", "effusion"),
+                     segments=(SegmentSpec(1, "Liver", SCT_ANATOMICAL_STRUCTURE, Code("10200004", "SCT", "Liver")),))
+    prediction = Prediction(
+        card, classifications=(Classification("pneumothorax", 0.91, True), Classification("effusion", 0.12, False)),
+        measurements={1: (Measurement(SCT_VOLUME, 0.0, UCUM_ML),)}, findings=("check apex",))
+    sr = build_sr(prediction, source, _identity(source, "sr", card), seg=None, segment_numbers=None,
+                  form="measurements")
+    _assert_dciodvfy_clean(sr, tmp_path / "sr_measurements.dcm", "Comprehensive3DSR")
+    report = _roundtrip_sr(sr)
+    groups = report.content.get_image_measurement_groups()
+    by_name = {str(g.tracking_identifier): g for g in groups}
+    assert sorted(by_name) == ["Liver", "effusion", "pneumothorax"]
+    (probability,) = by_name["pneumothorax"].get_measurements()
+    assert probability.name.meaning == "Probability" and probability.value == pytest.approx(0.91)
+    assert probability.unit.value == "1"
+    (verdict,) = by_name["effusion"].get_qualitative_evaluations(name=class_concept("effusion"))
+    assert verdict.value.value == "373067005"  # No
+    (volume,) = by_name["Liver"].get_measurements()  # an absent segment's value: a number, not words
+    assert volume.value == 0.0 and volume.name.meaning == "Volume"
+    assert report_findings(sr) == ["check apex"]
+    with pytest.raises(ResultError, match="SR form 'pretty'"):
+        build_sr(prediction, source, _identity(source, "sr", card), seg=None, segment_numbers=None, form="pretty")
 
 
 def test_sr_with_nothing_to_report_still_says_so() -> None:

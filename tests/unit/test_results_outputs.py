@@ -426,6 +426,25 @@ def test_plan_outputs_per_destination() -> None:
     assert Route.from_payload(routes["pacs"].as_payload()) == routes["pacs"]
 
 
+def test_sr_form_per_destination() -> None:
+    """A destination with sr_form: measurements gets that SR (an object of its own), the others the viewer's."""
+    settings = load_settings_text(
+        "destinations:\n"
+        "  pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}\n"
+        "  registry: {type: dicomweb, url: 'https://ai.example.org/dicom-web', sr_form: measurements}\n"
+        "  archive: {ae_title: ARC, host: 127.0.0.1, port: 105, sr_form: measurements, outputs: [seg]}\n"
+    )
+    produce, routes = plan_outputs(["seg", "sr"], ["pacs", "registry", "archive"], settings.destinations)
+    assert produce == ("seg", "sr", "sr_measurements")
+    assert routes["pacs"].outputs == ("seg", "sr")
+    assert routes["registry"].outputs == ("seg", "sr_measurements")
+    assert routes["archive"].outputs == ("seg",)  # no SR asked for: none in either form
+    assert plan_outputs(["seg", "sr"], ["registry"], settings.destinations)[0] == ("seg", "sr_measurements")
+    objects = [("seg", "a/seg.dcm"), ("sr", "a/sr.dcm"), ("sr_measurements", "a/sr_measurements.dcm")]
+    assert files_for(routes["pacs"], objects)[0] == ["a/seg.dcm", "a/sr.dcm"]
+    assert files_for(routes["registry"], objects)[0] == ["a/seg.dcm", "a/sr_measurements.dcm"]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -437,6 +456,7 @@ def test_plan_outputs_per_destination() -> None:
         ("destinations: {p: {ae_title: A, host: h, port: 1, outputs: [seg, seg]}}", "duplicate"),
         ("destinations: {p: {ae_title: A, host: h, port: 1, outputs: [png]}}", "outputs"),
         ("destinations: {p: {ae_title: A, host: h, port: 1, seg_fallback: pdf}}", "seg_fallback"),
+        ("destinations: {p: {ae_title: A, host: h, port: 1, sr_form: ohif}}", "sr_form"),
     ],
 )
 def test_output_settings_are_validated(text: str, message: str) -> None:
