@@ -8,7 +8,7 @@ from pydicom.sr.coding import Code as PydicomCode
 
 from dicom_node.errors import ResultError
 from dicom_node.results.identity import algorithm_parameters
-from inference.types import Code, ModelCard
+from inference.types import Code, ModelCard, Prediction, Task
 
 
 def to_coded_concept(code: Code) -> hd.sr.CodedConcept:
@@ -89,3 +89,23 @@ def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSeque
         version=card.version,
         parameters=algorithm_parameters(card),
     )
+
+
+def result_words(prediction: Prediction) -> str:
+    """The result in a few words, for a series description's ``{result}`` (never PHI: model output only).
+
+    A classifier: its positive classes with their probabilities
+    (``"Nodule present 0.83"``), or ``"negative"``; a detector: its count
+    per class (``"3 Lung nodule"``), or ``"none found"``; otherwise empty.
+    """
+    if prediction.card.task is Task.CLASSIFICATION:
+        positive = [c for c in prediction.classifications if c.positive]
+        return ", ".join(f"{c.name} {c.probability:.2f}" for c in positive) if positive else "negative"
+    if prediction.card.task is Task.DETECTION:
+        counts: dict[str, int] = {}
+        for item in prediction.detections:
+            name = (prediction.card.classes[item.label] if 0 <= item.label < len(prediction.card.classes)
+                    else f"class {item.label}")
+            counts[name] = counts.get(name, 0) + 1
+        return ", ".join(f"{n} {name}" for name, n in counts.items()) if counts else "none found"
+    return ""

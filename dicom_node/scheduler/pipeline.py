@@ -21,6 +21,7 @@ from dicom_node.domain import OutputKind
 from dicom_node.errors import DicomNodeError, ImagingError, ModelError
 from dicom_node.imaging import SeriesVolume, load_series
 from dicom_node.imaging.channels import stack_channels
+from dicom_node.results.content import result_words
 from dicom_node.results.header_check import Change, check_sources, record_changes
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.overlay import OverlayStyle
@@ -271,10 +272,12 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     card = prediction.card
     produced: list[ProducedObject] = []
 
+    result = result_words(prediction)
+
     def identity(kind: str, series: OutputKind | None = None) -> Any:
         conf = getattr(outputs, (series or OutputKind(kind)).value)
         return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind,
-                               conf.series_number, conf.description_for(task.model))
+                               conf.series_number, conf.description_for(task.model, result))
 
     def write(kind: str, ds: Dataset, index: int | None = None) -> None:
         kind = str(kind)  # an OutputKind is its value

@@ -13,7 +13,11 @@ from dicom_node.settings.base import FROZEN, UID_PREFIX_RE, Float, Int
 class OutputSeriesSettings(BaseModel):
     """Series number and description of one kind of result series.
 
-    ``series_description`` may contain ``{model}``, replaced by the model's name.
+    ``series_description`` may contain ``{model}``, replaced by the model's
+    name, and ``{result}``, replaced by the result in a few words (a
+    classifier's positive classes with their probabilities, or "negative"; a
+    detector's count per class, or "none found"; nothing for segmentation),
+    so that a viewer's or worklist's series list shows the verdict.
     """
 
     model_config = FROZEN
@@ -29,13 +33,18 @@ class OutputSeriesSettings(BaseModel):
             fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
         except ValueError as exc:
             raise ValueError(f"bad placeholder in {value!r}: {exc} (write {{{{ and }}}} for literal braces)") from None
-        if fields - {"model"}:
-            raise ValueError(f"only the {{model}} placeholder is allowed (got {value!r})")
+        if fields - {"model", "result"}:
+            raise ValueError(f"only the {{model}} and {{result}} placeholders are allowed (got {value!r})")
         return value
 
-    def description_for(self, model: str) -> str:
-        """The description with ``{model}`` filled in, cut to 64 characters (VR LO)."""
-        return self.series_description.format(model=model)[:64]
+    def description_for(self, model: str, result: str = "") -> str:
+        """The description with ``{model}`` and ``{result}`` filled in, cut to 64 characters (VR LO).
+
+        Runs of spaces left by an empty ``{result}`` are collapsed, and a
+        separator it leaves at the end (``:``, ``-``, ``,``) is dropped.
+        """
+        text = " ".join(self.series_description.format(model=model, result=result).split())
+        return (text.rstrip(" :-,;") or text)[:64]
 
 
 class OutputsSettings(BaseModel):
@@ -45,7 +54,7 @@ class OutputsSettings(BaseModel):
 
     uid_root: str = "2.25."
     seg: OutputSeriesSettings = OutputSeriesSettings(series_number=9901, series_description="AI SEG")
-    sr: OutputSeriesSettings = OutputSeriesSettings(series_number=9902, series_description="AI Report")
+    sr: OutputSeriesSettings = OutputSeriesSettings(series_number=9902, series_description="AI Report: {result}")
     sc: OutputSeriesSettings = OutputSeriesSettings(series_number=9903, series_description="AI Overlay")
     pdf: OutputSeriesSettings = OutputSeriesSettings(series_number=9904, series_description="AI Summary")
     seg_type: Literal["binary", "labelmap"] = "binary"

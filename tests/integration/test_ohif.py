@@ -331,6 +331,9 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
             orthanc_id = next(s["ID"] for s in orthanc.series_of_study(study)
                               if s["MainDicomTags"].get("SeriesInstanceUID") == series[classification_uid])
             assert report_findings(_download(orthanc, orthanc_id)) == ["Nodule present: positive, probability 0.830"]
+            # And OHIF lists the verdict (and the count of boxes) with the reports, in its series list.
+            listed = page.evaluate("() => document.body.innerText")
+            assert "AI Report: Nodule present 0.83" in listed and "AI Report: 3 Lung nodule" in listed, listed[:2000]
 
             # Each nodule: loaded on the source image of its centre (within one slice) and drawn there.
             _show(page, detection_uid)

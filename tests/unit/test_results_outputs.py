@@ -426,6 +426,31 @@ def test_plan_outputs_per_destination() -> None:
     assert Route.from_payload(routes["pacs"].as_payload()) == routes["pacs"]
 
 
+def test_series_description_says_the_result() -> None:
+    from dicom_node.results.content import result_words
+    from dicom_node.settings.outputs import OutputSeriesSettings
+    from inference.types import Classification, Detection, ModelCard, Prediction, Task
+
+    classifier = ModelCard("triage", "1", task=Task.CLASSIFICATION, classes=("Nodule present", "Effusion"))
+    positive = Prediction(classifier, classifications=(Classification("Nodule present", 0.834, True),
+                                                       Classification("Effusion", 0.2, False)))
+    negative = Prediction(classifier, classifications=(Classification("Nodule present", 0.1, False),))
+    detector = ModelCard("boxes", "1", task=Task.DETECTION, classes=("Lung nodule", "Mass"))
+    boxes = Prediction(detector, detections=tuple(Detection(label, 0.9, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+                                                  for label in (0, 0, 1)))
+    assert result_words(positive) == "Nodule present 0.83"
+    assert result_words(negative) == "negative"
+    assert result_words(boxes) == "2 Lung nodule, 1 Mass"
+    assert result_words(Prediction(detector)) == "none found"
+    assert result_words(Prediction(ModelCard("seg", "1"))) == ""
+    conf = OutputSeriesSettings(series_number=9902, series_description="AI Report {model}: {result}")
+    assert conf.description_for("triage", result_words(positive)) == "AI Report triage: Nodule present 0.83"
+    assert conf.description_for("lungs") == "AI Report lungs"  # nothing to say: no dangling separator
+    assert len(conf.description_for("m", "x" * 100)) == 64
+    with pytest.raises(ValueError, match="placeholders"):
+        OutputSeriesSettings(series_number=1, series_description="{patient}")
+
+
 def test_sr_form_per_destination() -> None:
     """A destination with sr_form: measurements gets that SR (an object of its own), the others the viewer's."""
     settings = load_settings_text(
