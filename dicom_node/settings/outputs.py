@@ -41,10 +41,10 @@ class OutputSeriesSettings(BaseModel):
         """The description with ``{model}`` and ``{result}`` filled in, cut to 64 characters (VR LO).
 
         Runs of spaces left by an empty ``{result}`` are collapsed, and a
-        separator it leaves at the end (``:``, ``-``, ``,``) is dropped.
+        separator it leaves at either end (``:``, ``-``, ``,``) is dropped.
         """
         text = " ".join(self.series_description.format(model=model, result=result).split())
-        return (text.rstrip(" :-,;") or text)[:64]
+        return (text.strip(" :-,;") or text)[:64]
 
 
 class OutputsSettings(BaseModel):
@@ -54,7 +54,7 @@ class OutputsSettings(BaseModel):
 
     uid_root: str = "2.25."
     seg: OutputSeriesSettings = OutputSeriesSettings(series_number=9901, series_description="AI SEG")
-    sr: OutputSeriesSettings = OutputSeriesSettings(series_number=9902, series_description="AI Report: {result}")
+    sr: OutputSeriesSettings = OutputSeriesSettings(series_number=9902, series_description="{result} - AI Report")
     sc: OutputSeriesSettings = OutputSeriesSettings(series_number=9903, series_description="AI Overlay")
     pdf: OutputSeriesSettings = OutputSeriesSettings(series_number=9904, series_description="AI Summary")
     seg_type: Literal["binary", "labelmap"] = "binary"

@@ -333,7 +333,8 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
             assert report_findings(_download(orthanc, orthanc_id)) == ["Nodule present: positive, probability 0.830"]
             # And OHIF lists the verdict (and the count of boxes) with the reports, in its series list.
             listed = page.evaluate("() => document.body.innerText")
-            assert "AI Report: Nodule present 0.83" in listed and "AI Report: 3 Lung nodule" in listed, listed[:2000]
+            assert "Nodule present 0.83 - AI Report" in listed and "3 Lung nodule - AI Report" in listed, listed[:2000]
+            page.screenshot(path=str(SHOTS / "classification.png"))
 
             # Each nodule: loaded on the source image of its centre (within one slice) and drawn there.
             _show(page, detection_uid)

@@ -443,9 +443,10 @@ def test_series_description_says_the_result() -> None:
     assert result_words(boxes) == "2 Lung nodule, 1 Mass"
     assert result_words(Prediction(detector)) == "none found"
     assert result_words(Prediction(ModelCard("seg", "1"))) == ""
-    conf = OutputSeriesSettings(series_number=9902, series_description="AI Report {model}: {result}")
-    assert conf.description_for("triage", result_words(positive)) == "AI Report triage: Nodule present 0.83"
+    conf = OutputSeriesSettings(series_number=9902, series_description="{result} - AI Report {model}")
+    assert conf.description_for("triage", result_words(positive)) == "Nodule present 0.83 - AI Report triage"
     assert conf.description_for("lungs") == "AI Report lungs"  # nothing to say: no dangling separator
+    assert OutputSeriesSettings(series_number=1, series_description="AI: {result}").description_for("m") == "AI"
     assert len(conf.description_for("m", "x" * 100)) == 64
     with pytest.raises(ValueError, match="placeholders"):
         OutputSeriesSettings(series_number=1, series_description="{patient}")
