@@ -63,7 +63,7 @@ def _python(name: str, spec: Any) -> Model:
     from inference.models.python_callable import PythonModel, load_callable
 
     return PythonModel(_card(name, spec), load_callable(spec.callable, spec.path), threshold=float(spec.threshold),
-                       max_detections=int(getattr(spec, "max_detections", 100)))
+                       max_detections=int(getattr(spec, "max_detections", 100)), device=str(spec.device))
 
 
 def _torchscript(name: str, spec: Any) -> Model:
@@ -125,20 +125,28 @@ class ModelRegistry:
         self._cache: OrderedDict[str, Model] = OrderedDict()
         self._lock = threading.RLock()  # a chain loads its parts through get()
 
-    def get(self, name: str) -> Model:
-        """The loaded model ``name`` (loading it on first use)."""
+    def get(self, name: str, device: str | None = None) -> Model:
+        """The loaded model ``name`` (loading it on first use).
+
+        ``device`` (e.g. ``"cpu"``) loads it on that device instead of its
+        configured one, kept warm beside it under its own entry: the CPU
+        fallback of a model that ran out of GPU memory.
+        """
+        key = name if device is None else f"{name}@{device}"
         with self._lock:
-            if name in self._cache:
-                self._cache.move_to_end(name)
-                return self._cache[name]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
             spec = self.specs.get(name)
             if spec is None:
                 raise KeyError(f"no model named {name!r} in the configuration")
-            logger.info("Model %s: loading (%s)", name, spec.type)
-            model = self._load(name, spec)
+            if device is not None and "device" in type(spec).model_fields:
+                spec = spec.model_copy(update={"device": device})
+            logger.info("Model %s: loading (%s)%s", name, spec.type, f" on {device}" if device else "")
+            model = self._load(name, spec, device)
             if not model.card.model_hash:
                 model.card = replace(model.card, model_hash=self._fingerprint(spec, model))
-            self._cache[name] = model
+            self._cache[key] = model
             while len(self._cache) > self.max_warm:
                 evicted, unloaded = self._cache.popitem(last=False)
                 close = getattr(unloaded, "close", None)
@@ -184,7 +192,7 @@ class ModelRegistry:
                     close()
             self._cache.clear()
 
-    def _load(self, name: str, spec: Any) -> Model:
+    def _load(self, name: str, spec: Any, device: str | None = None) -> Model:
         if (getattr(spec, "environment", "shared") or "shared") != "shared" and spec.type not in ("chain", "merge"):
             return _in_environment(name, spec, self.state_dir)
         if spec.type == "builtin":
@@ -200,12 +208,12 @@ class ModelRegistry:
         if spec.type == "merge":
             from inference.models.merge import MergeModel
 
-            return MergeModel(name, str(spec.version), [self.get(part) for part in spec.models],
+            return MergeModel(name, str(spec.version), [self.get(part, device) for part in spec.models],
                               overlap=spec.overlap, intended_use=spec.intended_use)
         if spec.type == "chain":
             from inference.models.chain import ChainModel
 
-            return ChainModel(name, str(spec.version), self.get(spec.first), self.get(spec.then),
+            return ChainModel(name, str(spec.version), self.get(spec.first, device), self.get(spec.then, device),
                               regions=tuple(spec.regions), margin_mm=float(spec.margin_mm),
                               intended_use=spec.intended_use)
         raise ValueError(f"model {name!r}: type {spec.type!r} is not supported")

@@ -56,6 +56,12 @@ class InferTask:
         Roles of ``inputs`` that become the model's input channels, in this
         order (one multi-channel volume on the first channel's grid); empty:
         the model gets the series by role (``predict_study``).
+    gpu_out_of_memory:
+        What a CUDA out-of-memory error of the model does
+        (``workers.gpu_out_of_memory``): ``cpu`` runs the model again on the
+        CPU in this job; ``retry`` and ``fail`` end the job with
+        :attr:`InferOutcome.out_of_memory` set (the scheduler then retries
+        it later, or fails it).
     replaces:
         SOP Instance UIDs of the results made earlier for this series and
         model.  A result whose findings a re-run no longer finds is replaced
@@ -72,6 +78,7 @@ class InferTask:
     rule: str = ""
     replaces: tuple[str, ...] = ()
     channels: tuple[str, ...] = ()
+    gpu_out_of_memory: str = "fail"
 
 
 def study_inputs(primary_uid: str, inputs: Mapping[str, str],
@@ -108,6 +115,7 @@ class InferOutcome:
     error: str = ""
     model_version: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    out_of_memory: bool = False
 
 
 def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any) -> InferOutcome:
@@ -142,13 +150,25 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         times["load"] = time.perf_counter() - t0
         model = registry.get(task.model)
         t1 = time.perf_counter()
-        if task.channels:
-            prediction = _predict_channels(task, model, loaded, notes)
-        elif task.inputs:
-            prediction = _predict_study(task, model, loaded)
-        else:
+
+        def predict(model: Model) -> Prediction:
+            if task.channels:
+                return _predict_channels(task, model, loaded, notes)
+            if task.inputs:
+                return _predict_study(task, model, loaded)
             _require_modality(task.model, model.card, sv.volume)
-            prediction = model.predict(sv.volume)
+            return model.predict(sv.volume)
+
+        try:
+            prediction = predict(model)
+        except Exception as exc:
+            if not _out_of_memory(exc) or task.gpu_out_of_memory != "cpu":
+                raise
+            _release_gpu_memory()
+            logger.warning("Job %d: model %s ran out of GPU memory; running it on the CPU (workers."
+                           "gpu_out_of_memory: cpu)", task.job_id, task.model)
+            notes.append(f"CUDA out of memory ({str(exc).splitlines()[0][:120]}): ran on the CPU instead")
+            prediction = predict(registry.get(task.model, device="cpu"))
         times["model"] = time.perf_counter() - t1
         if (prediction.card.task is Task.DETECTION and OutputKind.SEG in task.outputs
                 and getattr(registry.specs.get(task.model), "box_seg", False)):
@@ -164,12 +184,12 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     except DicomNodeError as exc:
         return InferOutcome(ok=False, error=str(exc), seconds=times)
     except Exception as exc:  # a model's own bug: fail this job, keep the worker
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        if _out_of_memory(exc):
             _release_gpu_memory()
             logger.error("Job %d: model %s ran out of GPU memory", task.job_id, task.model)
-            return InferOutcome(ok=False, seconds=times, error=(
+            return InferOutcome(ok=False, seconds=times, out_of_memory=True, error=(
                 f"model {task.model}: CUDA out of memory ({str(exc).splitlines()[0][:200]}); lower "
-                "sw_batch_size / roi_size, free the GPU or use device: cpu"))
+                "sw_batch_size / roi_size, free the GPU, use device: cpu or workers.gpu_out_of_memory: cpu"))
         logger.exception("Job %d: model %s failed", task.job_id, task.model)
         return InferOutcome(ok=False, error=f"model {task.model} raised {type(exc).__name__}: {exc}"[:500],
                             seconds=times)
@@ -243,6 +263,11 @@ def _require_modality(name: str, card: Any, volume: Any) -> None:
     if expected and actual != expected:
         raise ModelError(f"model {name} takes {expected} input; this series is "
                          f"{actual or 'without a Modality'}: not run")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """``torch.cuda.OutOfMemoryError``, raised here or in a model's own environment (its process says so)."""
+    return type(exc).__name__ == "OutOfMemoryError"
 
 
 def _release_gpu_memory() -> None:

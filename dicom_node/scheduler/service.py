@@ -170,7 +170,8 @@ class Pipeline:
         rule = next((r for r in self.settings.rules if r.name == job.rule), None)
         task = InferTask(job.id, job.series_uid, job.model, paths, tuple(job.payload.get("outputs", ())),
                          inputs=inputs, rule=job.rule, replaces=tuple(r["sop_uid"] for r in earlier),
-                         channels=self.settings.channels_for(rule, job.model) if inputs else ())
+                         channels=self.settings.channels_for(rule, job.model) if inputs else (),
+                         gpu_out_of_memory=self.settings.workers.gpu_out_of_memory)
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
         outcome = runner.run(task, self.settings.workers.infer_timeout_s)
@@ -181,6 +182,13 @@ class Pipeline:
                                          "objects": [{"kind": o.kind, "sop_uid": o.sop_uid,
                                                       "series_uid": o.series_uid} for o in outcome.objects]})
         if not outcome.ok:
+            workers = self.settings.workers
+            if outcome.out_of_memory and workers.gpu_out_of_memory == "retry" \
+                    and job.attempts < self.jobs.max_infer_attempts:
+                # The GPU is shared: another model's memory may be free in a while. Counted as an attempt.
+                self.jobs.retry_later(job.id, outcome.error, now, now + workers.gpu_retry_s,
+                                      max_attempts=self.jobs.max_infer_attempts)
+                return
             self.jobs.fail(job.id, outcome.error, now)
             return
         with self.db.transaction() as c:

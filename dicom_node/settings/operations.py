@@ -45,6 +45,10 @@ class WorkersSettings(BaseModel):
     infer_timeout_s: Seconds = 1800.0
     max_warm_models: Annotated[Int, Field(ge=1, le=64)] = 4
     shutdown_grace_s: Seconds = 600.0
+    # A model's CUDA out-of-memory error: retry the job after gpu_retry_s (the GPU is shared; counted as an
+    # attempt, failed after the last), run it again on the CPU at once, or fail the job.
+    gpu_out_of_memory: Literal["retry", "cpu", "fail"] = "retry"
+    gpu_retry_s: Seconds = 60.0
 
 
 class HttpSettings(BaseModel):

@@ -2,7 +2,10 @@
 
 The function receives ``(array, geometry)``: a numpy array shaped
 ``(z, y, x)`` in modality units (HU for CT) and a dict with ``spacing``
-``(dz, dy, dx)``, ``origin`` and ``direction`` (see :class:`inference.types.Volume`).
+``(dz, dy, dx)``, ``origin`` and ``direction`` (see :class:`inference.types.Volume`),
+and ``device``, where it should compute (``"cuda:0"``, ``"cpu"``: its
+``device`` setting, ``auto`` resolved; ``"cpu"`` when the node runs it on
+the CPU after it ran out of GPU memory).
 It returns a label map of the same shape (segmentation) or a mapping
 ``class name -> probability`` (classification).
 
@@ -132,16 +135,20 @@ class PythonModel(Model):
     """
 
     def __init__(self, card: ModelCard, func: Callable[..., Any], threshold: float = 0.5,
-                 max_detections: int = 100) -> None:
+                 max_detections: int = 100, device: str = "auto") -> None:
         self.card = card
         self.func = func
         self.threshold = threshold
         self.max_detections = max_detections
+        self.device = _device_name(device)
 
     takes_several_inputs = True
 
+    def _geometry(self, volume: Volume) -> dict[str, Any]:
+        return {**volume.geometry(), "device": self.device}
+
     def predict(self, volume: Volume) -> Prediction:
-        return self._prediction(self.func(volume.array, volume.geometry()), volume)
+        return self._prediction(self.func(volume.array, self._geometry(volume)), volume)
 
     def predict_study(self, volumes: Mapping[str, Volume], primary: str) -> Prediction:
         """Call ``func(arrays, geometries)`` with every role's array and geometry; the primary role first.
@@ -154,7 +161,7 @@ class PythonModel(Model):
         if primary not in volumes:
             raise KeyError(f"primary role {primary!r} is not among the inputs ({', '.join(volumes)})")
         roles = [primary, *(r for r in volumes if r != primary)]
-        out = self.func({r: volumes[r].array for r in roles}, {r: volumes[r].geometry() for r in roles})
+        out = self.func({r: volumes[r].array for r in roles}, {r: self._geometry(volumes[r]) for r in roles})
         return self._prediction(out, volumes[primary], f" (the grid of the primary series {primary!r})")
 
     def _prediction(self, out: Any, volume: Volume, grid: str = "") -> Prediction:
@@ -179,6 +186,17 @@ class PythonModel(Model):
         labelmap = labelmap.astype(np.uint16 if max(known, default=0) > 255 else np.uint8)
         return Prediction(card=self.card, labelmap=labelmap,
                           measurements=segment_volumes(labelmap, self.card, volume))
+
+
+def _device_name(setting: str) -> str:
+    """A python model's device: its setting, ``auto`` resolved (the worker's GPU when torch sees one)."""
+    if setting != "auto":
+        return setting
+    try:
+        import torch
+    except ImportError:  # a model environment without torch
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
 
 def segment_volumes(labelmap: np.ndarray, card: ModelCard, volume: Volume) -> dict[int, tuple[Measurement, ...]]:
