@@ -35,6 +35,7 @@ from dicom_node.http.server import HttpServer
 from dicom_node.http.status import render_status
 from dicom_node.http.thumbnail import get_thumbnail
 from dicom_node.receive.handlers import StoreHandler
+from dicom_node.receive.journal import replay_orphans
 from dicom_node.receive.pool import ReceiverPool, receiver_count
 from dicom_node.receive.server import Receiver
 from dicom_node.scheduler.retention import Retention
@@ -136,7 +137,11 @@ class Node:
             else has been started then, and the state directory is released.
         """
         self.pipeline.recover(self.clock())
+        # Instances acknowledged before a stop but not yet recorded: recorded first, then the spool reconciled.
+        replay_orphans(self.spool.intake, self.spool, self.store_handler.series, self._on_recorded)
         reconcile(self.spool, self.store_handler.series, self.clock())  # before the listener opens
+        if isinstance(self.receiver, Receiver):  # in this process: its intake journal (the pool's are theirs)
+            self.store_handler.attach_journal()
         try:
             self.dicom_address = self.receiver.start()  # first: a port in use stops the start here
         except StartupError:
@@ -146,6 +151,9 @@ class Node:
             self.lock.release()
             self._stopped.set()
             raise
+        # Senders could not connect until now (starting receivers can take seconds): a series that was
+        # receiving gets its whole quiet period from the moment the port is open.
+        self.store_handler.series.restart_quiet_periods(self.clock())
         for w in self.workers:
             w.start()
         tick = self.settings.completion.tick_seconds
@@ -323,6 +331,7 @@ class Node:
         sd_notify("STOPPING=1")
         logger.info("Stopping: DICOM listener closed; running work may finish (up to %.0f s)", grace)
         self.receiver.stop()
+        self.store_handler.close()  # what the intake journal holds is recorded before the rest stops
         waiter = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": True}, daemon=True)
         waiter.start()
         waiter.join(grace)

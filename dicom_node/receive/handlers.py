@@ -1,15 +1,19 @@
 """C-STORE handling: bytes to the spool, a row in the database, then the status.
 
 The handler never decodes pixel data: it reads the few header elements it
-needs (lazily decoded by pydicom), writes the encoded dataset exactly as it
-was received, records it, and only then answers success.
+needs (lazily decoded by pydicom), makes the encoded dataset durable exactly
+as it was received, and only then answers success.  With an intake journal
+(:mod:`dicom_node.receive.journal`, what the node runs) that is one append
+and one ``fdatasync``, the file and its row following in batches; without
+one, the file is written and synced and its row committed here.
 
 Statuses returned (PS3.4 B.2.3):
 
 ==========  ==========================================================
 ``0x0000``  stored and recorded; the sender may delete its copy
-``0xA700``  out of resources: spool below ``storage.min_free_mb`` or a
-            write/database error; the sender should retry later
+``0xA700``  out of resources: spool below ``storage.min_free_mb``, a
+            write/database error, or received instances not yet recorded
+            because the database refuses them; the sender should retry later
 ``0xA900``  data set does not match the request (SOP Instance UID differs)
 ``0xC001``  cannot understand: Study/Series/SOP Instance UID missing or invalid
 ``0xC210``  cannot understand: the data set could not be decoded
@@ -28,6 +32,7 @@ from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node.errors import InvalidUIDError
+from dicom_node.receive.journal import IntakeJournal
 from dicom_node.spool import Spool, validate_uid
 from dicom_node.spool.layout import digest
 from dicom_node.store import InstanceOutcome, ReceivedInstance, SeriesStore
@@ -66,12 +71,24 @@ class StoreHandler:
                  on_recorded: Callable[[ReceivedInstance, str], None] | None = None,
                  free_mb: Callable[[], float] | None = None) -> None:
         self.on_recorded = on_recorded
+        self.journal: IntakeJournal | None = None
         self.spool = spool
         self.series = series
         self.min_free_mb = min_free_mb
         self.clock = clock
         self.free_mb = free_mb if free_mb is not None else spool.free_mb
         self._low_space_logged = False
+
+    def attach_journal(self) -> IntakeJournal:
+        """Start this process's intake journal: from now on an instance is durable once appended to it."""
+        self.journal = IntakeJournal(self.spool.intake, self.spool, self.series, self.on_recorded)
+        return self.journal
+
+    def close(self) -> None:
+        """Record what the journal still holds and close it (after the listener stopped)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     def __call__(self, event: evt.Event) -> int:
         """Store one instance; returns the C-STORE status (see the module docstring)."""
@@ -108,15 +125,13 @@ class StoreHandler:
                            "the request's %s", requestor.ae_title, sop_uid, affected)
             return DOES_NOT_MATCH
 
+        journal = self.journal
+        refusal = journal.refusal() if journal is not None else None
+        if refusal is not None:
+            logger.error("C-STORE of %s refused (0xA700): %s", sop_uid, refusal)
+            return OUT_OF_RESOURCES
         data = event.encoded_dataset(include_meta=True)
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
-        try:
-            self.spool.write_atomic(path, data)
-        except OSError as exc:
-            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            logger.error("C-STORE of %s refused (0xA700): spool write failed: %s", sop_uid, reason)
-            return OUT_OF_RESOURCES
-
         record = ReceivedInstance(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -125,6 +140,18 @@ class StoreHandler:
             calling_ae=str(requestor.ae_title).strip(), called_ae=str(event.assoc.acceptor.ae_title).strip(),
             source_host=str(requestor.address),
         )
+        try:
+            if journal is not None:
+                journal.append(record, self.clock(), data)
+            else:
+                self.spool.write_atomic(path, data)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            logger.error("C-STORE of %s refused (0xA700): spool write failed: %s", sop_uid, reason)
+            return OUT_OF_RESOURCES
+        if journal is not None:
+            logger.debug("Stored %s (%d bytes) series %s in the intake journal", sop_uid, len(data), series_uid)
+            return SUCCESS
         try:
             outcome = self.series.record_instance(record, self.clock())
         except Exception as exc:  # database locked, disk I/O error: the sender must retry

@@ -34,6 +34,7 @@ from dicom_node.errors import StartupError
 from dicom_node.logs import configure_logging
 from dicom_node.receive.guard import ConnectionCaps
 from dicom_node.receive.handlers import StoreHandler
+from dicom_node.receive.journal import replay_orphans
 from dicom_node.receive.server import Receiver, server_ssl_context
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -93,8 +94,11 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
         root, db_path = state_paths(settings.storage)
         db = Database(db_path, settings.storage.database_busy_timeout_s)
         series = SeriesStore(db, reopen_late=settings.completion.reprocess_late_arrivals)
-        handler = StoreHandler(Spool(root), series, settings.storage.min_free_mb,
-                               on_recorded=lambda record, outcome: events.put(("recorded", record, outcome)))
+        spool = Spool(root)
+        recorded = lambda record, outcome: events.put(("recorded", record, outcome))  # noqa: E731
+        handler = StoreHandler(spool, series, settings.storage.min_free_mb, on_recorded=recorded)
+        replay_orphans(spool.intake, spool, series, recorded)  # a receiver that died before recording its own
+        handler.attach_journal()
         receiver = Receiver(settings.node, handler,
                             on_association=lambda *args: events.put(("association", *args)))
         receiver.start_handed(address, on_finished=ended)
@@ -105,6 +109,7 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
     logger.info("Receiver process %d (pid %d) serves connections accepted on %s:%d", index, os.getpid(), *address)
     _take_connections(channel, receiver)  # until the main process closes the channel: stop
     receiver.stop()
+    handler.close()  # the journal's last instances recorded
     channel.close()
     db.close()
 

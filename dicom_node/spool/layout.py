@@ -63,6 +63,7 @@ class Spool:
         self.incoming = self.root / "incoming"
         self.results = self.root / "results"
         self.tmp = self.root / "tmp"
+        self.intake = self.root / "intake"  # the receivers' intake journals (dicom_node.receive.journal)
         for d in (self.incoming, self.results, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -134,6 +135,29 @@ class Spool:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def write_unsynced(self, path: Path, data: bytes | memoryview) -> int:
+        """Write ``data`` to a temp file renamed to ``path``; returns its open descriptor, not yet synced.
+
+        For a caller that syncs many files at once (the intake journal's
+        materialiser): ``os.fsync`` the descriptor, close it, then sync the
+        directory.  Readers see the old file or the new one, never a part.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.replace(tmp_name, path)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
+        return fd
 
     def clean_tmp(self) -> int:
         """Remove half-written temp files left by a crash; returns how many."""

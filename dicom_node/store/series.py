@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dicom_node.domain import SeriesState
@@ -74,47 +76,66 @@ class SeriesStore:
         they replace the earlier ones in the PACS).  Otherwise the instance is
         stored and logged, and the series keeps its state.
         """
+        return self.record_instances([(inst, now)])[0]
+
+    def record_instances(self, batch: Sequence[tuple[ReceivedInstance, float]]) -> list[str]:
+        """Record several instances (each with its arrival time) in one transaction: one commit, one sync.
+
+        Returns each one's :class:`InstanceOutcome` value, in order (see :meth:`record_instance`).
+        """
+        outcomes: list[str] = []
         with self.db.transaction() as c:
-            old = c.execute("SELECT sha256, series_uid FROM instances WHERE sop_uid=?",
-                            (inst.sop_uid,)).fetchone()
-            if old is not None and old["sha256"] == inst.sha256:
-                return InstanceOutcome.DUPLICATE
-            row = c.execute("SELECT state FROM series WHERE series_uid=?", (inst.series_uid,)).fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO series (series_uid, study_uid, state, modality, calling_ae, called_ae,"
-                    " source_host, first_received, last_received, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (inst.series_uid, inst.study_uid, SeriesState.RECEIVING, inst.modality,
-                     inst.calling_ae, inst.called_ae, inst.source_host, now, now, now),
-                )
-            elif row["state"] in _SETTLED and self.reopen_late:
-                logger.info("Series %s: new instance after state %s; re-opening", inst.series_uid, row["state"])
-                c.execute("UPDATE series SET state=?, reason='', completed_at=NULL WHERE series_uid=?",
-                          (SeriesState.RECEIVING, inst.series_uid))
-            elif row["state"] in _SETTLED:
-                logger.warning("Series %s: late instance %s stored after state %s; the series is not re-opened "
-                               "(completion.reprocess_late_arrivals is false)", inst.series_uid,
-                               inst.sop_uid, row["state"])
+            counted: set[str] = set()
+            for inst, now in batch:
+                outcomes.append(self._record(c, inst, now))
+                counted.add(inst.series_uid)
+            for series_uid in counted:
+                c.execute("UPDATE series SET instance_count=(SELECT COUNT(*) FROM instances WHERE series_uid=?)"
+                          " WHERE series_uid=?", (series_uid, series_uid))
+        for (inst, _), outcome in zip(batch, outcomes):
+            if outcome == InstanceOutcome.REPLACED:
+                logger.warning("Instance %s received again with different content; replaced", inst.sop_uid)
+        return outcomes
+
+    def recorded_digest(self, sop_uid: str) -> str | None:
+        """The sha256 recorded for an instance, or ``None`` when it has no row."""
+        rows = self.db.query("SELECT sha256 FROM instances WHERE sop_uid=?", (sop_uid,))
+        return str(rows[0]["sha256"]) if rows else None
+
+    def _record(self, c: sqlite3.Connection, inst: ReceivedInstance, now: float) -> str:
+        old = c.execute("SELECT sha256, series_uid FROM instances WHERE sop_uid=?", (inst.sop_uid,)).fetchone()
+        if old is not None and old["sha256"] == inst.sha256:
+            return InstanceOutcome.DUPLICATE
+        row = c.execute("SELECT state FROM series WHERE series_uid=?", (inst.series_uid,)).fetchone()
+        if row is None:
             c.execute(
-                "INSERT INTO instances (sop_uid, series_uid, sop_class_uid, transfer_syntax, path, size,"
-                " sha256, received_at) VALUES (?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
-                " sop_class_uid=excluded.sop_class_uid, transfer_syntax=excluded.transfer_syntax,"
-                " path=excluded.path, size=excluded.size, sha256=excluded.sha256,"
-                " received_at=excluded.received_at",
-                (inst.sop_uid, inst.series_uid, inst.sop_class_uid, inst.transfer_syntax,
-                 inst.path, inst.size, inst.sha256, now),
+                "INSERT INTO series (series_uid, study_uid, state, modality, calling_ae, called_ae,"
+                " source_host, first_received, last_received, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (inst.series_uid, inst.study_uid, SeriesState.RECEIVING, inst.modality,
+                 inst.calling_ae, inst.called_ae, inst.source_host, now, now, now),
             )
-            c.execute(
-                "UPDATE series SET last_received=?, updated_at=?,"
-                " instance_count=(SELECT COUNT(*) FROM instances WHERE series_uid=?) WHERE series_uid=?",
-                (now, now, inst.series_uid, inst.series_uid),
-            )
-        if old is not None:
-            logger.warning("Instance %s received again with different content; replaced", inst.sop_uid)
-            return InstanceOutcome.REPLACED
-        return InstanceOutcome.NEW
+        elif row["state"] in _SETTLED and self.reopen_late:
+            logger.info("Series %s: new instance after state %s; re-opening", inst.series_uid, row["state"])
+            c.execute("UPDATE series SET state=?, reason='', completed_at=NULL WHERE series_uid=?",
+                      (SeriesState.RECEIVING, inst.series_uid))
+        elif row["state"] in _SETTLED:
+            logger.warning("Series %s: late instance %s stored after state %s; the series is not re-opened "
+                           "(completion.reprocess_late_arrivals is false)", inst.series_uid,
+                           inst.sop_uid, row["state"])
+        c.execute(
+            "INSERT INTO instances (sop_uid, series_uid, sop_class_uid, transfer_syntax, path, size,"
+            " sha256, received_at) VALUES (?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+            " sop_class_uid=excluded.sop_class_uid, transfer_syntax=excluded.transfer_syntax,"
+            " path=excluded.path, size=excluded.size, sha256=excluded.sha256,"
+            " received_at=excluded.received_at",
+            (inst.sop_uid, inst.series_uid, inst.sop_class_uid, inst.transfer_syntax,
+             inst.path, inst.size, inst.sha256, now),
+        )
+        c.execute("UPDATE series SET last_received=MAX(last_received, ?), updated_at=? WHERE series_uid=?",
+                  (now, now, inst.series_uid))
+        return InstanceOutcome.REPLACED if old is not None else InstanceOutcome.NEW
 
     # -- start-up reconciliation (see dicom_node.spool.reconcile) -------------
     def recorded_files(self) -> list[RecordedFile]:

@@ -1,0 +1,398 @@
+"""The intake journal: one append and one ``fdatasync`` make a received instance durable.
+
+Writing each instance to its own file (temp file, ``fsync``, rename, ``fsync``
+of the directory) and committing its row (a rollback journal: several
+``fsync`` calls) before answering costs five or six disk syncs per C-STORE,
+most of a receiver's time.  Instead, the C-STORE handler appends the
+instance (a small header: the row to record and its arrival time; then the
+encoded bytes, exactly as received) to this process's journal segment and
+syncs that one file, then answers success.  A background thread
+*materialises* what was appended, in batches: every instance's file in the
+spool, those files and their directories synced once each, then every row
+in one transaction; only then is the journal space given back.
+
+Crash safety (POSIX, no filesystem ordering assumed):
+
+* a record is acknowledged only after ``fdatasync`` of the segment covers it
+  (the segment file itself was created and its directory synced before any
+  append);
+* each record carries its length and a CRC-32 of its header and bytes: a
+  torn tail (a crash mid-append, never acknowledged) is found and dropped;
+* a segment is deleted only once every record in it is materialised
+  durably (files and directories synced, rows committed), so a crash at any
+  point leaves the records in the journal; materialising again is
+  idempotent (same bytes: the row is a duplicate and the file is kept).
+
+Each receiver process owns one *token* (``<pid>-<random>``), holds an
+``flock`` on ``<token>.lock`` for its life and appends to
+``<token>-<seq>.journal`` segments, starting a new one past
+:data:`SEGMENT_BYTES`.  A journal whose lock nobody holds belongs to a
+process that died: :func:`replay_orphans` (at the node's start, before the
+spool reconciliation, and at each receiver's start) materialises and
+removes it.
+
+Back-pressure: while the materialiser cannot record (the database locked or
+failing), or when more than :data:`MAX_BACKLOG_BYTES` wait, the handler
+answers ``0xA700`` instead of appending, so the backlog stays bounded and
+the sender retries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dicom_node.spool import Spool
+from dicom_node.store import ReceivedInstance, SeriesStore
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = b"DNJ1"
+_HEAD = struct.Struct("<4sIQI")  # magic, header length, data length, CRC-32 of header + data
+#: A new segment is started past this size; a fully materialised segment is deleted.
+SEGMENT_BYTES = 256 * 1024 * 1024
+#: Bytes appended but not yet materialised above which intake answers 0xA700 (the sender retries).
+MAX_BACKLOG_BYTES = 1024 * 1024 * 1024
+#: Most records materialised in one transaction.
+BATCH = 256
+#: Seconds between attempts while the database refuses the rows.
+RETRY_S = 1.0
+
+Recorded = Callable[[ReceivedInstance, str], None]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    segment: _Segment
+    offset: int  # of the instance bytes in the segment
+    size: int
+    record: ReceivedInstance
+    received_at: float
+    end: int  # offset just past the record
+
+
+class _Segment:
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.pending = 0  # records appended, not yet materialised
+        self.sealed = False  # no more appends: deleted once pending is 0
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(record: ReceivedInstance, received_at: float, data: bytes | memoryview) -> tuple[bytes, bytes]:
+    """The record's fixed header plus JSON header, and nothing else: the data follows as given."""
+    header = json.dumps({**asdict(record), "received_at": received_at}, separators=(",", ":")).encode()
+    crc = zlib.crc32(data, zlib.crc32(header))
+    return _HEAD.pack(_MAGIC, len(header), len(data), crc) + header, header
+
+
+def read_records(fd: int) -> tuple[list[tuple[ReceivedInstance, float, int, int]], int, int]:
+    """Every whole record of a segment: ``([(record, received_at, data offset, data size)], valid end, size)``.
+
+    Reading stops at the first record that is incomplete or fails its CRC
+    (a torn tail: it was never acknowledged).
+    """
+    size = os.fstat(fd).st_size
+    out: list[tuple[ReceivedInstance, float, int, int]] = []
+    offset = 0
+    while offset + _HEAD.size <= size:
+        magic, header_len, data_len, crc = _HEAD.unpack(os.pread(fd, _HEAD.size, offset))
+        start = offset + _HEAD.size
+        if magic != _MAGIC or start + header_len + data_len > size:
+            break
+        header = os.pread(fd, header_len, start)
+        data = os.pread(fd, data_len, start + header_len)
+        if zlib.crc32(data, zlib.crc32(header)) != crc:
+            break
+        try:
+            fields = json.loads(header)
+            received_at = float(fields.pop("received_at"))
+            record = ReceivedInstance(**fields)
+        except (ValueError, TypeError, KeyError):
+            break
+        out.append((record, received_at, start + header_len, data_len))
+        offset = start + header_len + data_len
+    return out, offset, size
+
+
+class Materializer:
+    """Writes journaled instances to the spool and records them: files synced, then one transaction."""
+
+    def __init__(self, spool: Spool, series: SeriesStore, on_recorded: Recorded | None = None) -> None:
+        self.spool = spool
+        self.series = series
+        self.on_recorded = on_recorded
+
+    def materialize(self, items: Sequence[tuple[ReceivedInstance, float, int, int]], fd: int) -> None:
+        """Make ``items`` (records with the offset and size of their bytes in ``fd``) files and rows, durably.
+
+        Raises
+        ------
+        OSError, sqlite3.Error
+            Nothing is lost: the caller keeps the records and tries again.
+        """
+        written: list[int] = []
+        dirs: set[Path] = set()
+        try:
+            for record, _, offset, size in items:
+                path = self.spool.absolute(record.path)
+                if self.series.recorded_digest(record.sop_uid) == record.sha256 and path.is_file() \
+                        and path.stat().st_size == size:
+                    continue  # materialised before a crash: the file and the row are there
+                data = os.pread(fd, size, offset)
+                written.append(self.spool.write_unsynced(path, data))
+                dirs.add(path.parent)
+            for file_fd in written:
+                os.fsync(file_fd)
+        finally:
+            for file_fd in written:
+                os.close(file_fd)
+        for directory in dirs:
+            _sync_dir(directory)
+        outcomes = self.series.record_instances([(record, at) for record, at, _, _ in items])
+        if self.on_recorded is not None:
+            for (record, *_), outcome in zip(items, outcomes):
+                self.on_recorded(record, outcome)
+
+
+class IntakeJournal:
+    """This process's journal: :meth:`append` on the C-STORE path, a thread materialising behind it.
+
+    Parameters
+    ----------
+    directory:
+        ``<state>/intake``.
+    spool, series:
+        Where the instances are materialised.
+    on_recorded:
+        Called with ``(record, outcome)`` once an instance is recorded (metrics, audit trail).
+    """
+
+    def __init__(self, directory: Path, spool: Spool, series: SeriesStore,
+                 on_recorded: Recorded | None = None) -> None:
+        self.directory = directory
+        self.materializer = Materializer(spool, series, on_recorded)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._lock_fd = os.open(directory / f"{self.token}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._seq = 0
+        self._append_lock = threading.Lock()  # order of records in the segment
+        self._sync_lock = threading.Lock()  # one fdatasync covers every record appended before it
+        self._state = threading.Condition()
+        self._queue: list[_Entry] = []
+        self._backlog = 0
+        self._synced: tuple[_Segment | None, int] = (None, 0)
+        self._failing: str | None = None
+        self._stop = False
+        self._segment = self._new_segment()
+        self._thread = threading.Thread(target=self._run, name="intake-materializer", daemon=True)
+        self._thread.start()
+
+    # -- the C-STORE path ----------------------------------------------------
+    def refusal(self) -> str | None:
+        """Why an instance must be refused now (``0xA700``), or ``None``."""
+        if self._failing is not None:
+            return f"could not record it: {self._failing}"
+        if self._backlog > MAX_BACKLOG_BYTES:
+            return f"{self._backlog // (1024 * 1024)} MiB received but not yet recorded"
+        return None
+
+    def append(self, record: ReceivedInstance, received_at: float, data: bytes | memoryview) -> None:
+        """Append one instance and return once it is durable (``fdatasync``).
+
+        Raises
+        ------
+        OSError
+            The journal could not be written or synced (disk full, I/O error):
+            the instance is not acknowledged.
+        """
+        head, _ = encode_record(record, received_at, data)
+        with self._append_lock:
+            segment = self._segment
+            if segment.size > SEGMENT_BYTES:
+                segment = self._rotate()
+            offset = segment.size
+            try:
+                os.pwrite(segment.fd, head, offset)
+                os.pwrite(segment.fd, data, offset + len(head))
+            except OSError:
+                os.ftruncate(segment.fd, offset)  # nothing half-written stays for a later record to follow
+                raise
+            segment.size = end = offset + len(head) + len(data)
+            segment.pending += 1
+            entry = _Entry(segment, offset + len(head), len(data), record, received_at, end)
+        with self._sync_lock:
+            synced_segment, synced_end = self._synced
+            if synced_segment is not segment or synced_end < end:
+                target = segment.size  # everything appended so far: the threads waiting here are covered too
+                os.fdatasync(segment.fd)
+                self._synced = (segment, target)
+        with self._state:
+            self._queue.append(entry)
+            self._backlog += len(data)
+            self._state.notify()
+
+    # -- segments ------------------------------------------------------------
+    def _new_segment(self) -> _Segment:
+        self._seq += 1
+        path = self.directory / f"{self.token}-{self._seq:06d}.journal"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _sync_dir(self.directory)  # the segment's name is durable before any record in it is acknowledged
+        return _Segment(path, fd)
+
+    def _rotate(self) -> _Segment:
+        old = self._segment
+        self._segment = self._new_segment()
+        with self._state:
+            old.sealed = True
+            self._drop_if_done(old)
+        return self._segment
+
+    def _drop_if_done(self, segment: _Segment) -> None:
+        if segment.sealed and segment.pending == 0:
+            segment.close()
+            segment.path.unlink(missing_ok=True)
+
+    # -- the materialiser ----------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._state:
+                while not self._queue and not self._stop:
+                    self._state.wait()
+                if not self._queue and self._stop:
+                    return
+                batch = self._queue[:BATCH]
+            if not self._materialize(batch):
+                time.sleep(RETRY_S)
+
+    def _materialize(self, batch: list[_Entry]) -> bool:
+        by_segment: dict[int, list[_Entry]] = {}
+        for entry in batch:
+            by_segment.setdefault(id(entry.segment), []).append(entry)
+        try:
+            for entries in by_segment.values():
+                self.materializer.materialize(
+                    [(e.record, e.received_at, e.offset, e.size) for e in entries], entries[0].segment.fd)
+        except Exception as exc:  # database locked or failing, disk error: keep the records, refuse new ones
+            if self._failing is None:
+                logger.error("Intake: %d instance(s) received could not be recorded yet (kept in the intake "
+                             "journal, retried every %.0f s; new C-STOREs get 0xA700 meanwhile): could not "
+                             "record it: %s", len(batch), RETRY_S, exc)
+            self._failing = str(exc) or type(exc).__name__
+            return False
+        if self._failing is not None:
+            logger.warning("Intake: the journaled instances are recorded again; C-STOREs are accepted")
+            self._failing = None
+        with self._state:
+            del self._queue[:len(batch)]
+            for entry in batch:
+                self._backlog -= entry.size
+                entry.segment.pending -= 1
+            for entry in {id(e.segment): e for e in batch}.values():
+                segment = entry.segment
+                if segment is self._segment and segment.pending == 0 and not self._stop:
+                    self._truncate_if_idle(segment)
+                else:
+                    self._drop_if_done(segment)
+        return True
+
+    def _truncate_if_idle(self, segment: _Segment) -> None:
+        """Give back a current segment whose every record is materialised (no append may run meanwhile)."""
+        if segment.size < SEGMENT_BYTES // 4 or not self._append_lock.acquire(blocking=False):
+            return
+        try:
+            if segment.pending == 0 and self._segment is segment:
+                os.ftruncate(segment.fd, 0)
+                os.fsync(segment.fd)
+                segment.size = 0
+                self._synced = (segment, 0)
+        finally:
+            self._append_lock.release()
+
+    def backlog(self) -> int:
+        """Bytes received and acknowledged but not yet materialised."""
+        return self._backlog
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Materialise what is left (up to ``timeout`` seconds), then remove the journal if it is empty."""
+        with self._state:
+            self._stop = True
+            self._state.notify()
+        self._thread.join(timeout)
+        with self._state:
+            left = len(self._queue)
+        self._segment.close()
+        if left:
+            logger.warning("Intake: %d instance(s) left in the journal %s; recorded at the next start",
+                           left, self.directory)
+        else:
+            self._segment.path.unlink(missing_ok=True)
+            (self.directory / f"{self.token}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+
+def replay_orphans(directory: Path, spool: Spool, series: SeriesStore, on_recorded: Recorded | None = None) -> int:
+    """Materialise and remove the journals of processes that are gone; returns how many instances.
+
+    Raises
+    ------
+    OSError, sqlite3.Error
+        When they cannot be materialised: the journal stays for the next try.
+    """
+    if not directory.is_dir():
+        return 0
+    materializer = Materializer(spool, series, on_recorded)
+    count = 0
+    for lock_path in sorted(directory.glob("*.lock")):
+        token = lock_path.stem
+        lock_fd = os.open(lock_path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live receiver's
+            for segment in sorted(directory.glob(f"{token}-*.journal")):
+                fd = os.open(segment, os.O_RDONLY)
+                try:
+                    records, end, size = read_records(fd)
+                    for start in range(0, len(records), BATCH):
+                        materializer.materialize(records[start:start + BATCH], fd)
+                finally:
+                    os.close(fd)
+                if end < size:
+                    logger.warning("Intake journal %s: %d byte(s) of a record that was never acknowledged "
+                                   "(cut short by a crash) dropped", segment.name, size - end)
+                count += len(records)
+                segment.unlink()
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(lock_fd)
+    if count:
+        logger.warning("Intake: %d instance(s) acknowledged before a stop were recorded from the journal", count)
+    return count

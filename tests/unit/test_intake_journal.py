@@ -1,0 +1,139 @@
+"""The intake journal: appended instances become files and rows, byte for byte, and survive a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.receive import journal as journal_module
+from dicom_node.receive.journal import IntakeJournal, read_records, replay_orphans
+from dicom_node.spool import Spool
+from dicom_node.store import Database, ReceivedInstance, SeriesStore
+
+
+def _record(spool: Spool, i: int, data: bytes, series: str = "1.2.3.4") -> ReceivedInstance:
+    sop = f"{series}.{i + 1}"
+    return ReceivedInstance(study_uid="1.2.3", series_uid=series, sop_uid=sop,
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
+                            modality="CT", path=spool.relative(spool.instance_path("1.2.3", series, sop)),
+                            size=len(data), sha256=hashlib.sha256(data).hexdigest(), calling_ae="MOD",
+                            called_ae="NODE", source_host="127.0.0.1")
+
+
+@pytest.fixture()
+def state(tmp_path: Path) -> dict[str, Any]:
+    spool = Spool(tmp_path / "state")
+    series = SeriesStore(Database(tmp_path / "state" / "state.sqlite3"))
+    return {"spool": spool, "series": series}
+
+
+def _rows(series: SeriesStore) -> dict[str, tuple[str, int]]:
+    return {r["sop_uid"]: (r["sha256"], r["size"]) for r in
+            series.db.query("SELECT sop_uid, sha256, size FROM instances")}
+
+
+def test_appended_instances_become_files_and_rows_byte_for_byte(state: dict[str, Any]) -> None:
+    spool, series = state["spool"], state["series"]
+    recorded: list[tuple[str, str]] = []
+    journal = IntakeJournal(spool.intake, spool, series, lambda r, outcome: recorded.append((r.sop_uid, outcome)))
+    blobs = [os.urandom(1000 + 37 * i) for i in range(40)]
+    threads = [threading.Thread(target=lambda i=i: journal.append(_record(spool, i, blobs[i]), 100.0 + i, blobs[i]))
+               for i in range(40)]  # concurrent associations: one fdatasync may cover several
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    journal.close()
+    for i, blob in enumerate(blobs):
+        assert spool.absolute(_record(spool, i, blob).path).read_bytes() == blob
+    assert len(_rows(series)) == 40 and sorted(o for _, o in recorded) == ["new"] * 40
+    row = series.db.query("SELECT instance_count, first_received, last_received FROM series")[0]
+    assert (row["instance_count"], row["first_received"], row["last_received"]) == (40, 100.0, 139.0) \
+        or row["instance_count"] == 40 and row["last_received"] == 139.0
+    assert not list(spool.intake.glob("*"))  # all recorded: the journal is gone
+
+
+def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    journal = IntakeJournal(spool.intake, spool, series)
+    monkeypatch.setattr(journal.materializer, "materialize", lambda items, fd: (_ for _ in ()).throw(
+        OSError("the process is killed before it records anything")))
+    blobs = [os.urandom(5000) for _ in range(3)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 10.0, blob)
+    (segment,) = spool.intake.glob("*.journal")
+    # A crash mid-append of a fourth: its bytes are cut short (never acknowledged).
+    head, _ = journal_module.encode_record(_record(spool, 3, blobs[0]), 10.0, blobs[0])
+    with open(segment, "ab") as f:
+        f.write(head + blobs[0][:100])
+    fd = os.open(segment, os.O_RDONLY)
+    records, end, size = read_records(fd)
+    os.close(fd)
+    assert len(records) == 3 and end < size
+    # The process is gone (its lock released) without recording: what it leaves is replayed.
+    os.close(journal._lock_fd)
+    assert _rows(series) == {}
+    assert replay_orphans(spool.intake, spool, series) == 3
+    for i, blob in enumerate(blobs):
+        assert spool.absolute(_record(spool, i, blob).path).read_bytes() == blob
+    assert set(_rows(series)) == {f"1.2.3.4.{i + 1}" for i in range(3)}
+    assert not list(spool.intake.glob("*.journal"))
+    assert replay_orphans(spool.intake, spool, series) == 0
+
+
+def test_a_live_receivers_journal_is_not_replayed(state: dict[str, Any]) -> None:
+    spool, series = state["spool"], state["series"]
+    journal = IntakeJournal(spool.intake, spool, series)
+    assert replay_orphans(spool.intake, spool, series) == 0
+    assert list(spool.intake.glob("*.journal"))
+    journal.close()
+
+
+def test_while_the_database_refuses_rows_intake_is_refused_then_resumes(state: dict[str, Any],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "RETRY_S", 0.05)
+    journal = IntakeJournal(spool.intake, spool, series)
+    real = series.record_instances
+    broken = threading.Event()
+    broken.set()
+
+    def record(batch: Any) -> Any:
+        if broken.is_set():
+            raise OSError("disk I/O error")
+        return real(batch)
+
+    monkeypatch.setattr(series, "record_instances", record)
+    blob = os.urandom(2000)
+    journal.append(_record(spool, 0, blob), 1.0, blob)
+    for _ in range(200):
+        if journal.refusal():
+            break
+        threading.Event().wait(0.01)
+    assert "could not record it: disk I/O error" in (journal.refusal() or "")
+    broken.clear()
+    for _ in range(200):
+        if not journal.refusal() and journal.backlog() == 0:
+            break
+        threading.Event().wait(0.01)
+    assert journal.refusal() is None and set(_rows(series)) == {"1.2.3.4.1"}
+    journal.close()
+
+
+def test_segments_rotate_and_are_removed_once_recorded(state: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 20_000)
+    journal = IntakeJournal(spool.intake, spool, series)
+    blobs = [os.urandom(6000) for _ in range(12)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 1.0, blob)
+    journal.close()
+    assert journal._seq > 1  # several segments were used
+    assert not list(spool.intake.glob("*.journal"))
+    assert len(_rows(series)) == 12
