@@ -136,7 +136,8 @@ class StoreHandler:
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             transfer_syntax=str(event.context.transfer_syntax), modality=modality,
-            path=self.spool.relative(path), size=len(data), sha256=digest(data),
+            # With the journal the digest is taken behind the C-STORE path, when the instance is materialised.
+            path=self.spool.relative(path), size=len(data), sha256="" if journal is not None else digest(data),
             calling_ae=str(requestor.ae_title).strip(), called_ae=str(event.assoc.acceptor.ae_title).strip(),
             source_host=str(requestor.address),
         )

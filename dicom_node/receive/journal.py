@@ -49,10 +49,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dicom_node.spool import Spool
+from dicom_node.spool.layout import digest
 from dicom_node.store import ReceivedInstance, SeriesStore
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class Materializer:
         """
         written: list[int] = []
         dirs: set[Path] = set()
+        items = [(record if record.sha256 else replace(record, sha256=digest(os.pread(fd, size, offset))),
+                  at, offset, size) for record, at, offset, size in items]  # the digest, off the C-STORE path
         try:
             for record, _, offset, size in items:
                 path = self.spool.absolute(record.path)

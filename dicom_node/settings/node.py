@@ -85,8 +85,8 @@ class NodeSettings(BaseModel):
     """The node's own DICOM identity and association limits (``node:``).
 
     ``max_pdu_bytes`` is the largest P-DATA PDU the node accepts (it is announced
-    to peers); ``16382`` is pynetdicom's and many PACS' default, ``0`` means
-    unlimited.
+    to peers); ``131072`` (DCMTK's largest) by default: fewer PDUs per instance to
+    decode than pynetdicom's 16382; ``0`` means unlimited.
     """
 
     model_config = FROZEN
@@ -101,7 +101,7 @@ class NodeSettings(BaseModel):
     # Connections open at once (associated or not), in all and from one address; more are closed at once.
     max_connections: Annotated[Int, Field(ge=1, le=10000)] = 200
     max_connections_per_host: Annotated[Int, Field(ge=1, le=10000)] = 64
-    max_pdu_bytes: Annotated[Int, Field(ge=0, le=2**32 - 1)] = 16382
+    max_pdu_bytes: Annotated[Int, Field(ge=0, le=2**32 - 1)] = 131072
     acse_timeout_s: Seconds = 30.0
     dimse_timeout_s: Seconds = 60.0
     network_timeout_s: Seconds = 120.0

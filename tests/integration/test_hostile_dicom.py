@@ -120,9 +120,9 @@ def test_a_p_data_pdu_longer_than_announced_is_aborted(port: int) -> None:
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
     assert assoc.is_established
-    assert assoc.acceptor.maximum_length == 16382
+    assert assoc.acceptor.maximum_length == 131072
     raw = assoc.dul.socket.socket
-    raw.sendall(struct.pack(">BBL", 0x04, 0, 50_000_000) + b"\x00" * 64)  # 50 MB declared, 16 kB announced
+    raw.sendall(struct.pack(">BBL", 0x04, 0, 50_000_000) + b"\x00" * 64)  # 50 MB declared, 128 kB announced
     # The node answers with an A-ABORT at once (it never waits for 50 MB): pynetdicom sees it as aborted.
     wait_until(lambda: assoc.is_aborted, 5, "the node's A-ABORT")
     assert _echo(port) < 1.0

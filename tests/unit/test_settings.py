@@ -62,7 +62,7 @@ def assert_problem(message: str, line: int, key: str, reason: str) -> None:
 def test_base_loads_with_defaults_filled_in() -> None:
     settings = load_settings_text(BASE)
     assert settings.node.ae_title == "DICOMNODE"
-    assert settings.node.max_pdu_bytes == 16382
+    assert settings.node.max_pdu_bytes == 131072
     assert settings.completion.quiet_seconds == 30
     assert settings.destinations["pacs"].type == "dimse"
     assert settings.destinations["pacs"].resolve_calling_ae(settings.node.ae_title) == "DICOMNODE"
