@@ -235,19 +235,25 @@ def is_multiframe(ds: Dataset) -> bool:
 
 
 def _pixels(datasets: Sequence[Dataset], ordered: Sequence[Frame]) -> np.ndarray:
-    """Decode and rescale every frame into a ``float32`` ``(z, y, x)`` array."""
+    """Decode and rescale every frame into a ``float32`` ``(z, y, x)`` array.
+
+    The volume is allocated once and filled slice by slice: no list of slices
+    to stack (which would hold the volume twice at its peak).
+    """
     multiframe: dict[int, np.ndarray] = {}
-    slices = []
-    for frame in ordered:
+    out: np.ndarray | None = None
+    for z, frame in enumerate(ordered):
         if frame.frame == 0:
             plane = _decode(datasets[frame.source])[0]
         else:
             if frame.source not in multiframe:
                 multiframe[frame.source] = _decode(datasets[frame.source])
             plane = multiframe[frame.source][frame.frame - 1]
-        values = apply_modality_lut(plane, frame.rescale)
-        slices.append(np.asarray(values, dtype=np.float32))
-    return np.stack(slices)
+        if out is None:
+            out = np.empty((len(ordered), *plane.shape), dtype=np.float32)
+        out[z] = apply_modality_lut(plane, frame.rescale)
+    assert out is not None  # ordered is never empty (arrange refuses no frames)
+    return out
 
 
 def _decode(ds: Dataset) -> np.ndarray:

@@ -147,6 +147,11 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         else:
             sv = load_series([spool.absolute(p) for p in task.paths])
             notes = list(sv.notes)
+        if OutputKind.SC not in task.outputs:  # only the overlay redraws the source pixels: free them now
+            for ds in sv.sources:
+                for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                    if keyword in ds:
+                        delattr(ds, keyword)
         times["load"] = time.perf_counter() - t0
         model = registry.get(task.model)
         t1 = time.perf_counter()
