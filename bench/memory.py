@@ -62,33 +62,24 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-_KINDS: dict[int, str] = {}
-
-
 def _kind(pid: int, root: int) -> str:
     """main, receiver (holds an intake journal open), worker (has torch loaded) or other (resource tracker)."""
     if pid == root:
         return "main"
-    if pid in _KINDS:
-        return _KINDS[pid]
-    kind = "other"
+    links = []
     try:
-        links = []
         for f in Path(f"/proc/{pid}/fd").iterdir():
             try:
                 links.append(os.readlink(f))
             except OSError:
                 continue
         if any("/intake/" in link for link in links):
-            kind = "receiver"
-        elif "libtorch" in Path(f"/proc/{pid}/maps").read_text():
-            kind = "worker"
-        else:
-            return "other"  # not known yet (a worker before torch is imported): asked again next time
+            return "receiver"
+        if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+            return "worker"
     except OSError:
-        return "other"
-    _KINDS[pid] = kind
-    return kind
+        pass
+    return "other"
 
 
 class Sampler(threading.Thread):

@@ -138,7 +138,14 @@ class Node:
         """
         self.pipeline.recover(self.clock())
         # Instances acknowledged before a stop but not yet recorded: recorded first, then the spool reconciled.
-        replay_orphans(self.spool.intake, self.spool, self.store_handler.series, self._on_recorded)
+        try:
+            replay_orphans(self.spool.intake, self.spool, self.store_handler.series, self._on_recorded)
+        except Exception as exc:  # the database or the spool refuses: nothing is lost, the journal stays
+            self.db.close()
+            self.lock.release()
+            self._stopped.set()
+            raise StartupError(f"storage.path: the intake journal in {self.spool.intake} could not be recorded "
+                               f"({type(exc).__name__}: {exc}); it is kept for the next start") from exc
         reconcile(self.spool, self.store_handler.series, self.clock())  # before the listener opens
         if isinstance(self.receiver, Receiver):  # in this process: its intake journal (the pool's are theirs)
             self.store_handler.attach_journal()

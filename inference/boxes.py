@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
 
-from inference.runner import _LPS_TO_RAS as LPS_TO_RAS
 from inference.types import Detection, Prediction, Volume
+
+if TYPE_CHECKING:  # torch and MONAI are imported where boxes come from a network, not by the node's scheduler
+    import torch
+
+#: LPS <-> RAS: negate x and y (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ BOX_MODES = ("xyzxyz", "xxyyzz", "cccwhd")
 
 def as_float_tensor(value: Any) -> torch.Tensor:
     """``value`` (MetaTensor, tensor, array, list or None) as a detached float CPU tensor."""
+    import torch
+    from monai.data import MetaTensor
+
     if value is None:
         return torch.zeros(0)
     return (value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)).detach().float().cpu()
@@ -51,6 +57,7 @@ def corners_lps(boxes: torch.Tensor, mode: str, image: Any, world: bool = False,
     world:
         The boxes are already in world coordinates (RAS, or LPS with ``lps``).
     """
+    from monai.data import MetaTensor
     from monai.data.box_utils import convert_box_mode
 
     if not len(boxes):
