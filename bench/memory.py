@@ -63,7 +63,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _kind(pid: int, root: int) -> str:
-    """main, receiver (holds an intake journal open), worker (has torch loaded) or other (resource tracker)."""
+    """main, receiver (holds an intake journal open), other (multiprocessing's resource tracker) or worker."""
     if pid == root:
         return "main"
     links = []
@@ -75,11 +75,11 @@ def _kind(pid: int, root: int) -> str:
                 continue
         if any("/intake/" in link for link in links):
             return "receiver"
-        if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
-            return "worker"
+        if b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return "other"
+        return "worker"
     except OSError:
-        pass
-    return "other"
+        return "other"
 
 
 class Sampler(threading.Thread):
