@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import highdicom as hd
 import numpy as np
@@ -421,6 +421,24 @@ def _check_seg(
         raise ResultError(f"Segment numbers given for labels {unknown} that the model card does not declare")
 
 
+def _library(groups: Sequence[_Group], source_images: Sequence[Dataset]) -> list[Dataset]:
+    """The source images that the groups' regions reference, in source order (the first one when none)."""
+    referenced: set[str] = set()
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if not isinstance(item, Dataset):  # a template: a list of content items
+                walk(item)
+                continue
+            for ref in item.get("ReferencedSOPSequence", []):
+                referenced.add(str(ref.ReferencedSOPInstanceUID))
+            walk(item.get("ContentSequence", []))
+
+    walk(groups)
+    chosen = [image for image in source_images if str(image.SOPInstanceUID) in referenced]
+    return chosen or list(source_images[:1])
+
+
 def build_sr(
     prediction: Prediction,
     source_images: Sequence[Dataset],
@@ -542,7 +560,9 @@ def build_sr(
             observation_context=_observation_context(card, identity),
             procedure_reported=_procedure_reported(source),
             imaging_measurements=groups or placeholder,
-            referenced_images=list(source_images),  # TID 1600 Image Library: the images reported on
+            # TID 1600 Image Library: the images the report's groups are placed on (a viewer finds them there);
+            # every source image would be hundreds of entries highdicom takes seconds to build and copy.
+            referenced_images=_library(groups, source_images),
         )
         root = report[0].ContentSequence
         if placeholder:

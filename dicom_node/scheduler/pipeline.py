@@ -147,7 +147,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         else:
             sv = load_series([spool.absolute(p) for p in task.paths])
             notes = list(sv.notes)
-        if OutputKind.SC not in task.outputs:  # only the overlay redraws the source pixels: free them now
+        if not {OutputKind.SC, OutputKind.PDF} & set(task.outputs):  # overlay and PDF key images redraw them
             for ds in sv.sources:
                 for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
                     if keyword in ds:

@@ -723,7 +723,8 @@ def test_dciodvfy_sr_with_detections_and_boxes_read_back(tmp_path: Path) -> None
 
 def test_sr_places_each_segment_and_lists_its_images(ct_slices: list[Dataset], ct_seg: SegResult) -> None:
     """Every segment finding also has a place (its largest cross-section, SCOORD3D ellipse, same tracking UID);
-    the Image Library (TID 1600) lists the source images. A viewer (OHIF) needs both to open the report."""
+    the Image Library (TID 1600) lists the images the findings are placed on. A viewer (OHIF) needs both to
+    open the report."""
     sr = _roundtrip_sr(_sr_with_seg(_ct_prediction(), ct_slices, ct_seg))
     volumetric = {g.tracking_uid: g for g in sr.content.get_volumetric_roi_measurement_groups()}
     planar = {g.tracking_uid: g for g in sr.content.get_planar_roi_measurement_groups()}
@@ -732,7 +733,12 @@ def test_sr_places_each_segment_and_lists_its_images(ct_slices: list[Dataset], c
     assert len(library) == 1
     listed = {ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
               for group in library[0].ContentSequence for ref in group.ContentSequence}
-    assert listed == {ds.SOPInstanceUID for ds in ct_slices}
+    placed_on = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                 for g in planar.values() if g.roi is not None and g.roi.ValueType == "SCOORD"}
+    placed_on |= {item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for g in sr.content.get_planar_roi_measurement_groups() for item in [g.roi]
+                  if item is not None and item.ValueType == "SCOORD"}
+    assert listed and listed == placed_on and listed <= {ds.SOPInstanceUID for ds in ct_slices}
     liver = next(g for g in planar.values() if g.finding_type.meaning == "Liver")
     points = liver.roi.value
     # Liver: rows 200-299, columns 100-219 on slices 0 and 1 (plus one voxel); slice 0 has the most pixels.
