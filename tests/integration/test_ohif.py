@@ -360,6 +360,7 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
                 page.wait_for_function("""([sop, centre]) => { const g = window.services.viewportGridService;
                     const v = window.services.cornerstoneViewportService.getCornerstoneViewport(
                         g.getState().activeViewportId);
+                    if (!v) { return false; }  // OHIF replaces the viewport while it changes what it shows
                     const id = v.getCurrentImageId(); if (!id || !id.includes(sop)) { return false; }
                     const [x, y] = v.worldToCanvas(centre);
                     return Array.from(document.querySelectorAll('[data-cy="viewport-pane"] svg ellipse')).some(e =>
