@@ -9,6 +9,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RAY    := $(VENV)/.ray-installed
 CONFIG ?=
 # The OHIF viewer the tests open results in (npm's @ohif/app ships it prebuilt in dist/).
 OHIF_VERSION := 3.13.2
@@ -26,6 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional Ray extra (workers.engine: ray); the tests run a local Ray cluster.
+$(RAY): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]'
+	touch $(RAY)
 
 run: $(STAMP)
 	$(BIN)/dicom-node serve $(if $(CONFIG),--config $(CONFIG))
@@ -48,11 +54,11 @@ $(OHIF)/dist/index.html:
 
 ohif: $(OHIF)/dist/index.html
 
-test: $(STAMP) system-deps ohif lint
+test: $(STAMP) $(RAY) system-deps ohif lint
 	$(BIN)/python -m pytest
 
 # Static checks, part of make test: ruff (a small rule set, pyproject.toml) and mypy (disallow_untyped_defs).
-lint: $(STAMP)
+lint: $(STAMP) $(RAY)
 	$(BIN)/ruff check dicom_node inference tests bench
 	$(BIN)/mypy dicom_node inference
 
@@ -64,7 +70,7 @@ lock: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) $(RAY) system-deps
 	$(BIN)/python -m bench $(NAME) $(ARGS)
 
 # The systemd service (as root, from a clone in PREFIX): user, unit, example configuration.

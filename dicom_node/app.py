@@ -38,6 +38,7 @@ from dicom_node.receive.handlers import StoreHandler
 from dicom_node.receive.journal import replay_orphans
 from dicom_node.receive.pool import ReceiverPool, receiver_count
 from dicom_node.receive.server import Receiver
+from dicom_node.scheduler.ray_engine import RayEngine, RayRunner, describe_cluster, infer_queue
 from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.scheduler.worker import WorkerProcess, WorkerStopped, worker_gpus
@@ -97,7 +98,16 @@ class Node:
                                          on_association=self._on_association)
         else:
             self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
-        self.workers = [WorkerProcess(settings, gpu) for gpu in worker_gpus(settings.workers.infer)]
+        self.ray: RayEngine | None = None
+        self.workers: list[Any]
+        if settings.workers.engine == "ray":
+            # Models run as Ray actors; each runner loads and encodes one job at a time in this process.
+            self.ray = RayEngine(settings, on_placed=lambda job, where: self.pipeline.jobs.note_running(
+                job, where, self.clock()))
+            self.workers = [RayRunner(self.ray, self.spool, settings.outputs)
+                            for _ in range(settings.workers.ray.max_jobs)]
+        else:
+            self.workers = [WorkerProcess(settings, gpu) for gpu in worker_gpus(settings.workers.infer)]
         self.pipeline = Pipeline(settings, self.db, self.spool, self.workers[0], deliver,
                                  on_event=self._on_event)
         self.retention = Retention(self.db, self.spool, settings.storage, on_purged=self._on_purged)
@@ -136,6 +146,15 @@ class Node:
             The DICOM port cannot be opened (or its TLS files loaded); nothing
             else has been started then, and the state directory is released.
         """
+        if self.ray is not None:
+            try:
+                self.ray.connect()
+            except StartupError:
+                self.db.close()
+                self.lock.release()
+                self._stopped.set()
+                raise
+            self.ray.resolve_interrupted(self.pipeline.jobs.in_state(JobState.RUNNING))
         self.pipeline.recover(self.clock())
         # Instances acknowledged before a stop but not yet recorded: recorded first, then the spool reconciled.
         try:
@@ -163,6 +182,8 @@ class Node:
         self.store_handler.series.restart_quiet_periods(self.clock())
         for w in self.workers:
             w.start()
+        if self.ray is not None:
+            self.ray.warm()
         tick = self.settings.completion.tick_seconds
         self.scheduler.add_job(self._tick, "interval", seconds=tick, id="tick", next_run_time=_now_dt())
         for i, w in enumerate(self.workers):
@@ -259,8 +280,12 @@ class Node:
                           bytes=size)
 
     def status_page(self) -> bytes:
+        cluster = None
+        if self.ray is not None:
+            cluster = describe_cluster(self.ray.snapshot(), infer_queue(self.db))
         return render_status(self.db, self.spool, studies=self.settings.http.status_studies,
-                             show_phi=self.settings.http.show_phi, node_title=self.settings.node.ae_title)
+                             show_phi=self.settings.http.show_phi, node_title=self.settings.node.ae_title,
+                             cluster=cluster)
 
     def reload_rules(self) -> bool:
         """SIGHUP: re-read the configuration file and take its rules; other sections need a restart.
@@ -349,6 +374,8 @@ class Node:
                 w.close()  # past the grace period: its job stays 'running', queued again at the next start
             else:
                 w.stop()
+        if self.ray is not None:
+            self.ray.close()
         if self.http is not None:
             self.http.stop()
         self.db.close()
@@ -401,6 +428,8 @@ class Node:
         except ForcedShutdown:
             for w in self.workers:
                 w.close()  # a job it was running stays 'running': queued again at the next start
+            if self.ray is not None:
+                self.ray.close()
             raise
         finally:
             for s, h in previous.items():
@@ -443,9 +472,32 @@ class Node:
         for kind in JobKind:
             self.metrics.queue.labels(kind=kind).set(counts.get((kind, JobState.QUEUED), 0)
                                                      + counts.get((kind, JobState.RETRYING), 0))
+        queue = infer_queue(self.db)
+        self.metrics.infer_queue.clear()
+        for model in self.settings.models:
+            for what in ("waiting", "running"):
+                self.metrics.infer_queue.labels(model=model, state=what).set(queue.get(model, {}).get(what, 0))
+        if self.ray is not None:
+            self._refresh_cluster_gauges()
         by_state = {r["state"]: r["n"] for r in self.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
         for series_state in SeriesState:
             self.metrics.series.labels(state=series_state).set(by_state.get(series_state, 0))
+
+    def _refresh_cluster_gauges(self) -> None:
+        assert self.ray is not None
+        snap = self.ray.snapshot()
+        m = self.metrics
+        for gauge in (m.ray_nodes, m.ray_actors, m.ray_gpu_peak, m.ray_gpu_share):
+            gauge.clear()
+        names = {n["node_id"]: n["hostname"] or n["ip"] for n in snap["nodes"]}
+        for alive in (True, False):
+            m.ray_nodes.labels(alive=str(alive).lower()).set(sum(n["alive"] is alive for n in snap["nodes"]))
+        for model, pool in snap["models"].items():
+            for a in pool["actors"]:
+                node = names.get(a["node_id"], a["node_id"][:12])
+                m.ray_actors.labels(model=model, node=node, busy=str(a["busy"]).lower()).inc()
+                m.ray_gpu_share.labels(model=model, actor=a["name"], node=node).set(a["num_gpus"])
+                m.ray_gpu_peak.labels(model=model, actor=a["name"], node=node).set(a["peak_gpu_bytes"])
 
     def alive(self) -> bool:
         """Liveness for the systemd watchdog: database answers, scheduler ticks."""

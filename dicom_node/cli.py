@@ -250,6 +250,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     dead = jobs.counts().get(("send", "dead"), 0)
     if dead:
         print(f"{dead} dead send job(s); once the cause is fixed: dicom-node jobs retry --dead")
+    if settings.workers.engine == "ray":
+        from dicom_node.scheduler.ray_engine import describe_cluster, infer_queue, read_snapshot
+
+        for line in describe_cluster(read_snapshot(state_paths(settings.storage)[0]), infer_queue(db)):
+            print(line)
     db.close()
     return 0
 

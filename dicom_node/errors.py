@@ -48,3 +48,8 @@ class StartupError(DicomNodeError):
     Example: ``http.port: 127.0.0.1:8080 is in use by another process: stop it or
     choose another http.port``.  The CLI prints it as it is and exits with 2.
     """
+
+
+class JobInterrupted(DicomNodeError):
+    """The machine or process running the job's model was lost mid-job: the job is queued again (bounded)."""
+

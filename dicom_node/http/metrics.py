@@ -37,6 +37,16 @@ class Metrics:
         self.queue = Gauge("dicomnode_queue_depth", "Jobs waiting to run (queued or retrying), by kind", ["kind"],
                            registry=r)
         self.series = Gauge("dicomnode_series", "Series in the state database, by state", ["state"], registry=r)
+        self.infer_queue = Gauge("dicomnode_infer_jobs", "INFER jobs waiting (queued or retrying) or running, by "
+                                 "model", ["model", "state"], registry=r)
+        self.ray_nodes = Gauge("dicomnode_ray_nodes", "Machines of the Ray cluster, alive or dead", ["alive"],
+                               registry=r)
+        self.ray_actors = Gauge("dicomnode_ray_actors", "Ray actors of each model, by machine and busy/idle",
+                                ["model", "node", "busy"], registry=r)
+        self.ray_gpu_peak = Gauge("dicomnode_ray_actor_gpu_peak_bytes", "Peak GPU memory a model's actor used",
+                                  ["model", "actor", "node"], registry=r)
+        self.ray_gpu_share = Gauge("dicomnode_ray_actor_gpus", "GPUs (fraction) a model's actor holds",
+                                   ["model", "actor", "node"], registry=r)
         self.purged = Counter("dicomnode_retention_series_purged", "Finished series removed by retention",
                               ["reason"], registry=r)
         self.purged_bytes = Counter("dicomnode_retention_bytes_freed", "Spool bytes freed by retention", registry=r)

@@ -67,8 +67,8 @@ def _phi(spool: Spool, db: Database, series_uid: str) -> dict[str, str]:
 
 
 def render_status(db: Database, spool: Spool, *, studies: int, show_phi: bool, node_title: str,
-                  now: float | None = None) -> bytes:
-    """The status page as UTF-8 HTML."""
+                  now: float | None = None, cluster: list[str] | None = None) -> bytes:
+    """The status page as UTF-8 HTML (``cluster``: the Ray cluster's lines, with ``workers.engine: ray``)."""
     now = time.time() if now is None else now
     study_rows = db.query(
         "SELECT study_uid, MAX(last_received) AS last FROM series GROUP BY study_uid ORDER BY last DESC LIMIT ?",
@@ -78,6 +78,9 @@ def render_status(db: Database, spool: Spool, *, studies: int, show_phi: bool, n
              f"<h1>{_e(node_title)}: recent work</h1>",
              f'<div class="sub">{len(study_rows)} most recent studies, as of {_e(_t(now))}'
              f'{"" if show_phi else "; patient data hidden (http.show_phi: false)"}</div>']
+    if cluster:
+        parts.append(f'<section class="cluster"><h2>Inference cluster</h2><pre>{_e(chr(10).join(cluster))}</pre>'
+                     "</section>")
     if not study_rows:
         parts.append("<p>No series received yet.</p>")
     for st in study_rows:

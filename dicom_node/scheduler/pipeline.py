@@ -18,7 +18,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.domain import OutputKind
-from dicom_node.errors import DicomNodeError, ImagingError, ModelError
+from dicom_node.errors import DicomNodeError, ImagingError, JobInterrupted, ModelError
 from dicom_node.imaging import SeriesVolume, load_series
 from dicom_node.imaging.channels import stack_channels
 from dicom_node.results.content import result_words
@@ -116,6 +116,7 @@ class InferOutcome:
     model_version: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     out_of_memory: bool = False
+    interrupted: bool = False  # the model's machine or process was lost (Ray): queued again, bounded
 
 
 def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any) -> InferOutcome:
@@ -186,6 +187,8 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), sources, spool, outputs,
                           changes)
         times["encode"] = time.perf_counter() - t2
+    except JobInterrupted as exc:  # the model's machine or process was lost: not the series' fault
+        return InferOutcome(ok=False, error=str(exc), seconds=times, interrupted=True)
     except DicomNodeError as exc:
         return InferOutcome(ok=False, error=str(exc), seconds=times)
     except Exception as exc:  # a model's own bug: fail this job, keep the worker

@@ -183,6 +183,9 @@ class Pipeline:
                                                       "series_uid": o.series_uid} for o in outcome.objects]})
         if not outcome.ok:
             workers = self.settings.workers
+            if outcome.interrupted:  # an actor or its machine was lost: run it again (elsewhere), bounded
+                self.jobs.retry_later(job.id, outcome.error, now, now, max_attempts=self.jobs.max_infer_attempts)
+                return
             if outcome.out_of_memory and workers.gpu_out_of_memory == "retry" \
                     and job.attempts < self.jobs.max_infer_attempts:
                 # The GPU is shared: another model's memory may be free in a while. Counted as an attempt.

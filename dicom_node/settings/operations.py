@@ -35,10 +35,65 @@ class SendSettings(BaseModel):
         return self
 
 
+class RayPoolSettings(BaseModel):
+    """The Ray actors of one model (``workers.ray.pools.NAME``, or ``workers.ray.default_pool``).
+
+    ``num_gpus: auto`` gives a model whose ``device`` is ``cpu`` no GPU and
+    any other model one whole GPU, until an actor of it has measured its
+    peak GPU memory: later actors then ask for the fraction of a GPU that
+    peak (+25 %) needs, in eighths, so several share one GPU by what they
+    were seen to use.  A number is used as given (0.25: four per GPU).
+    """
+
+    model_config = FROZEN
+
+    # Actors started with the node (warm weights); more are started while jobs wait, up to max_actors.
+    min_actors: Annotated[Int, Field(ge=0, le=256)] = 1
+    max_actors: Annotated[Int, Field(ge=1, le=256)] = 2
+    num_gpus: Annotated[Float, Field(ge=0, le=64)] | Literal["auto"] = "auto"
+    num_cpus: Annotated[Float, Field(ge=0, le=256)] = 1.0
+    # Ray's memory reservation of each actor (MiB); 0: none.
+    memory_mb: Annotated[Int, Field(ge=0)] = 0
+    # Custom Ray resources each actor needs (nodes started with `ray start --resources '{"ct": 1}'`).
+    resources: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[Float, Field(gt=0)]] = {}
+    # spread: actors over as many Ray nodes as possible; pack: fill one node first.
+    placement: Literal["spread", "pack"] = "spread"
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RayPoolSettings:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
+        return self
+
+
+class RaySettings(BaseModel):
+    """An existing Ray cluster the models run on (``workers.ray:``, with ``workers.engine: ray``)."""
+
+    model_config = FROZEN
+
+    # The cluster's GCS address, HOST:PORT (what `ray start --head` printed); required with engine: ray.
+    address: Annotated[str, Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")] | None = None
+    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "dicom-node"
+    connect_timeout_s: Seconds = 60.0
+    # From asking for an actor to its model being loaded (placement waits for free resources).
+    actor_start_timeout_s: Seconds = 600.0
+    # Jobs handed to the cluster at once (each is loaded and encoded on this node).
+    max_jobs: Annotated[Int, Field(ge=1, le=1024)] = 8
+    default_pool: RayPoolSettings = RayPoolSettings()
+    pools: dict[Annotated[str, Field(min_length=1, max_length=64)], RayPoolSettings] = {}
+
+    def pool(self, model: str) -> RayPoolSettings:
+        return self.pools.get(model, self.default_pool)
+
+
 class WorkersSettings(BaseModel):
     """Inference worker processes (``workers:``)."""
 
     model_config = FROZEN
+
+    # local: worker processes on this machine (infer: how many); ray: model actors on a Ray cluster (ray:).
+    engine: Literal["local", "ray"] = "local"
+    ray: RaySettings = RaySettings()
 
     # "auto": one worker per visible GPU (one on a machine without GPU).
     infer: Annotated[Int, Field(ge=1, le=64)] | Literal["auto"] = "auto"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from pydantic import BaseModel, model_validator
@@ -50,7 +51,7 @@ class Settings(BaseModel):
 
     def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems between sections, as ``(key path, reason)`` pairs (empty when consistent)."""
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+        problems: list[tuple[tuple[str | int, ...], str]] = _ray_problems(self)
         first_rule: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
             if rule.name in first_rule:
@@ -165,3 +166,22 @@ def _channel_problems(rule: RuleSettings, name: str, model: Any) -> list[str]:
                 f"{model.type} model takes one series; list them as its input channels (channels: "
                 f"[{', '.join(roles)}]) or use a type: python model"]
     return []
+
+
+def _ray_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
+    """``workers.engine: ray`` needs the extra installed and an address; pools name configured models."""
+    ray = settings.workers.ray
+    problems: list[tuple[tuple[str | int, ...], str]] = [
+        (("workers", "ray", "pools", name), f"pool for unknown model {name!r} (models: "
+                                            f"{', '.join(sorted(settings.models)) or 'none defined'})")
+        for name in ray.pools if name not in settings.models]
+    if settings.workers.engine != "ray":
+        return problems
+    if importlib.util.find_spec("ray") is None:
+        problems.append((("workers", "engine"), "engine ray needs Ray, an optional extra that is not installed: "
+                                                ".venv/bin/pip install -c constraints.txt -e '.[ray]' in the clone "
+                                                "(or pip install 'dicom-node[ray]')"))
+    if ray.address is None:
+        problems.append((("workers", "ray", "address"), "engine ray needs the address of the cluster's head "
+                                                        "(HOST:PORT, as `ray start --head` printed it)"))
+    return problems

@@ -161,6 +161,12 @@ class JobStore:
     def complete(self, job_id: int, now: float, *, payload: dict[str, Any] | None = None) -> None:
         self._set(job_id, JobState.DONE, now, "", payload=payload)
 
+    def note_running(self, job_id: int, where: str, now: float) -> None:
+        """Say where a running job runs (its reason: a Ray actor and its machine); no state change."""
+        with self.db.transaction() as c:
+            c.execute("UPDATE jobs SET reason=?, updated_at=? WHERE id=? AND state=?",
+                      (where[:500], now, job_id, JobState.RUNNING))
+
     def fail(self, job_id: int, reason: str, now: float) -> None:
         logger.error("Job %d failed: %s", job_id, reason)
         self._set(job_id, JobState.FAILED, now, reason)
