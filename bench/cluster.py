@@ -125,7 +125,8 @@ def throughput(tmp: Path, code: Path, machines: int, series: int, cost: float) -
             per_node[a["node_id"][:8]] = per_node.get(a["node_id"][:8], 0) + a["jobs"]
         print(f"  {machines} machine(s), {2 * machines} actors: {series} series in {seconds:.2f} s "
               f"({series / seconds:.2f} series/s); jobs per machine {sorted(per_node.values())}; node side "
-              f"(load + encode, in the node's process) {statistics.mean(node_side) * 1000:.0f} ms/job")
+              f"(load + encode, wall time of threads sharing the node's process) "
+              f"{statistics.mean(node_side) * 1000:.0f} ms/job")
         return seconds
     finally:
         engine.close()

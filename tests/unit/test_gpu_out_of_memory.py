@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 
 from dicom_node.domain import JobKind, JobState
@@ -20,9 +19,9 @@ from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
-from dicom_node.store import Database, ReceivedInstance, SeriesStore
+from dicom_node.store import Database
 from inference.registry import ModelRegistry
-from tests.phantoms import write_ct_series
+from tests.spooled import spool_series
 
 MODEL_PY = '''
 from pathlib import Path
@@ -82,30 +81,13 @@ def _settings(tmp: Path, policy: str) -> Settings:
     })
 
 
-def _series(spool: Spool, db: Database, name: str) -> str:
-    import numpy as np
-
-    hu = np.full((4, 16, 16), -100, np.int16)
-    hu[1:3, 4:10, 4:10] = 80
-    files = write_ct_series(hu, (2.0, 1.0, 1.0), spool.incoming / name)
-    store = SeriesStore(db)
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        store.record_instance(ReceivedInstance(
-            study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID), sop_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID), transfer_syntax="1.2.840.10008.1.2.1", modality="CT",
-            path=spool.relative(f), size=f.stat().st_size, sha256=f.name, calling_ae="MOD", called_ae="NODE",
-            source_host="127.0.0.1"), 0)
-    return str(ds.SeriesInstanceUID)
-
-
 @pytest.fixture()
 def node(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
     settings = _settings(tmp_path, request.param)
     spool, db = Spool(tmp_path / "state"), Database(tmp_path / "state.sqlite3")
     runner = InlineRunner(settings, spool)
     pipeline = Pipeline(settings, db, spool, runner, lambda *a, **k: None)
-    return {"pipeline": pipeline, "runner": runner, "series": [_series(spool, db, n) for n in ("a", "b")]}
+    return {"pipeline": pipeline, "runner": runner, "series": [spool_series(spool, db, n) for n in ("a", "b")]}
 
 
 def _job(node: dict[str, Any], model: str, series: int = 0) -> int:
