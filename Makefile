@@ -2,7 +2,7 @@
 #   make run    install into .venv and start the node on the embedded default
 #   make test   install test needs (Debian orthanc, orthanc-dicomweb, dcmtk, dicom3tools, openjph-tools,
 #               chromium, poppler-utils, npm, systemd, util-linux when root; the prebuilt OHIF viewer from
-#               npm), run ruff and mypy, then the whole suite
+#               npm) and the optional Ray extra, run ruff and mypy, then the whole suite
 #   make bench  run the benchmarks under bench/ (one: make bench NAME=receive)
 
 PYTHON ?= python3.11

@@ -364,7 +364,7 @@ class RayEngine:
             pool.release(actor)
             raise exc.cause from None
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError,
-                ray.exceptions.NodeDiedError) as exc:
+                ray.exceptions.NodeDiedError, ray.exceptions.RaySystemError) as exc:
             pool.drop(actor, _cause(exc))
             threading.Thread(target=pool.fill, daemon=True, name=f"ray-refill-{model}").start()
             raise ActorLost(f"model {model}: Ray actor {actor.name} on {actor.where} was lost mid-job "

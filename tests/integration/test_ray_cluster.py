@@ -362,3 +362,45 @@ def test_engine_ray_without_ray_installed_fails_check_config_with_the_install_co
     assert out.returncode == 2, out
     assert "workers.engine" in out.stderr and "pip install -c constraints.txt -e '.[ray]'" in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2, out.stderr
+
+
+def test_a_pool_no_machine_can_place_fails_its_job_saying_what_it_asked_for(cluster: Any, tmp_path: Path) -> None:
+    code, _ = _model_dir(tmp_path)
+    settings = Settings.model_validate({
+        "storage": {"path": str(tmp_path / "state"), "min_free_mb": 10},
+        "workers": {"engine": "ray", "ray": {"address": cluster.address, "actor_start_timeout_s": 3,
+                                             "pools": {"seg": {"min_actors": 0, "num_gpus": 8}}}},
+        "models": {"seg": _model(code)}, "rules": []})
+    spool, db = Spool(tmp_path / "state"), Database(tmp_path / "state.sqlite3")
+    engine = RayEngine(settings)
+    engine.connect()
+    try:
+        pipeline = Pipeline(settings, db, spool, RayRunner(engine, spool, settings.outputs), lambda *a, **k: None)
+        job_id = pipeline.jobs.enqueue(JobKind.INFER, spool_series(spool, db, "s", _phantom(0)), 100.0, model="seg",
+                                       payload={"outputs": ["seg"]})
+        assert pipeline.drain_infer(lambda: 101.0) == 1
+        job = pipeline.jobs.get(job_id)
+        assert job is not None and job.state == JobState.FAILED
+        assert "no Ray machine offered 8 GPU, 1 CPU within 3 s (workers.ray.pools.seg)" in job.reason
+    finally:
+        engine.close()
+        db.close()
+
+
+def test_a_cluster_that_does_not_answer_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        unavailable("ray not installed: make test installs the optional extra .[ray]")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = node_config(tmp_path)
+    config["workers"] = {"engine": "ray", "ray": {"address": f"127.0.0.1:{port}", "connect_timeout_s": 5}}
+    path = tmp_path / "node.yaml"
+    path.write_text(json.dumps(config))
+    out = node_cli("serve", "--config", str(path), timeout=120)
+    assert out.returncode == 2, out
+    lines = [line for line in out.stderr.splitlines() if line.startswith("cannot start")]
+    assert lines == [f"cannot start: workers.ray.address: cannot join the Ray cluster at 127.0.0.1:{port}: "
+                     "no answer within 5 s"], out.stderr
