@@ -404,3 +404,33 @@ def test_a_cluster_that_does_not_answer_stops_the_start_with_one_line(tmp_path: 
     lines = [line for line in out.stderr.splitlines() if line.startswith("cannot start")]
     assert lines == [f"cannot start: workers.ray.address: cannot join the Ray cluster at 127.0.0.1:{port}: "
                      "no answer within 5 s"], out.stderr
+
+
+def test_a_model_with_its_own_interpreter_runs_in_that_interpreter_under_its_actor(cluster: Any,
+                                                                                   tmp_path: Path) -> None:
+    """``environment: PATH``: the actor starts that interpreter's model process, as a local worker does."""
+    code, marks = _model_dir(tmp_path)
+    python = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+    settings = Settings.model_validate({
+        "storage": {"path": str(tmp_path / "state"), "min_free_mb": 10},
+        "workers": {"engine": "ray", "ray": {"address": cluster.address,
+                                             "pools": {"seg": {"min_actors": 1, "max_actors": 1}}}},
+        "models": {"seg": {**_model(code), "environment": str(python)}}, "rules": []})
+    spool, db = Spool(tmp_path / "state"), Database(tmp_path / "state.sqlite3")
+    engine = RayEngine(settings)
+    engine.connect()
+    try:
+        pipeline = Pipeline(settings, db, spool, RayRunner(engine, spool, settings.outputs), lambda *a, **k: None)
+        job_id = pipeline.jobs.enqueue(JobKind.INFER, spool_series(spool, db, "s", _phantom(2)), 100.0,
+                                       model="seg", payload={"outputs": ["seg"]})
+        assert pipeline.drain_infer(lambda: 101.0) == 1
+        job = pipeline.jobs.get(job_id)
+        assert job is not None and job.state == JobState.DONE, job
+        assert any(n.startswith("model ran with") and str(python) in n for n in job.payload["notes"])
+        actor_pid = engine.pools["seg"].actors[0].info["pid"]
+        (model_pid,) = _calls(marks)
+        assert model_pid != actor_pid  # the model ran in the environment's process, the actor's child
+        assert Path(f"/proc/{model_pid}/exe").resolve() == python.resolve()
+    finally:
+        engine.close()
+        db.close()
