@@ -130,8 +130,9 @@ def check_sources(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[Chang
     """
     checked: list[Dataset] = []
     changes: dict[tuple[str, str, str], Change] = {}
+    verdicts: dict[tuple[str, str, str], tuple[object, Change] | None] = {}  # a series repeats its headers
     for source in sources:
-        fixed, found = _check_one(source)
+        fixed, found = _check_one(source, verdicts)
         checked.append(fixed)
         for change in found:
             changes.setdefault((change.keyword, change.reason, change.action), change)
@@ -140,7 +141,8 @@ def check_sources(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[Chang
     return checked, list(changes.values())
 
 
-def _check_one(source: Dataset) -> tuple[Dataset, list[Change]]:
+def _check_one(source: Dataset, verdicts: dict[tuple[str, str, str], tuple[object, Change] | None]
+               ) -> tuple[Dataset, list[Change]]:
     found: list[Change] = []
     replacement: dict[str, object] = {}
     for keyword in copied_keywords(str(source.get("SOPClassUID", ""))):
@@ -149,7 +151,11 @@ def _check_one(source: Dataset) -> tuple[Dataset, list[Change]]:
         element = source[keyword]
         if element.VR in ("SQ", "OB", "OW", "UN") or element.value in (None, ""):
             continue
-        verdict = _verdict(keyword, element.VR, element.value)
+        key = (keyword, element.VR, repr(element.value))
+        if key in verdicts:
+            verdict = verdicts[key]
+        else:
+            verdict = verdicts[key] = _verdict(keyword, element.VR, element.value)
         if verdict is None:
             continue
         value, change = verdict
