@@ -148,7 +148,7 @@ class PythonModel(Model):
         return {**volume.geometry(), "device": self.device}
 
     def predict(self, volume: Volume) -> Prediction:
-        return self._prediction(self.func(volume.array, self._geometry(volume)), volume)
+        return self._prediction(self.func(_writable(volume.array), self._geometry(volume)), volume)
 
     def predict_study(self, volumes: Mapping[str, Volume], primary: str) -> Prediction:
         """Call ``func(arrays, geometries)`` with every role's array and geometry; the primary role first.
@@ -161,7 +161,7 @@ class PythonModel(Model):
         if primary not in volumes:
             raise KeyError(f"primary role {primary!r} is not among the inputs ({', '.join(volumes)})")
         roles = [primary, *(r for r in volumes if r != primary)]
-        out = self.func({r: volumes[r].array for r in roles}, {r: self._geometry(volumes[r]) for r in roles})
+        out = self.func({r: _writable(volumes[r].array) for r in roles}, {r: self._geometry(volumes[r]) for r in roles})
         return self._prediction(out, volumes[primary], f" (the grid of the primary series {primary!r})")
 
     def _prediction(self, out: Any, volume: Volume, grid: str = "") -> Prediction:
@@ -197,6 +197,11 @@ def _device_name(setting: str) -> str:
     except ImportError:  # a model environment without torch
         return "cpu"
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """The array a function may change in place, as on one host (a Ray actor receives a read-only view)."""
+    return array if array.flags.writeable else array.copy()
 
 
 def segment_volumes(labelmap: np.ndarray, card: ModelCard, volume: Volume) -> dict[int, tuple[Measurement, ...]]:

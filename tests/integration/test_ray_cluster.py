@@ -52,6 +52,7 @@ MARKS = Path({marks!r})
 def above_zero(array, geometry):
     """Voxels above 0 HU; each call leaves a file naming its process, then waits the delay file's seconds."""
     (MARKS / f"call-{{os.getpid()}}-{{time.time_ns()}}").write_text(str(os.getpid()))
+    array += 0  # in place, as a function may: the array it gets is writable on a Ray actor too
     delay = MARKS / "delay"
     time.sleep(float(delay.read_text()) if delay.exists() else 0.0)
     return (array > 0).astype(np.uint8)
