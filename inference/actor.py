@@ -68,6 +68,7 @@ class ModelActor:
         self.jobs = 0
         self.peak_gpu_bytes = 0
         self._registry_for = ModelRegistry
+        self.gpus = _ray_gpus()  # torch is imported for GPU memory figures only when Ray gave this actor a GPU
         self.card = self._model(None).card
 
     def _model(self, device: str | None) -> Any:
@@ -84,13 +85,14 @@ class ModelActor:
         import ray
 
         context = ray.get_runtime_context()
-        gpus = [str(g) for g in ray.get_gpu_ids()]
+        gpus = self.gpus
         total = 0
         try:
-            import torch
+            if gpus:
+                import torch
 
-            if gpus and torch.cuda.is_available():
-                total = int(torch.cuda.get_device_properties(0).total_memory)
+                if torch.cuda.is_available():
+                    total = int(torch.cuda.get_device_properties(0).total_memory)
         except Exception:  # noqa: BLE001 - a report, never a failure
             total = 0
         return {"node_id": context.get_node_id(), "actor_id": context.get_actor_id(),
@@ -115,7 +117,7 @@ class ModelActor:
 
     def _run(self, call: Any, device: str | None) -> tuple[Prediction, dict[str, float]]:
         t0 = time.perf_counter()
-        gpu = _reset_peak()
+        gpu = bool(self.gpus) and _reset_peak()
         try:
             prediction = call(self._model(device))
         finally:
@@ -127,6 +129,15 @@ class ModelActor:
     def close(self) -> None:
         for registry in self.registries.values():
             registry.close()
+
+
+def _ray_gpus() -> list[str]:
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside a Ray worker (a test calling the class directly)
+        return []
 
 
 def _reset_peak() -> bool:
