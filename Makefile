@@ -55,7 +55,7 @@ $(OHIF)/dist/index.html:
 ohif: $(OHIF)/dist/index.html
 
 test: $(STAMP) $(RAY) system-deps ohif lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 # Static checks, part of make test: ruff (a small rule set, pyproject.toml) and mypy (disallow_untyped_defs).
 lint: $(STAMP) $(RAY)
