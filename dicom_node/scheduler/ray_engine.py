@@ -266,6 +266,11 @@ class RayEngine:
                 logger.warning("Job %d was running on Ray actor %s when the node stopped; the actor ended with "
                                "it; the job is queued again", job.id, name)
                 continue
+            except Exception as exc:  # noqa: BLE001 - e.g. its class went with the driver that defined it
+                logger.warning("Job %d was running on Ray actor %s when the node stopped; the actor cannot be "
+                               "reached (%s: %s); Ray ends it with its owner; the job is queued again", job.id, name,
+                               type(exc).__name__, exc)
+                continue
             self._ray.kill(handle, no_restart=True)
             logger.warning("Job %d was running on Ray actor %s when the node stopped; actor killed; the job is "
                            "queued again", job.id, name)

@@ -94,13 +94,17 @@ def test_metrics_status_page_audit_readiness_and_reload(tmp_path: Path, node_fac
     accepted = _metric(node, "dicomnode_associations_total", outcome="accepted")
     sent = storescu(node.port, files, aec="DICOMNODE")
     assert sent.returncode == 0, sent.stderr
-    assert _metric(node, "dicomnode_instances_received_total", outcome="new") == before + len(files)
-    assert _metric(node, "dicomnode_associations_total", outcome="accepted") == accepted + 1
+    # Receivers are separate processes: their counts reach the main process's metrics a moment later.
+    wait_until(lambda: _metric(node, "dicomnode_instances_received_total", outcome="new") == before + len(files),
+               30, "every instance counted")
+    wait_until(lambda: _metric(node, "dicomnode_associations_total", outcome="accepted") == accepted + 1,
+               30, "the association counted")
     assert _metric(node, "dicomnode_bytes_received_total") >= sum(f.stat().st_size for f in files) * 0.9
 
     refused = storescu(node.port, files[:1], aec="SOMEONE-ELSE")
     assert refused.returncode != 0
-    assert _metric(node, "dicomnode_associations_total", outcome="refused") == 1
+    wait_until(lambda: _metric(node, "dicomnode_associations_total", outcome="refused") == 1, 30,
+               "the refused association counted")
 
     wait_until(lambda: (_series(node, series_uid) or {}).get("state") == "done", 240, "the series to be done")
     samples = _samples(node)
