@@ -370,4 +370,9 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        for assoc in self.ae.active_associations:
+            # A connection that never sent its A-ASSOCIATE-RQ (a port probe, a load balancer's check): there is
+            # no association to abort (A-ABORT is not a valid event before it); closing the transport ends it.
+            if assoc.dul.state_machine.current_state == "Sta2" and assoc.dul.socket is not None:
+                assoc.dul.socket.close()
         self.ae.shutdown()
