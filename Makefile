@@ -54,8 +54,12 @@ $(OHIF)/dist/index.html:
 
 ohif: $(OHIF)/dist/index.html
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time: a module's
+# fixtures (a Ray cluster, nnU-Net's environment) are built once. Most tests wait on other processes
+# (a node, Orthanc, storescu) on one core; two of them use a 2-core machine.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(RAY) system-deps ohif lint
-	$(BIN)/python -m pytest --durations=20
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # Static checks, part of make test: ruff (a small rule set, pyproject.toml) and mypy (disallow_untyped_defs).
 lint: $(STAMP) $(RAY)
