@@ -64,12 +64,12 @@ from inference.models.lungs_ct_card import (
     LungsCTParameters,
 )
 from inference.models.morphology import (
-    bbox,
     block_mean,
     disk,
     fill_holes_per_slice,
     largest_component,
-    upsample,
+    upsample_box,
+    upsampled_box,
 )
 from inference.types import (
     SCT_MEAN,
@@ -188,6 +188,7 @@ class LungsCT(Model):
         coarse_ml = voxel_ml * float(np.prod(grid.factors))
 
         coarse_labels, airway = self._coarse_lungs(coarse, grid, coarse_ml)
+        del coarse
         labelmap_work = np.zeros(work.shape, dtype=np.uint8)
         if coarse_labels is not None:
             self._refine(work, coarse_labels, airway, grid, labelmap_work)
@@ -209,6 +210,7 @@ class LungsCT(Model):
                     UCUM_PERCENT,
                 ),
             )
+            del mask, values  # one lung's mask at a time (each is the size of the label map)
             logger.debug(
                 "lungs-ct: label %d volume %.1f ml, mean %.1f HU, LAA-950 %.2f %%",
                 label,
@@ -448,16 +450,20 @@ class LungsCT(Model):
         for label in (RIGHT_LUNG, LEFT_LUNG):
             ring = ndimage.binary_dilation(coarse_labels == label) & free & (grown == 0)
             grown[ring] = label
-        upsampled = upsample(grown, grid.factors, work.shape)
         pixel = float(min(np.linalg.norm(grid.steps[1]), np.linalg.norm(grid.steps[2])))
         radius = max(1, int(round(p.closing_mm / pixel)))
         closed: dict[int, tuple[tuple[slice, ...], np.ndarray]] = {}
+        # Each lung is upsampled within its own box only: no full-resolution copy of the label map (the
+        # peak memory of a 300 x 512x512 CT was the volume plus three of them).
+        boxes = ndimage.find_objects(grown)
         for label in (RIGHT_LUNG, LEFT_LUNG):
-            selected = upsampled == label
-            if not selected.any():
+            coarse_box = boxes[label - 1] if len(boxes) >= label else None
+            if coarse_box is None:
                 continue
-            box = bbox(selected, radius + 1, work.shape)
-            lung = selected[box] & (work[box] < p.air_threshold_hu)
+            box = upsampled_box(coarse_box, grid.factors, work.shape, radius + 1)
+            selected = upsample_box(grown, grid.factors, box) == label
+            lung = selected & (work[box] < p.air_threshold_hu)
+            del selected
             labelmap[box][lung] = label
             shut = ndimage.binary_closing(lung, structure=disk(radius))
             closed[label] = (box, fill_holes_per_slice(shut | lung))

@@ -22,13 +22,23 @@ def block_mean(arr: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 
-def upsample(labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a coarse label map to ``shape``."""
-    out = labels
-    for axis, f in enumerate(factors):
-        if f > 1:
-            out = np.repeat(out, f, axis=axis)
-    return out[: shape[0], : shape[1], : shape[2]]
+def upsampled_box(coarse_box: tuple[slice, ...], factors: tuple[int, int, int], shape: tuple[int, ...],
+                  margin: int) -> tuple[slice, ...]:
+    """The full-resolution box of a coarse box (each coarse voxel = ``factors`` voxels, clipped to ``shape``),
+    grown by ``margin`` in-plane."""
+    out = []
+    for axis, (sl, f) in enumerate(zip(coarse_box, factors)):
+        start, stop = sl.start * f, min(sl.stop * f, shape[axis])
+        if axis:
+            start, stop = max(start - margin, 0), min(stop + margin, shape[axis])
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def upsample_box(labels: np.ndarray, factors: tuple[int, int, int], box: tuple[slice, ...]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a coarse label map, only the full-resolution ``box`` of it."""
+    index = [np.arange(sl.start, sl.stop) // f for sl, f in zip(box, factors)]
+    return labels[np.ix_(*index)]
 
 
 def inplane_cross() -> np.ndarray:
@@ -63,15 +73,3 @@ def disk(radius: int) -> np.ndarray:
     """In-plane disk structuring element shaped ``(1, 2r+1, 2r+1)``."""
     r = np.arange(-radius, radius + 1)
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2)[None, :, :]
-
-
-def bbox(mask: np.ndarray, margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """Bounding box of ``mask`` grown by ``margin`` voxels in-plane (clipped to ``shape``)."""
-    found = ndimage.find_objects(mask.astype(np.uint8))
-    if not found or found[0] is None:
-        return tuple(slice(0, n) for n in shape)
-    sl = found[0]
-    out = [slice(sl[0].start, sl[0].stop)]
-    for axis in (1, 2):
-        out.append(slice(max(sl[axis].start - margin, 0), min(sl[axis].stop + margin, shape[axis])))
-    return tuple(out)
