@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from dicom_node.logs import configure_logging
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer, warm_up
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from inference.registry import ModelRegistry
@@ -61,6 +61,10 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
                              state_dir=settings.storage.resolved_path())
     spool = Spool(settings.storage.resolved_path())
     conn.send(("ready", None))
+    try:
+        logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs))
+    except Exception:  # a defect of the results path; the first job will show it too: serve on
+        logger.exception("Worker warm-up failed (the first job pays the one-time costs instead)")
     while True:
         try:
             task = conn.recv()
