@@ -240,6 +240,22 @@ def _files(folder: Path) -> list[Path]:
     return [f for f in folder.iterdir() if f.is_file()]
 
 
+def _complete_reports(folder: Path) -> list[pydicom.Dataset]:
+    """The SR documents storescp has finished writing: it writes each file while the C-STORE arrives, so a file that
+    exists may still be only its meta header."""
+    reports = []
+    for f in _files(folder):
+        try:
+            ds = pydicom.dcmread(f)
+            for _ in ds.iterall():  # parses every nested item: a truncated sequence raises here
+                pass
+        except Exception:  # a file still being written
+            continue
+        if "ContentSequence" in ds:
+            reports.append(ds)
+    return reports
+
+
 def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: Any) -> None:
     """Three synthetic nodules found by a detection model: each drawn on its slice, within 2 mm of the truth, and
     its box a segment of the boxes' SEG; a classification's report opens without error and its probability is
@@ -283,7 +299,7 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
             wait_until(lambda: len([s for s in orthanc.series_of_study(study)
                                     if s["MainDicomTags"].get("Modality") in ("SR", "SEG")]) == 3, 300,
                        "both reports and the boxes' SEG in Orthanc")
-            wait_until(lambda: len(_files(received)) == 2, 60, "both reports at the registry")
+            wait_until(lambda: len(_complete_reports(received)) == 2, 60, "both reports at the registry, whole")
         except BaseException:
             orthanc.stop()
             raise
@@ -293,7 +309,7 @@ def test_detections_and_a_classification_in_ohif(tmp_path: Path, node_factory: A
     server = ViewerServer(require_viewer()[0], orthanc.http_port)
     try:
         # The registry's reports are the measurements form: the class's probability is a number in its group.
-        forms = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in _files(received))}
+        forms = {str(ds.SOPInstanceUID): ds for ds in _complete_reports(received)}
         measured = [hd.sr.Comprehensive3DSR.from_dataset(ds) for ds in forms.values()]
         groups = [g for r in measured for g in r.content.get_image_measurement_groups()]
         (verdict,) = [g for g in groups if str(g.tracking_identifier) == "Nodule present"]
