@@ -125,10 +125,12 @@ def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
         last = conn.execute("SELECT MAX(received_at) FROM instances WHERE series_uid=?", (series_uid,)).fetchone()[0]
         s = conn.execute("SELECT completed_at FROM series WHERE series_uid=?", (series_uid,)).fetchone()
         jobs = [dict(j) for j in conn.execute("SELECT * FROM jobs WHERE series_uid=? ORDER BY id", (series_uid,))]
+        instance_count = conn.execute("SELECT COUNT(*) FROM instances WHERE series_uid=?", (series_uid,)).fetchone()[0]
     infer = next(j for j in jobs if j["kind"] == "infer")
     send_done = max(j["updated_at"] for j in jobs if j["kind"] == "send")
     send_created = min(j["created_at"] for j in jobs if j["kind"] == "send")
-    seconds: dict[str, float] = json.loads(infer["payload"]).get("seconds", {})
+    payload = json.loads(infer["payload"])
+    seconds: dict[str, float] = payload.get("seconds", {})
     infer_wall = infer["updated_at"] - infer["created_at"]
     return {
         "total_s": send_done - last,
@@ -141,6 +143,8 @@ def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
         "infer_other_s": infer_wall - sum(seconds.values()),
         "queue_to_send_s": send_created - infer["updated_at"],
         "send_s": send_done - send_created,
+        "prefetched": payload.get("prefetched", 0),
+        "instances": instance_count,
     }
 
 
@@ -170,7 +174,8 @@ def _print_row(row: dict[str, Any]) -> None:
         print(f"node overhead (last instance -> SEG+SR stored, minus quiet period and model): "
               f"{row['overhead_s']:.2f} s  (target < 0.5 s)")
     print(f"  total {row['total_s']:.2f} s = completion lag {row['completion_lag_s']:.2f} s (beyond quiet) "
-          f"+ INFER {row['infer_wall_s']:.2f} s [load {row['load_s']:.2f}, model {row['model_s']:.2f}, "
+          f"+ INFER {row['infer_wall_s']:.2f} s [load {row['load_s']:.2f} ({row['prefetched']} of "
+          f"{row['instances']} instances read ahead), model {row['model_s']:.2f}, "
           f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}] "
           f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)")
     print(f"  reference: storescu CT -> node {row['storescu_intake_s']:.2f} s; "

@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +54,9 @@ from dicom_node.systemd_notify import sd_notify, watchdog_interval
 from dicom_node.tcp import listen_error
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between read-ahead hints to idle workers while series arrive (workers.prefetch_mb).
+_PREFETCH_INTERVAL_S = 0.5
 
 
 class ForcedShutdown(Exception):
@@ -189,6 +193,8 @@ class Node:
         for i, w in enumerate(self.workers):
             self.scheduler.add_job(self._drain_infer, "interval", seconds=1, id=f"infer-{i}", args=[w])
         self.scheduler.add_job(self._drain_send, "interval", seconds=1, id="send")
+        if self.ray is None and self.settings.workers.prefetch_mb > 0:
+            self.scheduler.add_job(self._prefetch, "interval", seconds=_PREFETCH_INTERVAL_S, id="prefetch")
         self.scheduler.add_job(self._check_destinations, "interval", seconds=self.settings.send.health_check_s,
                                id="destination-health")
         self.scheduler.add_job(self._retention, "interval", seconds=self.settings.storage.cleanup_interval_s,
@@ -239,6 +245,16 @@ class Node:
             logger.warning("%s", exc)
         except Exception:
             logger.exception("INFER loop failed; will try again")
+
+    def _prefetch(self) -> None:
+        """Tell idle workers which instances of receiving series to read ahead (each series to one worker)."""
+        if self._stopping.is_set():
+            return
+        try:
+            for series_uid, paths in self.pipeline.receiving():
+                self.workers[zlib.crc32(series_uid.encode()) % len(self.workers)].prefetch(series_uid, paths)
+        except Exception:
+            logger.exception("Read-ahead hint failed; will try again")
 
     def _retention(self) -> None:
         if self._stopping.is_set():

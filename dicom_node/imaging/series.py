@@ -18,6 +18,7 @@ from pydicom.uid import UID
 from dicom_node.errors import ImagingError
 from dicom_node.imaging.frames import Frame, floats, multiframe_frames, require_same_matrix, single_frame
 from dicom_node.imaging.grid import arrange
+from dicom_node.imaging.prefetch import Prefetch
 from inference.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,17 @@ class SeriesVolume:
 
 
 
-def load_series(paths: Sequence[Path]) -> SeriesVolume:
+def load_series(paths: Sequence[Path], prefetch: Prefetch | None = None) -> SeriesVolume:
     """Read the files of one series and build its volume.
 
     Parameters
     ----------
     paths:
         DICOM Part 10 files (with file meta) of one series, in any order.
+    prefetch:
+        Instances already read and decoded while the series arrived (see
+        :mod:`dicom_node.imaging.prefetch`): their datasets and slices are
+        taken from there, the rest read here; every check below runs alike.
 
     Returns
     -------
@@ -83,7 +88,9 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     """
     if not paths:
         raise ImagingError("no files given: a volume needs at least one image")
-    datasets = [_read(path, index, len(paths)) for index, path in enumerate(paths)]
+    datasets = [(prefetch.dataset(path) if prefetch is not None else None) or _read(path, index, len(paths))
+                for index, path in enumerate(paths)]
+    path_of = {id(ds): path for ds, path in zip(datasets, paths)}
     for index, ds in enumerate(datasets):
         _require_image(ds, index, len(datasets))
     _require_one_series(datasets)
@@ -108,7 +115,12 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     grid = arrange(frames, unit)
     notes.extend(grid.notes)
     ordered = grid.frames
-    array = _pixels(datasets, ordered)
+    planes: Sequence[np.ndarray | None] = ()
+    array: np.ndarray | None = None
+    if prefetch is not None and not multi:
+        array, planes = prefetch.volume([(path_of[id(datasets[f.source])], datasets[f.source]) for f in ordered])
+    if array is None:
+        array = _pixels(datasets, ordered, planes)
 
     if multi:
         sources: tuple[Dataset, ...] = (datasets[0],)
@@ -234,15 +246,24 @@ def is_multiframe(ds: Dataset) -> bool:
 # --------------------------------------------------------------------------- pixels
 
 
-def _pixels(datasets: Sequence[Dataset], ordered: Sequence[Frame]) -> np.ndarray:
+def _pixels(datasets: Sequence[Dataset], ordered: Sequence[Frame],
+            decoded: Sequence[np.ndarray | None] = ()) -> np.ndarray:
     """Decode and rescale every frame into a ``float32`` ``(z, y, x)`` array.
 
     The volume is allocated once and filled slice by slice: no list of slices
-    to stack (which would hold the volume twice at its peak).
+    to stack (which would hold the volume twice at its peak).  ``decoded``:
+    slices already in modality units (prefetched), by ``z``; ``None`` where
+    a slice is decoded here.
     """
     multiframe: dict[int, np.ndarray] = {}
     out: np.ndarray | None = None
     for z, frame in enumerate(ordered):
+        ready = decoded[z] if z < len(decoded) else None
+        if ready is not None:
+            if out is None:
+                out = np.empty((len(ordered), *ready.shape), dtype=np.float32)
+            out[z] = ready
+            continue
         if frame.frame == 0:
             plane = _decode(datasets[frame.source])[0]
         else:
@@ -268,6 +289,24 @@ def _rescale_into(plane: np.ndarray, rescale: Dataset, out: np.ndarray) -> None:
         out[...] = scaled
     else:
         out[...] = apply_modality_lut(plane, rescale)
+
+
+def decode_plane(ds: Dataset) -> np.ndarray | None:
+    """A single-frame grey-scale image's slice in modality units (``float32``), as a series load makes it.
+
+    ``None`` for anything else (multi-frame, colour, not an image, undecodable): the load decides about it.
+    """
+    if is_multiframe(ds) or int(ds.get("SamplesPerPixel", 1)) != 1 or "PixelData" not in ds:
+        return None
+    if str(ds.get("SOPClassUID", "")) in NOT_SOURCE_SOP_CLASSES:
+        return None
+    try:
+        plane = _decode(ds)[0]
+        out = np.empty(plane.shape, np.float32)
+        _rescale_into(plane, ds, out)
+    except Exception:  # noqa: BLE001 - the job's own load reports it with its position in the series
+        return None
+    return out
 
 
 _NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})

@@ -21,6 +21,7 @@ from dicom_node.domain import OutputKind
 from dicom_node.errors import DicomNodeError, ImagingError, JobInterrupted, ModelError
 from dicom_node.imaging import SeriesVolume, load_series
 from dicom_node.imaging.channels import stack_channels
+from dicom_node.imaging.prefetch import Prefetch
 from dicom_node.results.content import result_words
 from dicom_node.results.header_check import Change, check_sources, record_changes
 from dicom_node.results.identity import derive_identity
@@ -117,9 +118,11 @@ class InferOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     out_of_memory: bool = False
     interrupted: bool = False  # the model's machine or process was lost (Ray): queued again, bounded
+    prefetched: int = 0  # instances whose dataset (and slice) were read while the series arrived
 
 
-def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any) -> InferOutcome:
+def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any,
+              prefetch: Prefetch | None = None) -> InferOutcome:
     """Run one model on one series (or the series of a study rule) and write its result objects to the spool.
 
     For a study rule (``task.inputs``), every input is loaded and the model's
@@ -130,6 +133,9 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     ----------
     outputs:
         The ``outputs:`` settings (``uid_root``, ``seg``/``sr`` series number and description).
+    prefetch:
+        The worker's instances read and decoded while their series arrived;
+        the job takes its series' from there and drops the rest of them.
 
     Returns
     -------
@@ -140,14 +146,16 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     t0 = time.perf_counter()
     times: dict[str, float] = {}
     notes: list[str] = []
+    prefetched = 0
     try:
         if task.inputs:
-            loaded = _load_inputs(task, spool)
+            loaded = _load_inputs(task, spool, prefetch)
             sv = loaded[task.channels[0] if task.channels else task.inputs[0][0]]
             notes = [f"{role}: {note}" for role, one in loaded.items() for note in one.notes]
         else:
-            sv = load_series([spool.absolute(p) for p in task.paths])
+            sv = load_series([spool.absolute(p) for p in task.paths], prefetch)
             notes = list(sv.notes)
+        prefetched = _release(prefetch, task, spool)  # a copied-out buffer must not outlive the load
         if not {OutputKind.SC, OutputKind.PDF} & set(task.outputs):  # overlay and PDF key images redraw them
             for ds in sv.sources:
                 for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
@@ -188,10 +196,13 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
                           changes)
         times["encode"] = time.perf_counter() - t2
     except JobInterrupted as exc:  # the model's machine or process was lost: not the series' fault
+        _release(prefetch, task, spool)
         return InferOutcome(ok=False, error=str(exc), seconds=times, interrupted=True)
     except DicomNodeError as exc:
+        _release(prefetch, task, spool)
         return InferOutcome(ok=False, error=str(exc), seconds=times)
     except Exception as exc:  # a model's own bug: fail this job, keep the worker
+        _release(prefetch, task, spool)
         if _out_of_memory(exc):
             _release_gpu_memory()
             logger.error("Job %d: model %s ran out of GPU memory", task.job_id, task.model)
@@ -202,10 +213,17 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         return InferOutcome(ok=False, error=f"model {task.model} raised {type(exc).__name__}: {exc}"[:500],
                             seconds=times)
     return InferOutcome(ok=True, objects=objects, findings=list(prediction.findings), notes=notes,
-                        model_version=prediction.card.version, seconds=times)
+                        model_version=prediction.card.version, seconds=times, prefetched=prefetched)
 
 
-def _load_inputs(task: InferTask, spool: Spool) -> dict[str, SeriesVolume]:
+def _release(prefetch: Prefetch | None, task: InferTask, spool: Spool) -> int:
+    """Drop what the worker read ahead of the job's series; returns how many of the job's instances it held."""
+    if prefetch is None:
+        return 0
+    return prefetch.taken([spool.absolute(p) for _, paths in task.inputs or (("", task.paths),) for p in paths])
+
+
+def _load_inputs(task: InferTask, spool: Spool, prefetch: Prefetch | None = None) -> dict[str, SeriesVolume]:
     """Load every series of a study rule's job, by role (primary first).
 
     Raises
@@ -226,7 +244,7 @@ def _load_inputs(task: InferTask, spool: Spool) -> dict[str, SeriesVolume]:
             raise ModelError(f"study rule {task.rule!r}: input {role!r} has no instances in the spool "
                              "(removed by retention?); re-send the series")
         try:
-            loaded[role] = load_series([spool.absolute(p) for p in paths])
+            loaded[role] = load_series([spool.absolute(p) for p in paths], prefetch)
         except ImagingError as exc:
             raise ImagingError(f"input {role!r}: {exc}") from exc
     return loaded

@@ -82,6 +82,11 @@ class Pipeline:
         self.studies.tick(now)
         return completed
 
+    def receiving(self) -> list[tuple[str, list[str]]]:
+        """``(series UID, instance paths in arrival order)`` of every series still receiving (for read-ahead)."""
+        return [(row["series_uid"], self.series.instance_paths(row["series_uid"]))
+                for row in self.series.in_state(SeriesState.RECEIVING)]
+
     def summary(self, row: dict[str, Any]) -> SeriesSummary:
         """What the rules see of a series row: its first instance's attributes and derived facts.
 
@@ -204,7 +209,8 @@ class Pipeline:
         files = [o.path for o in outcome.objects]
         findings = "; ".join(outcome.findings)
         result = {**job.payload, "files": files, "findings": outcome.findings, "notes": outcome.notes,
-                  "model_version": outcome.model_version, "seconds": outcome.seconds}
+                  "model_version": outcome.model_version, "seconds": outcome.seconds,
+                  "prefetched": outcome.prefetched}
         # SEND jobs first, then DONE: a crash in between re-runs the model, never loses a send.
         produced = [(o.kind, o.path) for o in outcome.objects]
         for dest in job.payload.get("destinations", []):

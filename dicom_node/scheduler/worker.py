@@ -5,6 +5,11 @@ past its timeout, or kills its process (segfault, CUDA abort, OOM killer),
 is handled here: the job fails with the reason, a fresh worker is started,
 and the node never stops receiving.  Models stay loaded (warm) in the
 worker between jobs.
+
+A worker with no job reads and decodes the instances of receiving series it
+is told about (:class:`PrefetchHint`, see :mod:`dicom_node.imaging.prefetch`),
+one instance at a time between looks at its pipe, so a job that arrives
+waits for at most one instance's read.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from dicom_node.imaging.prefetch import Prefetch
 from dicom_node.logs import configure_logging
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer, warm_up
 from dicom_node.settings import Settings
@@ -23,6 +30,18 @@ from dicom_node.spool import Spool
 from inference.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
+
+
+#: Seconds an idle worker waits on its pipe before it drops expired read-ahead series.
+_IDLE_CHECK_S = 30.0
+
+
+@dataclass(frozen=True)
+class PrefetchHint:
+    """A receiving series' instances so far (spool-relative paths, arrival order), sent to an idle worker."""
+
+    series_uid: str
+    paths: tuple[str, ...]
 
 
 class WorkerStopped(Exception):
@@ -60,6 +79,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
     registry = ModelRegistry(settings.models, max_warm=settings.workers.max_warm_models,
                              state_dir=settings.storage.resolved_path())
     spool = Spool(settings.storage.resolved_path())
+    prefetch = Prefetch(settings.workers.prefetch_mb * 2**20)
     conn.send(("ready", None))
     try:
         logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs))
@@ -67,13 +87,21 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
         logger.exception("Worker warm-up failed (the first job pays the one-time costs instead)")
     while True:
         try:
+            if prefetch.busy and not conn.poll(0) and prefetch.step():
+                continue  # one instance read ahead; look at the pipe again
+            if not conn.poll(_IDLE_CHECK_S):
+                prefetch.expire()
+                continue
             task = conn.recv()
         except (EOFError, OSError):
             return
         if task is None:
             registry.close()
             return
-        outcome = run_infer(task, registry, spool, settings.outputs)
+        if isinstance(task, PrefetchHint):
+            prefetch.hint(task.series_uid, [str(spool.absolute(p)) for p in task.paths])
+            continue
+        outcome = run_infer(task, registry, spool, settings.outputs, prefetch)
         conn.send(("done", outcome))
 
 
@@ -94,6 +122,7 @@ class WorkerProcess:
         self._proc: Any = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        self._hinted: dict[str, int] = {}  # series UID -> instance count last told to this process
 
     def start(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -103,6 +132,7 @@ class WorkerProcess:
         self._proc.start()
         child.close()
         self._conn = parent
+        self._hinted = {}
         logger.info("Worker process %d started%s", self._proc.pid,
                     f" on GPU {self.gpu}" if self.gpu is not None else " (CPU)")
 
@@ -146,6 +176,29 @@ class WorkerProcess:
                 self._restart(f"worker died (exit code {code})")
                 return InferOutcome(ok=False, error=f"worker process died during model {task.model} "
                                                     f"(exit code {code}); worker restarted")
+
+    def prefetch(self, series_uid: str, paths: list[str]) -> bool:
+        """Tell the worker, if it is idle, about a receiving series' instances so far; never waits for a job.
+
+        Returns whether the worker now knows them (told now or before); ``False``
+        while it runs a job (it is told at the next call after that).
+        """
+        if self._hinted.get(series_uid) == len(paths):
+            return True
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed or not self.alive or self._conn is None:
+                return False
+            self._conn.send(PrefetchHint(series_uid, tuple(paths)))
+            if len(self._hinted) >= 1024:
+                self._hinted.clear()
+            self._hinted[series_uid] = len(paths)
+            return True
+        except (OSError, BrokenPipeError):
+            return False
+        finally:
+            self._lock.release()
 
     def _restart(self, why: str) -> None:
         logger.error("Worker process: %s; starting a new one", why)
