@@ -55,7 +55,7 @@ from dicom_node.tcp import listen_error
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between read-ahead hints to idle workers while series arrive (workers.prefetch_mb).
+#: Seconds between read-ahead passes while series arrive (headers here, pixels in idle workers: prefetch_mb).
 _PREFETCH_INTERVAL_S = 0.5
 
 
@@ -193,8 +193,7 @@ class Node:
         for i, w in enumerate(self.workers):
             self.scheduler.add_job(self._drain_infer, "interval", seconds=1, id=f"infer-{i}", args=[w])
         self.scheduler.add_job(self._drain_send, "interval", seconds=1, id="send")
-        if self.ray is None and self.settings.workers.prefetch_mb > 0:
-            self.scheduler.add_job(self._prefetch, "interval", seconds=_PREFETCH_INTERVAL_S, id="prefetch")
+        self.scheduler.add_job(self._prefetch, "interval", seconds=_PREFETCH_INTERVAL_S, id="prefetch")
         self.scheduler.add_job(self._check_destinations, "interval", seconds=self.settings.send.health_check_s,
                                id="destination-health")
         self.scheduler.add_job(self._retention, "interval", seconds=self.settings.storage.cleanup_interval_s,
@@ -247,12 +246,18 @@ class Node:
             logger.exception("INFER loop failed; will try again")
 
     def _prefetch(self) -> None:
-        """Tell idle workers which instances of receiving series to read ahead (each series to one worker)."""
+        """Read ahead while series arrive: their headers' geometry here, their pixels in an idle worker.
+
+        Each series is read ahead by one worker (by its UID); not with Ray,
+        whose runners load each series in this process at the job's start.
+        """
         if self._stopping.is_set():
             return
+        hint = self.ray is None and self.settings.workers.prefetch_mb > 0
         try:
             for series_uid, paths in self.pipeline.receiving():
-                self.workers[zlib.crc32(series_uid.encode()) % len(self.workers)].prefetch(series_uid, paths)
+                if hint:
+                    self.workers[zlib.crc32(series_uid.encode()) % len(self.workers)].prefetch(series_uid, paths)
         except Exception:
             logger.exception("Read-ahead hint failed; will try again")
 

@@ -16,6 +16,8 @@ import datetime
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,7 +286,45 @@ def series_facts(instances: Sequence[InstanceGeometry]) -> dict[str, Any]:
     return facts
 
 
-def read_series(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+class GeometryCache:
+    """:class:`InstanceGeometry` of files read before (while their series arrived), by path.
+
+    A file changed since (inode, size or modification time) is read again.
+    Holds at most ``limit`` files, the least recently read dropped first;
+    safe to use from several threads.
+    """
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[str, tuple[tuple[int, int, int], InstanceGeometry]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> InstanceGeometry | None:
+        """The geometry of ``path`` (read now if unknown or changed); ``None`` when it cannot be read."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            known = self._entries.get(str(path))
+        if known is not None and known[0] == key:
+            return known[1]
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not hide the series' facts
+            logger.debug("File %s skipped for derived facts: %s: %s", path, type(exc).__name__, exc)
+            return None
+        geometry = instance_geometry(ds)
+        with self._lock:
+            self._entries[str(path)] = (key, geometry)
+            self._entries.move_to_end(str(path))
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+        return geometry
+
+
+def read_series(paths: Sequence[Path], known: GeometryCache | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Attributes of the first file and derived facts of all files of one series.
 
     Parameters
@@ -292,6 +332,9 @@ def read_series(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     paths:
         The series' files; the first is read whole (without pixel data), the
         others only for the elements the derived facts need.
+    known:
+        Geometry of files read before (the node reads it while a series
+        arrives, so its completion does not wait for a pass over every file).
 
     Returns
     -------
@@ -307,13 +350,11 @@ def read_series(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
     geometry = [instance_geometry(first)]
+    cache = known if known is not None else GeometryCache(limit=len(paths))
     for path in paths[1:]:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
-        except Exception as exc:  # noqa: BLE001 - one unreadable file must not hide the series' facts
-            logger.debug("File %s skipped for derived facts: %s: %s", path, type(exc).__name__, exc)
-            continue
-        geometry.append(instance_geometry(ds))
+        one = cache.get(path)
+        if one is not None:
+            geometry.append(one)
     return attributes_from_dataset(first), series_facts(geometry)
 
 

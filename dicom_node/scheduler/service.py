@@ -20,7 +20,7 @@ from dicom_node.domain import JobKind, OutputKind, SeriesState, SeriesSummary
 from dicom_node.errors import SendError
 from dicom_node.results.routing import SEG_SOP_CLASSES, Route, files_for, plan_outputs
 from dicom_node.rules.matcher import match, study_roles
-from dicom_node.rules.summary import never_process_reason, read_series
+from dicom_node.rules.summary import GeometryCache, never_process_reason, read_series
 from dicom_node.scheduler.completion import SeriesCompletion
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, study_inputs
 from dicom_node.scheduler.study import WAITING, StudyRules
@@ -69,6 +69,7 @@ class Pipeline:
         self.completion = SeriesCompletion(lambda: self.settings, self.series, self.summary)
         self.studies = StudyRules(lambda: self.settings, db, self.series, self.jobs, self.summary, self._queue_rule)
         self._summaries: dict[tuple[str, int, float], SeriesSummary] = {}
+        self._geometry = GeometryCache()  # instances' geometry, read while their series arrive
 
     # -- completion and rules ----------------------------------------------
     def tick(self, now: float) -> list[str]:
@@ -83,9 +84,19 @@ class Pipeline:
         return completed
 
     def receiving(self) -> list[tuple[str, list[str]]]:
-        """``(series UID, instance paths in arrival order)`` of every series still receiving (for read-ahead)."""
-        return [(row["series_uid"], self.series.instance_paths(row["series_uid"]))
-                for row in self.series.in_state(SeriesState.RECEIVING)]
+        """``(series UID, instance paths in arrival order)`` of every series still receiving, for read-ahead.
+
+        Reads the geometry the rules' derived facts need of each instance not
+        read before, so the series' summary at completion reads one header
+        instead of every one.
+        """
+        found = []
+        for row in self.series.in_state(SeriesState.RECEIVING):
+            paths = self.series.instance_paths(row["series_uid"])
+            for path in paths[1:]:
+                self._geometry.get(self.spool.absolute(path))
+            found.append((row["series_uid"], paths))
+        return found
 
     def summary(self, row: dict[str, Any]) -> SeriesSummary:
         """What the rules see of a series row: its first instance's attributes and derived facts.
@@ -98,7 +109,7 @@ class Pipeline:
         if cached is not None:
             return cached
         paths = self.series.instance_paths(row["series_uid"])
-        attributes, facts = read_series([self.spool.absolute(p) for p in paths])
+        attributes, facts = read_series([self.spool.absolute(p) for p in paths], self._geometry)
         facts.update({"instance_count": row["instance_count"], "calling_ae": row["calling_ae"],
                       "called_ae": row["called_ae"], "source_host": row["source_host"]})
         summary = SeriesSummary(row["study_uid"], row["series_uid"], attributes, facts)

@@ -197,3 +197,28 @@ def test_an_idle_worker_reads_a_receiving_series_and_its_job_takes_it(tmp_path: 
         assert [o.sop_uid for o in again.objects] == [o.sop_uid for o in outcome.objects]
     finally:
         worker.close()
+
+
+def test_series_facts_from_geometry_read_while_arriving_equal_a_full_read(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.rules import summary
+
+    files = _series(tmp_path / "ct")
+    known = summary.GeometryCache()
+    for f in files[1:]:
+        assert known.get(f) is not None
+    reads: list[Path] = []
+    dcmread = pydicom.dcmread
+    monkeypatch.setattr(summary.pydicom, "dcmread", lambda p, **kw: reads.append(Path(p)) or dcmread(p, **kw))
+    assert summary.read_series(files, known) == summary.read_series(files)
+    assert reads.count(files[0]) == 2 and reads.count(files[1]) == 1  # with the cache: the first file only
+
+    # An instance sent again with another position: read again, and the facts say so.
+    ds = pydicom.dcmread(files[5])
+    ds.ImagePositionPatient = [float(v) + 100.0 for v in ds.ImagePositionPatient]
+    ds.save_as(files[5].with_suffix(".tmp"))
+    os.replace(files[5].with_suffix(".tmp"), files[5])
+    reads.clear()
+    attributes, facts = summary.read_series(files, known)
+    assert reads == [files[0], files[5]]
+    assert (attributes, facts) == summary.read_series(files)
