@@ -235,21 +235,39 @@ class Prediction:
     classifications: tuple[Classification, ...] = ()
     detections: tuple[Detection, ...] = ()
     findings: tuple[str, ...] = ()
+    _slice_counts: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def slice_label_counts(self) -> np.ndarray | None:
+        """Voxels of each label value on each slice, ``(z, max label + 1)``; one pass, kept for every output.
+
+        ``None`` without a label map, or for one that is not an unsigned integer
+        ``(z, y, x)`` array (the encoders check and report those).
+        """
+        labelmap = self.labelmap
+        if labelmap is None or labelmap.dtype.kind != "u" or labelmap.ndim != 3 or labelmap.size == 0:
+            return None
+        if not self._slice_counts:
+            # Counting per slice (bincount casts its input to intp: slice by slice keeps that
+            # small) is several times faster than np.unique, which sorts or hashes every voxel.
+            length = int(labelmap.max()) + 1
+            counts = np.zeros((labelmap.shape[0], length), dtype=np.int64)
+            for z, plane in enumerate(labelmap.reshape(labelmap.shape[0], -1)):
+                if plane.any():
+                    counts[z] = np.bincount(plane, minlength=length)
+                else:  # an empty slice (most of a volume, often): only background
+                    counts[z, 0] = plane.size
+            self._slice_counts.append(counts)
+        return self._slice_counts[0]
 
     def present_segments(self) -> tuple[SegmentSpec, ...]:
         """Segments of the card with at least one voxel in the label map."""
         if self.labelmap is None:
             return ()
-        labelmap = self.labelmap
-        if labelmap.dtype.kind != "u" or labelmap.ndim == 0 or labelmap.size == 0:
-            labels = set(np.unique(labelmap).tolist())
+        per_slice = self.slice_label_counts()
+        if per_slice is None:
+            labels = set(np.unique(self.labelmap).tolist())
             return tuple(s for s in self.card.segments if s.label in labels)
-        # Counting per slice (bincount casts its input to intp: slice by slice keeps that
-        # small) is several times faster than np.unique, which sorts or hashes every voxel.
-        counts = np.zeros(int(labelmap.max()) + 1, dtype=np.int64)
-        for plane in labelmap.reshape(labelmap.shape[0], -1):
-            if plane.any():
-                counts += np.bincount(plane, minlength=counts.shape[0])
+        counts = per_slice.sum(axis=0)
         return tuple(s for s in self.card.segments if 0 <= s.label < counts.shape[0] and counts[s.label])
 
 

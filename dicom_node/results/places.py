@@ -74,9 +74,17 @@ def _ellipse(plane: SlicePlane, centre_rc: tuple[float, float], semi_rc: tuple[f
     return np.array(major + minor, dtype=float)
 
 
-def segment_place(labelmap: np.ndarray, label: int, planes: Sequence[SlicePlane]) -> tuple[int, np.ndarray] | None:
-    """(slice index, ellipse points) of ``label``'s largest cross-section, or ``None`` when it is absent."""
-    counts = [int(np.count_nonzero(plane == label)) for plane in labelmap]
+def segment_place(labelmap: np.ndarray, label: int, planes: Sequence[SlicePlane],
+                  slice_counts: np.ndarray | None = None) -> tuple[int, np.ndarray] | None:
+    """(slice index, ellipse points) of ``label``'s largest cross-section, or ``None`` when it is absent.
+
+    ``slice_counts``: the label map's voxels per slice and label value
+    (:meth:`~inference.types.Prediction.slice_label_counts`), counted here when not given.
+    """
+    if slice_counts is not None:
+        counts = [int(n) for n in slice_counts[:, label]] if label < slice_counts.shape[1] else []
+    else:
+        counts = [int(np.count_nonzero(plane == label)) for plane in labelmap]
     if not counts or max(counts) == 0:
         return None
     k = int(np.argmax(counts))

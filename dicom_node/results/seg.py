@@ -301,7 +301,8 @@ def build_seg(
             f"Content label {content_label!r} must be 1-16 characters of A-Z, 0-9, '_' or space"
         )
     _check_frames(source_images, labelmap.shape)
-    counts = _label_counts(labelmap)
+    per_slice = prediction.slice_label_counts()  # counted once for every output of the job
+    counts = per_slice.sum(axis=0) if per_slice is not None else _label_counts(labelmap)
     specs = _select_segments(prediction, counts, omit_empty_segments, clearing)
     content_description = f"{card.name} {card.version}"
     if clearing and not counts[1:].any():

@@ -217,7 +217,8 @@ def _segment_groups(
                 measurements=_measurements(prediction.card, label, prediction.measurements.get(label, ())),
             )
         )
-        place = segment_place(labelmap, label, planes) if planes is not None and labelmap is not None else None
+        place = (segment_place(labelmap, label, planes, prediction.slice_label_counts())
+                 if planes is not None and labelmap is not None else None)
         if place is not None and planes is not None:
             # The same finding (same tracking UID) where a viewer can draw it and jump to it: its largest
             # cross-section as TID 1410 planar ROIs, on its source image and on the source's frame of reference.
@@ -290,7 +291,8 @@ def _unreferenced_groups(
     for label in labels:
         spec = specs[label]
         values = _measurements(prediction.card, label, prediction.measurements[label])
-        place = segment_place(labelmap, label, planes) if planes is not None and labelmap is not None else None
+        place = (segment_place(labelmap, label, planes, prediction.slice_label_counts())
+                 if planes is not None and labelmap is not None else None)
         if place is None and form == "measurements":
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.derive("tracking", str(label)),

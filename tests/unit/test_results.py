@@ -749,3 +749,28 @@ def test_sr_places_each_segment_and_lists_its_images(ct_slices: list[Dataset], c
     np.testing.assert_allclose(points.mean(axis=0), centre, atol=0.02 * spacing[0] * 100)
     major = np.linalg.norm(points[1] - points[0])
     assert major == pytest.approx(4 * 120 / np.sqrt(12) * spacing[1], rel=0.02)  # 4 sigma of a 120-pixel span
+
+
+def test_label_counts_are_made_once_per_prediction_and_agree_with_a_direct_count() -> None:
+    from dicom_node.results.places import segment_place, slice_planes
+
+    rng = np.random.default_rng(7)
+    labelmap = np.zeros((6, 20, 24), np.uint8)
+    labelmap[1:5] = rng.integers(0, 3, (4, 20, 24))
+    labelmap[3, :, :12] = 2  # label 2's largest cross-section: slice 3
+    card = CARD
+    prediction = Prediction(card=card, labelmap=labelmap)
+    counts = prediction.slice_label_counts()
+    assert counts is not None and prediction.slice_label_counts() is counts  # counted once
+    expected = np.array([[np.count_nonzero(plane == v) for v in range(3)] for plane in labelmap])
+    np.testing.assert_array_equal(counts, expected)
+    assert [s.label for s in prediction.present_segments()] == [1, 2]  # the card's kidney (3) is absent
+    planes = slice_planes(_synthetic_ct(6, rows=20, columns=24), 6)
+    assert planes is not None
+    for label in (1, 2):
+        with_counts = segment_place(labelmap, label, planes, counts)
+        alone = segment_place(labelmap, label, planes)
+        assert with_counts is not None and alone is not None and with_counts[0] == alone[0]
+        np.testing.assert_array_equal(with_counts[1], alone[1])
+    assert segment_place(labelmap, 2, planes, counts)[0] == 3  # type: ignore[index]
+    assert Prediction(card=card, labelmap=labelmap.astype(np.int16)).slice_label_counts() is None
