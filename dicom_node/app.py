@@ -248,15 +248,16 @@ class Node:
     def _prefetch(self) -> None:
         """Read ahead while series arrive: their headers' geometry here, their pixels in an idle worker.
 
-        Each series is read ahead by one worker (by its UID); not with Ray,
+        Pixels only of series the rules match as far as they have arrived;
+        each series is read ahead by one worker (by its UID); not with Ray,
         whose runners load each series in this process at the job's start.
         """
         if self._stopping.is_set():
             return
         hint = self.ray is None and self.settings.workers.prefetch_mb > 0
         try:
-            for series_uid, paths in self.pipeline.receiving():
-                if hint:
+            for series_uid, paths, wanted in self.pipeline.receiving():
+                if hint and wanted:
                     self.workers[zlib.crc32(series_uid.encode()) % len(self.workers)].prefetch(series_uid, paths)
         except Exception:
             logger.exception("Read-ahead hint failed; will try again")

@@ -70,6 +70,7 @@ class Pipeline:
         self.studies = StudyRules(lambda: self.settings, db, self.series, self.jobs, self.summary, self._queue_rule)
         self._summaries: dict[tuple[str, int, float], SeriesSummary] = {}
         self._geometry = GeometryCache()  # instances' geometry, read while their series arrive
+        self._read_ahead: dict[str, tuple[int, bool]] = {}  # receiving series -> (instances read, wanted)
 
     # -- completion and rules ----------------------------------------------
     def tick(self, now: float) -> list[str]:
@@ -83,19 +84,41 @@ class Pipeline:
         self.studies.tick(now)
         return completed
 
-    def receiving(self) -> list[tuple[str, list[str]]]:
-        """``(series UID, instance paths in arrival order)`` of every series still receiving, for read-ahead.
+    def receiving(self) -> list[tuple[str, list[str], bool]]:
+        """Every series still receiving, for read-ahead: ``(series UID, instance paths in arrival order, wanted)``.
 
         Reads the geometry the rules' derived facts need of each instance not
-        read before, so the series' summary at completion reads one header
-        instead of every one.
+        read before (when there are rules), so the series' summary at
+        completion reads one header instead of every one.  ``wanted``: the rules match the series as far
+        as it has arrived (or it is a series a study rule waits for), so its
+        job is likely; its pixels are worth reading ahead.  A series they do
+        not match yet (a fact such as ``instance_count`` not reached) is
+        asked again at the next pass.
         """
         found = []
-        for row in self.series.in_state(SeriesState.RECEIVING):
-            paths = self.series.instance_paths(row["series_uid"])
-            for path in paths[1:]:
+        seen = self._read_ahead
+        rows = self.series.in_state(SeriesState.RECEIVING)
+        for row in rows:
+            uid = row["series_uid"]
+            paths = self.series.instance_paths(uid)
+            done, wanted = seen.get(uid, (0, False))
+            if len(paths) == done or not self.settings.rules:  # no rules: no job will need it soon
+                found.append((uid, paths, wanted))
+                continue
+            for path in paths[max(1, done):]:  # the new ones (the first is read whole by the summary)
                 self._geometry.get(self.spool.absolute(path))
-            found.append((row["series_uid"], paths))
+            if not wanted and paths and self.settings.rules:  # once wanted, wanted (it is only a hint)
+                try:
+                    summary = self.summary(row)
+                    wanted = not never_process_reason(summary) and bool(
+                        match(self.settings.rules, summary) or study_roles(self.settings.rules, summary))
+                except Exception as exc:  # noqa: BLE001 - an unreadable header is the completion's to report
+                    logger.debug("Series %s: no summary for read-ahead (%s)", uid, exc)
+            seen[uid] = (len(paths), wanted)
+            found.append((uid, paths, wanted))
+        live = {row["series_uid"] for row in rows}
+        for uid in [u for u in seen if u not in live]:
+            del seen[uid]
         return found
 
     def summary(self, row: dict[str, Any]) -> SeriesSummary:

@@ -66,6 +66,7 @@ class Spool:
         self.intake = self.root / "intake"  # the receivers' intake journals (dicom_node.receive.journal)
         for d in (self.incoming, self.results, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self._resolved_root = self.root.resolve()
 
     # -- paths -------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -104,8 +105,9 @@ class Spool:
         return str(path.relative_to(self.root))
 
     def absolute(self, relative: str) -> Path:
-        path = (self.root / relative).resolve()
-        if self.root.resolve() not in path.parents:
+        """The file of a stored relative path; refused when it (or a link on its way) leads outside the spool."""
+        path = Path(os.path.realpath(self.root / relative))
+        if path == self._resolved_root or not path.is_relative_to(self._resolved_root):
             raise InvalidUIDError(f"stored path {relative[:80]!r} is outside the spool")
         return path
 

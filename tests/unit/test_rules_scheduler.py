@@ -314,3 +314,25 @@ def test_rules_test_and_replay_commands(tmp_path: Path, capsys: pytest.CaptureFi
     db.close()
     code, _ = _cli(["rules", "replay", "--config", str(path), "--since", "soon"], capsys)
     assert code == 2
+
+
+def test_read_ahead_wants_the_receiving_series_the_rules_match_so_far(env: dict[str, Any]) -> None:
+    settings = settings_with([
+        {"name": "chest", "when": {"SeriesDescription": "Chest", "instance_count": {"min": 5}}, "run": ["lungs"]},
+        {"name": "phases", "study": {"series": {"arterial": {"SeriesDescription": "Arterial"},
+                                                "venous": {"SeriesDescription": "Venous"}}},
+         "when": {"Modality": "CT"}, "run": ["phases"]},
+    ])
+    p = pipeline(env, settings)
+    receive(p, description="Chest", now=100.0, series_uid="1.2.826.0.1.3680043.10.2", slices=3)
+    receive(p, description="Chest", now=100.0, series_uid="1.2.826.0.1.3680043.10.3", slices=6)
+    receive(p, description="Arterial", now=100.0, series_uid="1.2.826.0.1.3680043.10.4")
+    receive(p, description="Scout", now=100.0, series_uid="1.2.826.0.1.3680043.10.5")
+    found = {uid: (len(paths), wanted) for uid, paths, wanted in p.receiving()}
+    assert found == {
+        "1.2.826.0.1.3680043.10.2": (3, False),  # not yet: 3 of the 5 instances the rule needs
+        "1.2.826.0.1.3680043.10.3": (6, True),
+        "1.2.826.0.1.3680043.10.4": (3, True),  # a series the study rule will wait for
+        "1.2.826.0.1.3680043.10.5": (3, False),  # no rule for it
+    }
+    assert pipeline(env, settings_with([])).receiving()[0][2] is False  # no rules: nothing is read ahead
