@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Any
@@ -37,6 +38,9 @@ from inference.registry import ModelRegistry
 from inference.types import Model, Prediction, Task
 
 logger = logging.getLogger(__name__)
+
+#: Runs each job's header check beside its model (a thread; several jobs at once with Ray runners).
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="header-check")
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,9 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
                     if keyword in ds:
                         delattr(ds, keyword)
         times["load"] = time.perf_counter() - t0
+        # The header check needs the sources only: it runs beside the model (which waits on a GPU, or on
+        # numpy code that lets go of the GIL) instead of after it.
+        checking = _pool.submit(check_sources, list(sv.sources))
         model = registry.get(task.model)
         t1 = time.perf_counter()
 
@@ -190,7 +197,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         if prediction.card.runtime:
             notes.append(f"model ran with {prediction.card.runtime}")
         t2 = time.perf_counter()
-        sources, changes = check_sources(list(sv.sources))  # copied attributes the standard forbids
+        sources, changes = checking.result()  # copied attributes the standard forbids
         notes.extend(f"results: {change}" for change in changes)
         objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), sources, spool, outputs,
                           changes)
