@@ -13,9 +13,10 @@ What is kept, and for how long:
 
 - At most ``max_bytes`` of decoded slices (``workers.prefetch_mb``) over
   every series; past it the rest of a series is read when its job runs.
-  The buffer of a series grows in place (``ndarray.resize``, realloc) and is
-  handed to the job's volume without a copy when it holds exactly that
-  volume's slices in its order; otherwise the slices are copied out.
+  The buffer of a series grows by doubling (only the slots filled are
+  resident) and becomes the job's volume itself when it holds exactly that
+  volume's slices (put in volume order in place, then trimmed); otherwise
+  the slices are copied out.
 - An entry is used once: the job that takes a series' slices drops what is
   left of that series (its datasets are the job's from then on).
 - A series nobody asked for within :data:`EXPIRY_S` of its last addition
@@ -196,8 +197,11 @@ class Prefetch:
             series.rows, series.columns = rows, columns
             series.buffer = np.empty((grown, rows, columns), np.float32)
         else:
-            # In place (realloc): nothing outside this object holds a view of the buffer until a job takes it.
-            series.buffer.resize((grown, rows, columns), refcheck=False)
+            # A new buffer, not ndarray.resize: that zero-fills (touches) the whole larger buffer, and its
+            # unused slots would then count in the worker's memory; pages of np.empty are touched as filled.
+            bigger = np.empty((grown, rows, columns), np.float32)
+            bigger[:series.count] = series.buffer[:series.count]
+            series.buffer = bigger
         series.buffer[series.count] = plane
         series.count += 1
         return series.count - 1
