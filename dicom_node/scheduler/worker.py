@@ -61,10 +61,30 @@ def worker_gpus(infer: int | str) -> list[int | None]:
     return [i % gpus if gpus else None for i in range(count)]
 
 
-def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
+def _preload(settings: Settings, registry: ModelRegistry, conn: Connection) -> None:
+    """Load the models the rules run (at most ``max_warm_models``), so a first job does not pay the load.
+
+    Stops at once when a message waits on the pipe (a job: the rest load on
+    first use); a model that cannot be loaded is logged, and its jobs say why.
+    """
+    names = list(dict.fromkeys(name for rule in settings.rules for name in rule.run))
+    for name in names[:settings.workers.max_warm_models]:
+        if conn.poll(0):
+            return
+        try:
+            registry.get(name)
+        except Exception as exc:  # its jobs load it again and fail with the reason
+            logger.warning("Model %s: not loaded at the worker's start (%s: %s); its jobs try again",
+                           name, type(exc).__name__, str(exc)[:200])
+
+
+def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: bool = False) -> None:
     """Entry point of the worker process: serve tasks until the pipe closes.
 
     ``gpu`` is this worker's GPU: models with ``device: auto`` run on it.
+    ``preload``: load the rules' models first (``workers.preload_models``;
+    not after a restart, so a model whose load hangs or kills the process
+    costs its own jobs only).
     """
     configure_logging(settings.logging.level, settings.logging.journald, process="worker")
     if gpu is not None:
@@ -85,6 +105,8 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None) -> None:
         logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs))
     except Exception:  # a defect of the results path; the first job will show it too: serve on
         logger.exception("Worker warm-up failed (the first job pays the one-time costs instead)")
+    if preload:
+        _preload(settings, registry, conn)
     while True:
         try:
             if prefetch.busy and not conn.poll(0) and prefetch.step():
@@ -123,11 +145,14 @@ class WorkerProcess:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self._hinted: dict[str, int] = {}  # series UID -> instance count last told to this process
+        self._started = False  # a restart does not preload the models (one may be why it restarted)
 
     def start(self) -> None:
         parent, child = self._ctx.Pipe()
+        preload = self.settings.workers.preload_models and not self._started
+        self._started = True
         self._proc = self._ctx.Process(target=_child_main, name="dicom-node-worker",
-                                       args=(child, self.settings, self.gpu),
+                                       args=(child, self.settings, self.gpu, preload),
                                        daemon=True)
         self._proc.start()
         child.close()

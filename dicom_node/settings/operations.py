@@ -104,6 +104,8 @@ class WorkersSettings(BaseModel):
     # attempt, failed after the last), run it again on the CPU at once, or fail the job.
     gpu_out_of_memory: Literal["retry", "cpu", "fail"] = "retry"
     gpu_retry_s: Seconds = 60.0
+    # Load the rules' models when a worker starts (not after a restart), at most max_warm_models.
+    preload_models: bool = True
     # MiB of decoded slices an idle worker holds of receiving series, read while they arrive (0: off).
     prefetch_mb: Annotated[Int, Field(ge=0, le=1_048_576)] = 1024
 
