@@ -6,6 +6,7 @@ it touches neither the database nor the network.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -32,6 +33,7 @@ from dicom_node.results.routing import SR_MEASUREMENTS
 from dicom_node.results.sc import build_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
+from dicom_node.scheduler.forked import Forked
 from dicom_node.spool import Spool
 from inference.boxes import with_box_segments
 from inference.registry import ModelRegistry
@@ -126,7 +128,7 @@ class InferOutcome:
 
 
 def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any,
-              prefetch: Prefetch | None = None) -> InferOutcome:
+              prefetch: Prefetch | None = None, parallel_encode: bool = False) -> InferOutcome:
     """Run one model on one series (or the series of a study rule) and write its result objects to the spool.
 
     For a study rule (``task.inputs``), every input is loaded and the model's
@@ -140,6 +142,10 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
     prefetch:
         The worker's instances read and decoded while their series arrived;
         the job takes its series' from there and drops the rest of them.
+    parallel_encode:
+        Encode part of the result objects in a forked child process beside
+        the rest (worker processes on machines with two or more CPUs; see
+        :func:`_encode`).
 
     Returns
     -------
@@ -200,7 +206,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         sources, changes = checking.result()  # copied attributes the standard forbids
         notes.extend(f"results: {change}" for change in changes)
         objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), sources, spool, outputs,
-                          changes)
+                          changes, parallel=parallel_encode)
         times["encode"] = time.perf_counter() - t2
     except JobInterrupted as exc:  # the model's machine or process was lost: not the series' fault
         _release(prefetch, task, spool)
@@ -326,10 +332,15 @@ def _in_source_order(prediction: Prediction, frame_of_source: tuple[tuple[int, i
 
 
 def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spool: Spool,
-            outputs: Any, changes: Sequence[Change] = ()) -> list[ProducedObject]:
-    card = prediction.card
-    produced: list[ProducedObject] = []
+            outputs: Any, changes: Sequence[Change] = (), parallel: bool = False) -> list[ProducedObject]:
+    """Build and write the job's result objects; returns them in sending order (SEG, SR, overlays, PDF).
 
+    ``parallel``: part of the work runs in a forked child process beside the
+    rest (:mod:`dicom_node.scheduler.forked`): the overlay series and the PDF
+    when asked for, else the SEG's writing while the SR is built (the SR
+    needs the SEG's dataset, not its file).  The objects are the same.
+    """
+    card = prediction.card
     result = result_words(prediction)
 
     def identity(kind: str, series: OutputKind | None = None) -> Any:
@@ -337,7 +348,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind,
                                conf.series_number, conf.description_for(task.model, result))
 
-    def write(kind: str, ds: Dataset, index: int | None = None) -> None:
+    def write(kind: str, ds: Dataset, index: int | None = None) -> ProducedObject:
         kind = str(kind)  # an OutputKind is its value
         path = (spool.result_path(task.series_uid, task.model, kind) if index is None
                 else spool.result_part_path(task.series_uid, task.model, kind, index))
@@ -345,41 +356,61 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         spool.write_atomic(path, buf.getvalue())
-        produced.append(ProducedObject(kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
-                                       spool.relative(path)))
+        return ProducedObject(kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), spool.relative(path))
 
-    seg_ds: Dataset | None = None
-    segment_numbers: dict[int, int] | None = None
     present = bool(prediction.present_segments())  # one pass over the label map for every output
     replaces = set(task.replaces)
-    if OutputKind.SEG in task.outputs and (card.task is Task.SEGMENTATION or prediction.labelmap is not None):
-        seg_identity = identity(OutputKind.SEG)
-        if present:
-            seg = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
-                            omit_empty_segments=outputs.empty_segments == "drop")
-            seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
-            write(OutputKind.SEG, seg_ds)
-        elif seg_identity.sop_instance_uid in replaces:
-            # An earlier run's SEG showed segments this run does not find: replace it with an empty one.
-            cleared = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
-                                clearing=True)
-            write(OutputKind.SEG, cleared.dataset)
-            logger.warning("Job %d: no segment present any more; an empty SEG replaces the earlier one",
-                           task.job_id)
-        else:
-            logger.info("Job %d: no segment present; no SEG produced", task.job_id)
-    for kind, form in ((OutputKind.SR.value, "viewer"), (SR_MEASUREMENTS, "measurements")):
-        if kind in task.outputs:  # each form its own object (own UIDs): a destination gets one of them
-            write(kind, build_sr(prediction, sources, identity(kind, OutputKind.SR), seg=seg_ds,
-                                 segment_numbers=segment_numbers, form=form))
     style = OverlayStyle(banner=outputs.banner, fill_opacity=outputs.fill_opacity)
-    if OutputKind.SC in task.outputs and (present or replaces):
-        for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style, replaces=replaces):
-            write(OutputKind.SC, image, int(image.InstanceNumber) - 1)
-    if OutputKind.PDF in task.outputs:
-        write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF), style=style,
-                                        paper=outputs.paper))
-    return produced
+
+    def side_objects() -> list[ProducedObject]:
+        """The overlay series and the PDF: they need neither the SEG nor the SR."""
+        produced = []
+        if OutputKind.SC in task.outputs and (present or replaces):
+            for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style,
+                                        replaces=replaces):
+                produced.append(write(OutputKind.SC, image, int(image.InstanceNumber) - 1))
+        if OutputKind.PDF in task.outputs:
+            produced.append(write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF),
+                                                            style=style, paper=outputs.paper)))
+        return produced
+
+    wants_side = (OutputKind.SC in task.outputs and (present or replaces)) or OutputKind.PDF in task.outputs
+    with contextlib.ExitStack() as stack:
+        side = (stack.enter_context(Forked(side_objects, "the overlay series and the PDF"))
+                if parallel and wants_side else None)
+        seg_ds: Dataset | None = None
+        segment_numbers: dict[int, int] | None = None
+        seg_objects: list[ProducedObject] = []
+        seg_writing: Forked[ProducedObject] | None = None
+        if OutputKind.SEG in task.outputs and (card.task is Task.SEGMENTATION or prediction.labelmap is not None):
+            seg_identity = identity(OutputKind.SEG)
+            if present:
+                seg = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
+                                omit_empty_segments=outputs.empty_segments == "drop")
+                seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
+                built = seg_ds
+                if parallel and side is None and OutputKind.SR in task.outputs:
+                    seg_writing = stack.enter_context(Forked(lambda: write(OutputKind.SEG, built), "the SEG"))
+                else:
+                    seg_objects.append(write(OutputKind.SEG, seg_ds))
+            elif seg_identity.sop_instance_uid in replaces:
+                # An earlier run's SEG showed segments this run does not find: replace it with an empty one.
+                cleared = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
+                                    clearing=True)
+                seg_objects.append(write(OutputKind.SEG, cleared.dataset))
+                logger.warning("Job %d: no segment present any more; an empty SEG replaces the earlier one",
+                               task.job_id)
+            else:
+                logger.info("Job %d: no segment present; no SEG produced", task.job_id)
+        sr_objects = []
+        for kind, form in ((OutputKind.SR.value, "viewer"), (SR_MEASUREMENTS, "measurements")):
+            if kind in task.outputs:  # each form its own object (own UIDs): a destination gets one of them
+                sr_objects.append(write(kind, build_sr(prediction, sources, identity(kind, OutputKind.SR),
+                                                       seg=seg_ds, segment_numbers=segment_numbers, form=form)))
+        if seg_writing is not None:
+            seg_objects.append(seg_writing.result())
+        side_produced = side.result() if side is not None else side_objects()
+    return [*seg_objects, *sr_objects, *side_produced]
 
 
 def warm_up(outputs: Any) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 
 from dicom_node.imaging.prefetch import Prefetch
 from dicom_node.logs import configure_logging
+from dicom_node.scheduler.forked import cpu_count
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer, warm_up
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -100,6 +101,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
                              state_dir=settings.storage.resolved_path())
     spool = Spool(settings.storage.resolved_path())
     prefetch = Prefetch(settings.workers.prefetch_mb * 2**20)
+    parallel_encode = settings.workers.parallel_encode and cpu_count() >= 2
     conn.send(("ready", None))
     try:
         logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs))
@@ -123,7 +125,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
         if isinstance(task, PrefetchHint):
             prefetch.hint(task.series_uid, [str(spool.absolute(p)) for p in task.paths])
             continue
-        outcome = run_infer(task, registry, spool, settings.outputs, prefetch)
+        outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode)
         conn.send(("done", outcome))
 
 

@@ -108,6 +108,8 @@ class WorkersSettings(BaseModel):
     preload_models: bool = True
     # MiB of decoded slices an idle worker holds of receiving series, read while they arrive (0: off).
     prefetch_mb: Annotated[Int, Field(ge=0, le=1_048_576)] = 1024
+    # Encode part of a job's result objects in a forked child process beside the rest (2+ CPUs).
+    parallel_encode: Flag = True
 
 
 class HttpSettings(BaseModel):
