@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.anatomy import LATERALITY
+from inference.gpu_memory import cuda_device
 from inference.types import Code, Model, ModelCard, SegmentSpec, Task
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,23 @@ class ModelRegistry:
                     close()
                 logger.info("Model %s: unloaded (warm cache holds %d)", evicted, self.max_warm)
             return model
+
+    def unload_other(self, keep: str, device: Any) -> str | None:
+        """Unload the least recently used warm model other than ``keep`` that computes on ``device``.
+
+        Returns its name, or ``None`` when no other model is loaded there
+        (GPU admission, :mod:`inference.gpu_memory`).
+        """
+        with self._lock:
+            for key, model in self._cache.items():  # least recently used first
+                if key != keep and cuda_device(model) == device:
+                    del self._cache[key]
+                    close = getattr(model, "close", None)
+                    if callable(close):
+                        close()
+                    logger.info("Model %s: unloaded to make room on %s", key, device)
+                    return key
+            return None
 
     def _fingerprint(self, spec: Any, model: Model) -> str:
         """``sha256:`` of what defines the model's behaviour, recorded in its result objects.

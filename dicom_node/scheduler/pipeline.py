@@ -36,6 +36,7 @@ from dicom_node.results.sr import build_sr
 from dicom_node.scheduler.forked import Forked
 from dicom_node.spool import Spool
 from inference.boxes import with_box_segments
+from inference.gpu_memory import GpuAdmission, GpuAdmissionRefused, cuda_device
 from inference.registry import ModelRegistry
 from inference.types import Model, Prediction, Task
 
@@ -186,15 +187,18 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
             _require_modality(task.model, model.card, sv.volume)
             return model.predict(sv.volume)
 
+        voxels = (sum(one.volume.array.size for one in loaded.values()) if task.inputs
+                  else sv.volume.array.size)
         try:
-            prediction = predict(model)
+            prediction = _admitted(task.model, model, registry, voxels, lambda: predict(model))
         except Exception as exc:
             if not _out_of_memory(exc) or task.gpu_out_of_memory != "cpu":
                 raise
             _release_gpu_memory()
-            logger.warning("Job %d: model %s ran out of GPU memory; running it on the CPU (workers."
-                           "gpu_out_of_memory: cpu)", task.job_id, task.model)
-            notes.append(f"CUDA out of memory ({str(exc).splitlines()[0][:120]}): ran on the CPU instead")
+            logger.warning("Job %d: model %s %s; running it on the CPU (workers.gpu_out_of_memory: cpu)",
+                           task.job_id, task.model, "was not admitted on its GPU" if isinstance(
+                               exc, GpuAdmissionRefused) else "ran out of GPU memory")
+            notes.append(f"{_oom_words(exc)[:160]}: ran on the CPU instead")
             prediction = predict(registry.get(task.model, device="cpu"))
         times["model"] = time.perf_counter() - t1
         if (prediction.card.task is Task.DETECTION and OutputKind.SEG in task.outputs
@@ -218,10 +222,11 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         _release(prefetch, task, spool)
         if _out_of_memory(exc):
             _release_gpu_memory()
-            logger.error("Job %d: model %s ran out of GPU memory", task.job_id, task.model)
+            logger.error("Job %d: model %s %s", task.job_id, task.model, "was not admitted on its GPU" if isinstance(
+                exc, GpuAdmissionRefused) else "ran out of GPU memory")
             return InferOutcome(ok=False, seconds=times, out_of_memory=True, error=(
-                f"model {task.model}: CUDA out of memory ({str(exc).splitlines()[0][:200]}); lower "
-                "sw_batch_size / roi_size, free the GPU, use device: cpu or workers.gpu_out_of_memory: cpu"))
+                f"model {task.model}: {_oom_words(exc)[:240]}; lower sw_batch_size / roi_size, free the GPU, "
+                "use device: cpu or workers.gpu_out_of_memory: cpu"))
         logger.exception("Job %d: model %s failed", task.job_id, task.model)
         return InferOutcome(ok=False, error=f"model {task.model} raised {type(exc).__name__}: {exc}"[:500],
                             seconds=times)
@@ -305,8 +310,28 @@ def _require_modality(name: str, card: Any, volume: Any) -> None:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """``torch.cuda.OutOfMemoryError``, raised here or in a model's own environment (its process says so)."""
-    return type(exc).__name__ == "OutOfMemoryError"
+    """``torch.cuda.OutOfMemoryError`` (raised here or in a model's own environment), or a refused admission."""
+    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, GpuAdmissionRefused)
+
+
+def _oom_words(exc: BaseException) -> str:
+    """The first line of an out-of-memory error or a refused admission, as the job's reason says it."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first if isinstance(exc, GpuAdmissionRefused) else f"CUDA out of memory ({first[:200]})"
+
+
+#: The working GPU memory measured per model in this process, and the check before each GPU run.
+_admission = GpuAdmission()
+
+
+def _admitted(name: str, model: Model, registry: ModelRegistry, voxels: int,
+              run: Callable[[], Prediction]) -> Prediction:
+    """``run()`` once ``model``'s measured need fits on its GPU (see :mod:`inference.gpu_memory`); measured."""
+    device = cuda_device(model) if _admission.present() else None
+    if device is not None:
+        _admission.admit(name, device, voxels, lambda: registry.unload_other(name, device))
+    with _admission.measured(name, device, voxels):
+        return run()
 
 
 def _release_gpu_memory() -> None:

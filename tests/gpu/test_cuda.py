@@ -94,3 +94,26 @@ def test_worker_process_bound_to_gpu_runs_a_job(tmp_path: Path) -> None:
         worker.stop()
     assert outcome.ok, outcome.error
     assert {o.kind for o in outcome.objects} == {"seg", "sr"}
+
+
+def test_admission_measures_a_model_on_the_gpu_and_refuses_what_cannot_fit(tmp_path: Path) -> None:
+    from inference.gpu_memory import GpuAdmission, GpuAdmissionRefused, cuda_device
+
+    ts = write_torchscript(threshold_conv(-499.5), tmp_path / "threshold.ts")
+    settings = _settings(tmp_path, ts)
+    _, files, _ = _series(tmp_path)
+    volume = load_series(files).volume
+    torch.cuda.set_device(0)
+    model = ModelRegistry(settings.models).get("ts")
+    device = cuda_device(model)
+    assert device == torch.device("cuda", 0)
+    admission = GpuAdmission()
+    with admission.measured("ts", device, volume.array.size):
+        model.predict(volume)
+    working = admission.working_bytes("ts")
+    assert working >= volume.array.astype(np.float32).nbytes  # the volume itself went to the device
+    admission.admit("ts", device, volume.array.size, lambda: None)  # fits on an otherwise idle GPU
+    _, total = torch.cuda.mem_get_info(device)
+    with pytest.raises(GpuAdmissionRefused, match="not started on GPU cuda:0"):
+        admission.admit("ts", device, volume.array.size * (total // working + 2), lambda: None)
+    print(f"GPU admission: {working / 2**20:.1f} MiB working memory measured for a {volume.array.shape} volume")
