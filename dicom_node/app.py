@@ -42,7 +42,7 @@ from dicom_node.receive.server import Receiver
 from dicom_node.scheduler.ray_engine import RayEngine, RayRunner, describe_cluster, infer_queue
 from dicom_node.scheduler.retention import Retention
 from dicom_node.scheduler.service import Pipeline
-from dicom_node.scheduler.worker import WorkerProcess, WorkerStopped, worker_gpus
+from dicom_node.scheduler.worker import WorkerProcess, WorkerStopped, leave_to_reader, worker_gpus
 from dicom_node.send.deliver import deliver
 from dicom_node.settings import Settings, load_settings
 from dicom_node.spool import Spool
@@ -238,7 +238,8 @@ class Node:
 
     def _drain_infer(self, worker: WorkerProcess) -> None:
         try:
-            if self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set, runner=worker):
+            if self.pipeline.drain_infer(self.clock, should_stop=self._stopping.is_set, runner=worker,
+                                         leave=leave_to_reader(self.workers, worker, self.clock)):
                 self._wake("send")  # results are waiting to go out
         except WorkerStopped as exc:
             logger.warning("%s", exc)

@@ -186,15 +186,18 @@ class Pipeline:
 
     # -- INFER ---------------------------------------------------------------
     def drain_infer(self, now_fn: Callable[[], float] = time.time, *, max_jobs: int | None = None,
-                    should_stop: Callable[[], bool] = lambda: False, runner: InferRunner | None = None) -> int:
+                    should_stop: Callable[[], bool] = lambda: False, runner: InferRunner | None = None,
+                    leave: Callable[[str, float], bool] | None = None) -> int:
         """Run due INFER jobs one after another until none is left (or ``should_stop``).
 
         Several drains may run at once, each with its own ``runner`` (worker
-        process): claiming a job is one database transaction.
+        process): claiming a job is one database transaction.  ``leave(series
+        UID, due since)``: jobs this drain leaves to another (see
+        :meth:`JobStore.claim`).
         """
         done = 0
         while not should_stop() and (max_jobs is None or done < max_jobs):
-            job = self.jobs.claim(JobKind.INFER, now_fn())
+            job = self.jobs.claim(JobKind.INFER, now_fn(), leave=leave)
             if job is None:
                 break
             self._run_infer(job, now_fn, runner or self.runner)

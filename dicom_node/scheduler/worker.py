@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,6 +61,28 @@ def worker_gpus(infer: int | str) -> list[int | None]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     count = max(1, gpus) if infer == "auto" else int(infer)
     return [i % gpus if gpus else None for i in range(count)]
+
+
+#: Seconds a due job waits for the idle worker that read its series ahead before another worker takes it.
+READ_AHEAD_CLAIM_S = 2.0
+
+
+def leave_to_reader(workers: Sequence[Any], me: Any, now: Callable[[], float]) -> Callable[[str, float], bool]:
+    """The ``leave`` of worker ``me``'s drain: a job whose series another idle worker read ahead is its.
+
+    That worker takes the volume it holds instead of this one reading the
+    files again.  A job is left only while the reader is idle, alive and the
+    job has been due less than :data:`READ_AHEAD_CLAIM_S` (a reader that
+    does not come, stopped or restarting, delays a job by that at most).
+    """
+    others = [w for w in workers if w is not me]
+
+    def leave(series_uid: str, due_since: float) -> bool:
+        if not others or now() - due_since >= READ_AHEAD_CLAIM_S:
+            return False
+        return any(w.holds(series_uid) and not w.busy and w.alive for w in others)
+
+    return leave
 
 
 def _preload(settings: Settings, registry: ModelRegistry, conn: Connection) -> None:
@@ -166,6 +189,15 @@ class WorkerProcess:
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def busy(self) -> bool:
+        """Whether it runs a job now."""
+        return self._lock.locked()
+
+    def holds(self, series_uid: str) -> bool:
+        """Whether this worker was told to read ``series_uid`` ahead (since its last start)."""
+        return series_uid in self._hinted
 
     def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
         """Run ``task`` in the worker; never raises for a model's failure.

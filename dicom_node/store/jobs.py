@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,8 @@ from dicom_node.store.database import Database
 logger = logging.getLogger(__name__)
 
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+#: Due jobs a claim with ``leave`` looks through, in order, for one to take.
+_LOOK_AHEAD = 32
 
 #: How ``dicom-node status`` names SEND job states (the outbox's vocabulary).
 SEND_STATE_LABELS: dict[JobState, str] = {
@@ -135,21 +137,26 @@ class JobStore:
         return job_id
 
     # -- transitions -------------------------------------------------------
-    def claim(self, kind: JobKind, now: float, *, skip_destinations: Collection[str] = ()) -> Job | None:
+    def claim(self, kind: JobKind, now: float, *, skip_destinations: Collection[str] = (),
+              leave: Callable[[str, float], bool] | None = None) -> Job | None:
         """Take the most urgent due job of ``kind``: priority first, then oldest.
 
         ``skip_destinations`` leaves the jobs of those destinations where they
-        are (a send loop skips a destination that just failed).
+        are (a send loop skips a destination that just failed).  ``leave(series
+        UID, due since)`` leaves a job for another taker (a worker that read
+        its series ahead); the next one in order is taken instead.
         """
         skip = sorted(skip_destinations)
         marks = ",".join("?" * len(skip))
         with self.db.transaction() as c:
-            row = c.execute(
+            rows = c.execute(
                 "SELECT * FROM jobs WHERE kind=? AND state IN (?,?) AND next_attempt_at <= ?"
                 + (f" AND destination NOT IN ({marks})" if skip else "")
-                + " ORDER BY priority DESC, id LIMIT 1",
-                (kind, JobState.QUEUED, JobState.RETRYING, now, *skip),
-            ).fetchone()
+                + " ORDER BY priority DESC, id LIMIT ?",
+                (kind, JobState.QUEUED, JobState.RETRYING, now, *skip, 1 if leave is None else _LOOK_AHEAD),
+            ).fetchall()
+            row = next((r for r in rows if leave is None or not leave(r["series_uid"], r["next_attempt_at"])),
+                       None)
             if row is None:
                 return None
             c.execute("UPDATE jobs SET state=?, attempts=attempts+1, updated_at=? WHERE id=?",

@@ -11,6 +11,7 @@ fails the job with a reason; no child is left behind in any case.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def _comparable(ds: pydicom.Dataset) -> dict[str, Any]:
             continue
         if elem.VR == "SQ":
             out[elem.keyword or str(elem.tag)] = [_comparable(item) for item in elem.value]
+        elif elem.keyword == "EncapsulatedDocument":  # the PDF says when it was made, to the second
+            out[elem.keyword] = re.sub(rb"/(CreationDate|ModDate) ?\(D:[^)]*\)", b"", elem.value)
         else:
             out[elem.keyword or str(elem.tag)] = elem.value
     return out
