@@ -2,7 +2,8 @@
 
 ``dicom-node serve`` (built-in ``lungs-ct``, results kept in the spool) runs in a
 subprocess; a sampler reads ``VmRSS`` of every process of the node (main,
-receivers, inference worker) from ``/proc`` every 0.2 s.
+receivers, inference worker, and the worker's forked encoder while a job's
+results are encoded) from ``/proc`` every 0.2 s.
 
 1. One series of ``--slices`` (default 300) 512x512 CT slices is sent with DCMTK
    ``storescu`` and processed (SEG + SR).  Printed: each process's peak RSS, the
@@ -62,10 +63,28 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _kind(pid: int, root: int) -> str:
-    """main, receiver (holds an intake journal open), other (multiprocessing's resource tracker) or worker."""
+def _pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages (a forked child's, copy-on-write) counted once over the processes."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _kind(pid: int, root: int, workers: set[int] | None = None) -> str:
+    """main, receiver (holds an intake journal open), other (multiprocessing's resource tracker), worker,
+    or encoder (a worker's forked child encoding results beside it, ``workers.parallel_encode``)."""
     if pid == root:
         return "main"
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        parent = 0
+    if workers and parent in workers:
+        return "encoder"
     links = []
     try:
         for f in Path(f"/proc/{pid}/fd").iterdir():
@@ -83,25 +102,40 @@ def _kind(pid: int, root: int) -> str:
 
 
 class Sampler(threading.Thread):
-    """RSS of the node's processes every ``interval`` seconds: (time, {kind: max MB}, total MB)."""
+    """RSS of the node's processes every ``interval`` seconds: (time, {kind: max MB}, total MB).
+
+    The total is the sum of the processes' RSS; ``pss_peak`` is the largest
+    sum of their PSS (shared pages counted once: a worker's forked encoder
+    shares most of the worker's memory).
+    """
 
     def __init__(self, root: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
         self.samples: list[tuple[float, dict[str, float], float]] = []
+        self.pss: list[tuple[float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             by_kind: dict[str, float] = {}
-            total = 0.0
-            for pid in _tree(self.root):
+            total = pss = 0.0
+            workers: set[int] = set()
+            for pid in _tree(self.root):  # parents before their children
                 mb = _rss_mb(pid)
                 total += mb
-                kind = _kind(pid, self.root)
+                pss += _pss_mb(pid)
+                kind = _kind(pid, self.root, workers)
+                if kind == "worker":
+                    workers.add(pid)
                 by_kind[kind] = max(by_kind.get(kind, 0.0), mb)
-            self.samples.append((time.monotonic(), by_kind, total))
+            now = time.monotonic()
+            self.samples.append((now, by_kind, total))
+            self.pss.append((now, pss))
             self.stop.wait(self.interval)
+
+    def pss_peak(self, since: float = 0.0) -> float:
+        return max((p for t, p in self.pss if t >= since), default=0.0)
 
     def peak(self, since: float = 0.0) -> tuple[dict[str, float], float]:
         kinds: dict[str, float] = {}
@@ -166,7 +200,8 @@ def main(argv: list[str]) -> int:
             worker = peak.get("worker", 0.0)
             print(f"  worker peak / float32 volume = {worker / volume_mb:.2f} (target <= 3.0 plus the model; "
                   f"{worker - idle.get('worker', 0.0):.0f} MB above its idle size)")
-            print(f"  whole node peak / float32 volume = {total / volume_mb:.2f}")
+            print(f"  whole node peak / float32 volume = {total / volume_mb:.2f} (sum of RSS; sum of PSS, shared "
+                  f"pages once: {sampler.pss_peak(started):.0f} MB)")
             if args.minutes <= 0:
                 return 0
 
