@@ -21,14 +21,13 @@ import pytest
 
 from dicom_node.domain import JobKind, JobState
 from dicom_node.scheduler import pipeline
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.store import Database
 from inference.gpu_memory import MARGIN, GpuAdmission, GpuAdmissionRefused
-from inference.registry import ModelRegistry
 from tests.spooled import spool_series
+from tests.unit.test_gpu_out_of_memory import InlineRunner
 
 GIB = 2**30
 
@@ -129,17 +128,6 @@ def _settings(tmp: Path, policy: str) -> Settings:
         "models": {"big": model, "small": model, "other": model},
         "rules": [],
     })
-
-
-class InlineRunner:
-    """One worker's registry, jobs run in this process."""
-
-    def __init__(self, settings: Settings, spool: Spool) -> None:
-        self.settings, self.spool = settings, spool
-        self.registry = ModelRegistry(settings.models)
-
-    def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
-        return run_infer(task, self.registry, self.spool, self.settings.outputs)
 
 
 @pytest.fixture()
