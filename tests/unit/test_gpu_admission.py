@@ -21,13 +21,9 @@ import pytest
 
 from dicom_node.domain import JobKind, JobState
 from dicom_node.scheduler import pipeline
-from dicom_node.scheduler.service import Pipeline
 from dicom_node.settings import Settings
-from dicom_node.spool import Spool
-from dicom_node.store import Database
 from inference.gpu_memory import MARGIN, GpuAdmission, GpuAdmissionRefused
-from tests.spooled import spool_series
-from tests.unit.test_gpu_out_of_memory import InlineRunner
+from tests.unit.test_gpu_out_of_memory import inline_node
 
 GIB = 2**30
 
@@ -132,11 +128,7 @@ def _settings(tmp: Path, policy: str) -> Settings:
 
 @pytest.fixture()
 def node(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
-    settings = _settings(tmp_path, request.param)
-    spool, db = Spool(tmp_path / "state"), Database(tmp_path / "state.sqlite3")
-    runner = InlineRunner(settings, spool)
-    p = Pipeline(settings, db, spool, runner, lambda *a, **k: None)
-    return {"pipeline": p, "runner": runner, "series": [spool_series(spool, db, n) for n in ("a", "b", "c")]}
+    return inline_node(_settings(tmp_path, request.param), tmp_path, ("a", "b", "c"))
 
 
 def _job(node: dict[str, Any], model: str, series: int = 0) -> int:

@@ -81,13 +81,17 @@ def _settings(tmp: Path, policy: str) -> Settings:
     })
 
 
-@pytest.fixture()
-def node(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
-    settings = _settings(tmp_path, request.param)
-    spool, db = Spool(tmp_path / "state"), Database(tmp_path / "state.sqlite3")
+def inline_node(settings: Settings, tmp: Path, series: tuple[str, ...]) -> dict[str, Any]:
+    """A pipeline whose jobs run in this process on one registry, with small CT series of these names."""
+    spool, db = Spool(tmp / "state"), Database(tmp / "state.sqlite3")
     runner = InlineRunner(settings, spool)
     pipeline = Pipeline(settings, db, spool, runner, lambda *a, **k: None)
-    return {"pipeline": pipeline, "runner": runner, "series": [spool_series(spool, db, n) for n in ("a", "b")]}
+    return {"pipeline": pipeline, "runner": runner, "series": [spool_series(spool, db, n) for n in series]}
+
+
+@pytest.fixture()
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    return inline_node(_settings(tmp_path, request.param), tmp_path, ("a", "b"))
 
 
 def _job(node: dict[str, Any], model: str, series: int = 0) -> int:
