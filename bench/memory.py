@@ -53,10 +53,11 @@ def _tree(pid: int) -> list[int]:
     return seen
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (the process's resident high-water mark, since it started)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -114,6 +115,7 @@ class Sampler(threading.Thread):
         self.root, self.interval = root, interval
         self.samples: list[tuple[float, dict[str, float], float]] = []
         self.pss: list[tuple[float, float]] = []
+        self.hwm: dict[int, tuple[str, float]] = {}  # pid -> (kind, VmHWM MB): a peak between samples too
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -129,10 +131,21 @@ class Sampler(threading.Thread):
                 if kind == "worker":
                     workers.add(pid)
                 by_kind[kind] = max(by_kind.get(kind, 0.0), mb)
+                hwm = _rss_mb(pid, "VmHWM")
+                if hwm:
+                    self.hwm[pid] = (kind, max(hwm, self.hwm.get(pid, ("", 0.0))[1]))
             now = time.monotonic()
             self.samples.append((now, by_kind, total))
             self.pss.append((now, pss))
             self.stop.wait(self.interval)
+
+    def high_water(self, exclude: set[int] = frozenset()) -> dict[str, float]:
+        """The largest ``VmHWM`` per kind (pids in ``exclude`` left out: processes seen idle before)."""
+        kinds: dict[str, float] = {}
+        for pid, (kind, mb) in self.hwm.items():
+            if pid not in exclude:
+                kinds[kind] = max(kinds.get(kind, 0.0), mb)
+        return kinds
 
     def pss_peak(self, since: float = 0.0) -> float:
         return max((p for t, p in self.pss if t >= since), default=0.0)
@@ -197,9 +210,13 @@ def main(argv: list[str]) -> int:
                   f"node total {idle_total:.0f} MB")
             print(f"  peak: {', '.join(f'{k} {v:.0f} MB' for k, v in sorted(peak.items()))}; "
                   f"node total {total:.0f} MB")
-            worker = peak.get("worker", 0.0)
-            print(f"  worker peak / float32 volume = {worker / volume_mb:.2f} (target <= 3.0 plus the model; "
-                  f"{worker - idle.get('worker', 0.0):.0f} MB above its idle size)")
+            hwm = sampler.high_water()
+            print(f"  high-water marks (VmHWM, between samples too): "
+                  f"{', '.join(f'{k} {v:.0f} MB' for k, v in sorted(hwm.items()))}")
+            worker = max(peak.get("worker", 0.0), hwm.get("worker", 0.0))
+            print(f"  worker peak (VmHWM) / float32 volume = {worker / volume_mb:.2f} (target <= 3.0 plus the "
+                  f"model; {worker - idle.get('worker', 0.0):.0f} MB above its idle size; largest 0.2 s sample "
+                  f"{peak.get('worker', 0.0) / volume_mb:.2f})")
             print(f"  whole node peak / float32 volume = {total / volume_mb:.2f} (sum of RSS; sum of PSS, shared "
                   f"pages once: {sampler.pss_peak(started):.0f} MB)")
             if args.minutes <= 0:

@@ -27,6 +27,8 @@ environment run in another process and are not measured here.
 
 from __future__ import annotations
 
+import sys
+
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,9 +65,10 @@ class CudaMemory:
     """:class:`DeviceMemory` through ``torch.cuda``."""
 
     def present(self) -> bool:
-        import torch
-
-        return bool(torch.cuda.is_available())
+        # Not imported here: a model on a GPU has imported torch already, and importing it for a numpy-only
+        # model (the built-in one) would add torch's ~170 MB to the worker for nothing.
+        torch = sys.modules.get("torch")
+        return torch is not None and bool(torch.cuda.is_available())
 
     def available(self, device: Any) -> int:
         import torch

@@ -13,8 +13,9 @@ What is kept, and for how long:
 
 - At most ``max_bytes`` of decoded slices (``workers.prefetch_mb``) over
   every series; past it the rest of a series is read when its job runs.
-  The buffer of a series grows by doubling (only the slots filled are
-  resident) and becomes the job's volume itself when it holds exactly that
+  The buffer of a series reserves the room the budget leaves (only the
+  slots filled become resident: nothing is copied as the series grows) and
+  becomes the job's volume itself when it holds exactly that
   volume's slices (put in volume order in place, then trimmed); otherwise
   the slices are copied out.
 - An entry is used once: the job that takes a series' slices drops what is
@@ -77,7 +78,8 @@ class _Series:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.buffer is None else int(self.buffer.nbytes)
+        """Bytes of the slices held (the buffer's unused slots are not resident)."""
+        return self.count * self.rows * self.columns * 4
 
 
 def _permute_in_place(buffer: np.ndarray, source: list[int]) -> None:
@@ -141,9 +143,7 @@ class Prefetch:
             if not paths:
                 del self._pending[uid]
                 continue
-            series = self._series.get(uid)
-            spare = series is not None and series.buffer is not None and series.count < series.buffer.shape[0]
-            if not spare and self._used_bytes() >= self.max_bytes:
+            if self._used_bytes() >= self.max_bytes:
                 return False  # full: the rest waits for room (a job taking its series, an expiry)
             self._add(uid, Path(paths.pop(0)))
             return True
@@ -160,13 +160,13 @@ class Prefetch:
         return sum(s.nbytes for s in self._series.values())
 
     def _add(self, series_uid: str, path: Path) -> None:
-        from dicom_node.imaging.series import decode_plane
+        from dicom_node.imaging.series import DEFER_SIZE, decode_plane
 
         key = _file_key(path)
         if key is None:
             return
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)  # its pixel bytes are let go once decoded
         except Exception as exc:  # the job's own load reports it
             logger.debug("Prefetch: cannot read %s (%s)", path, exc)
             return
@@ -184,23 +184,23 @@ class Prefetch:
 
     def _store(self, series: _Series, plane: np.ndarray) -> int | None:
         rows, columns = plane.shape
-        if series.buffer is not None and series.count < series.buffer.shape[0]:
-            series.buffer[series.count] = plane
-            series.count += 1
-            return series.count - 1
-        capacity = 0 if series.buffer is None else series.buffer.shape[0]
-        room = (self.max_bytes - self._used_bytes()) // (rows * columns * 4)  # more slices the budget allows
-        grown = min(max(16, capacity * 2), capacity + room)
-        if grown <= capacity:
+        slice_bytes = rows * columns * 4
+        if self._used_bytes() + slice_bytes > self.max_bytes:
             return None
-        if series.buffer is None:
-            series.rows, series.columns = rows, columns
-            series.buffer = np.empty((grown, rows, columns), np.float32)
-        else:
-            # A new buffer, not ndarray.resize: that zero-fills (touches) the whole larger buffer, and its
-            # unused slots would then count in the worker's memory; pages of np.empty are touched as filled.
-            bigger = np.empty((grown, rows, columns), np.float32)
-            bigger[:series.count] = series.buffer[:series.count]
+        if series.buffer is None or series.count == series.buffer.shape[0]:
+            # Room for as many slices as the budget allows now, reserved once and never zero-filled: a page
+            # becomes resident when its slice is written, so the unused slots cost address space only, and
+            # a growing series is not copied into a larger buffer (which held it twice at that moment).
+            capacity = 0 if series.buffer is None else series.buffer.shape[0]
+            grown = capacity + (self.max_bytes - self._used_bytes()) // slice_bytes
+            try:
+                bigger = np.empty((grown, rows, columns), np.float32)
+            except MemoryError:  # address space refused (strict overcommit): the job reads the rest
+                return None
+            if series.buffer is None:
+                series.rows, series.columns = rows, columns
+            else:  # room came back (another series taken or dropped) after this one had filled its own
+                bigger[:series.count] = series.buffer[:series.count]
             series.buffer = bigger
         series.buffer[series.count] = plane
         series.count += 1

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixels
@@ -24,6 +25,12 @@ from inference.types import Volume
 logger = logging.getLogger(__name__)
 
 IMAGE_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: Elements longer than this (the pixel data) stay in the file when a series is read: the slice is decoded
+#: from them and let go, so a dataset costs its header only; pydicom reads them again if asked for (the
+#: overlay series and the PDF draw the stored pixels).
+DEFER_SIZE = "64 KB"
+_PIXEL_DATA = 0x7FE00010
 
 NOT_SOURCE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
@@ -43,7 +50,8 @@ class SeriesVolume:
     sources:
         For a single-frame series, the datasets in ``z`` order (one per
         slice).  For a multi-frame series (Enhanced CT/MR), the one dataset
-        whose frames are the slices.  Datasets keep their pixel data.
+        whose frames are the slices.  Datasets keep their pixel data (read
+        from the file again when asked for).
     frame_of_source:
         For each ``z``, ``(index into sources, frame number)``; the frame
         number is 1-based for multi-frame objects and 0 for single-frame ones.
@@ -156,7 +164,7 @@ def load_series(paths: Sequence[Path], prefetch: Prefetch | None = None) -> Seri
 def _read(path: Path, index: int, count: int) -> Dataset:
     """Read one Part 10 file; failures name the file's position, not its path."""
     try:
-        return pydicom.dcmread(path, force=False)
+        return pydicom.dcmread(path, force=False, defer_size=DEFER_SIZE)
     except Exception as exc:  # re-raised: any reader failure means "not readable"
         logger.debug("Cannot read %s: %s", path, exc)
         raise ImagingError(
@@ -339,9 +347,20 @@ def _native(ds: Dataset) -> np.ndarray | None:
     return array.reshape(frames, rows, columns)
 
 
+def _deferred_pixels(ds: Dataset) -> RawDataElement | None:
+    """The pixel data element of ``ds`` while it is still in its file (read with ``DEFER_SIZE``), else None."""
+    raw = ds.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in ds else None
+    return raw if isinstance(raw, RawDataElement) and raw.value is None else None
+
+
 def _decode(ds: Dataset) -> np.ndarray:
-    """Stored values of every frame as ``(frames, rows, columns)``."""
+    """Stored values of every frame as ``(frames, rows, columns)``.
+
+    Pixel data left in the file stays there once decoded: the dataset gets
+    its deferred element back and does not keep the bytes.
+    """
     syntax = ds.file_meta.get("TransferSyntaxUID")
+    deferred = _deferred_pixels(ds)
     try:
         native = _native(ds)
         array = decode_pixels(ds) if native is None else native
@@ -351,6 +370,9 @@ def _decode(ds: Dataset) -> np.ndarray:
             f"pixel data could not be decoded ({name}): {type(exc).__name__}; "
             "the file may be truncated or the syntax unsupported"
         ) from exc
+    finally:
+        if deferred is not None:
+            ds[_PIXEL_DATA] = deferred  # the decoded array keeps what it needs of the bytes
     rows, columns = int(ds.Rows), int(ds.Columns)
     if array.ndim == 2:
         array = array[np.newaxis]

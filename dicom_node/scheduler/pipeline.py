@@ -327,7 +327,9 @@ _admission = GpuAdmission()
 def _admitted(name: str, model: Model, registry: ModelRegistry, voxels: int,
               run: Callable[[], Prediction]) -> Prediction:
     """``run()`` once ``model``'s measured need fits on its GPU (see :mod:`inference.gpu_memory`); measured."""
-    device = cuda_device(model) if _admission.present() else None
+    device = cuda_device(model)  # first: a model on the CPU never needs torch imported for this
+    if device is not None and not _admission.present():
+        device = None
     if device is not None:
         _admission.admit(name, device, voxels, lambda: registry.unload_other(name, device))
     with _admission.measured(name, device, voxels):
