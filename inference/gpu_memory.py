@@ -27,9 +27,8 @@ environment run in another process and are not measured here.
 
 from __future__ import annotations
 
-import sys
-
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
