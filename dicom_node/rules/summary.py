@@ -18,7 +18,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +298,15 @@ class GeometryCache:
         self.limit = limit
         self._entries: OrderedDict[str, tuple[tuple[int, int, int], InstanceGeometry]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def forget(self, paths: Iterable[Path]) -> None:
+        """Drop ``paths`` (a series whose completion summary is made: the cache has done its job for it)."""
+        with self._lock:
+            for path in paths:
+                self._entries.pop(str(path), None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, path: Path) -> InstanceGeometry | None:
         """The geometry of ``path`` (read now if unknown or changed); ``None`` when it cannot be read."""

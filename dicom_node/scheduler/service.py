@@ -149,6 +149,8 @@ class Pipeline:
         except Exception as exc:
             self.series.set_state(series_uid, SeriesState.FAILED, now, f"cannot read series header: {exc}")
             return
+        finally:  # read ahead for this summary; a later one (a study rule, an instance more) reads the files
+            self._geometry.forget(self.spool.absolute(p) for p in self.series.instance_paths(series_uid))
         reason = never_process_reason(summary)
         if reason:
             logger.info("Series %s: ignored: %s", series_uid, reason)

@@ -336,3 +336,18 @@ def test_read_ahead_wants_the_receiving_series_the_rules_match_so_far(env: dict[
         "1.2.826.0.1.3680043.10.5": (3, False),  # no rule for it
     }
     assert pipeline(env, settings_with([])).receiving()[0][2] is False  # no rules: nothing is read ahead
+
+
+def test_geometry_read_while_a_series_arrives_is_dropped_once_it_completes(env: dict[str, Any]) -> None:
+    """The cache of instance geometry serves the completion summary, then lets the series go (no growth)."""
+    p = pipeline(env, settings_with([{"name": "all", "when": {"Modality": "CT"}, "run": ["lungs"]}],
+                                    quiet_seconds=5))
+    first = receive(p, description="Chest", now=0.0, series_uid="1.2.826.0.1.3680043.10.21", slices=4)
+    p.receiving()
+    assert len(p._geometry) == 3  # every instance but the first (the summary reads that one whole)
+    receive(p, description="Chest", now=3.0, series_uid="1.2.826.0.1.3680043.10.22", slices=4)
+    p.receiving()
+    assert len(p._geometry) == 6
+    assert p.tick(6.0) == [first]  # the first series completes; the second is still within its quiet time
+    assert len(p._geometry) == 3  # only the second series' instances are left
+    assert p.jobs.for_series(first)
