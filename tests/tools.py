@@ -7,8 +7,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -77,3 +78,30 @@ def trickle_until_closed(sock: socket.socket, chunks: list[bytes], pause_s: floa
         except OSError:  # reset or broken pipe: closed
             return True, time.monotonic() - start
     return False, time.monotonic() - start
+
+
+#: Ports :func:`free_port` handed out in this process: the kernel may give a just-closed port again.
+_GIVEN_PORTS: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, never one already handed out in this test process."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll an external process's state (a server starting, a PACS receiving) until true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

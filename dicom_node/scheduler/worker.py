@@ -46,6 +46,11 @@ class PrefetchHint:
     paths: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ReadAheadQuery:
+    """Asks a worker which series it holds read ahead; answered ``("held", {series UID: slices})``."""
+
+
 class WorkerStopped(Exception):
     """The node stopped the worker while it ran a job; the job stays ``running`` and is re-queued at start."""
 
@@ -147,6 +152,9 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
             return
         if isinstance(task, PrefetchHint):
             prefetch.hint(task.series_uid, [str(spool.absolute(p)) for p in task.paths])
+            continue
+        if isinstance(task, ReadAheadQuery):
+            conn.send(("held", {} if prefetch.busy else prefetch.held()))
             continue
         outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode)
         conn.send(("done", outcome))
@@ -256,6 +264,29 @@ class WorkerProcess:
             return True
         except (OSError, BrokenPipeError):
             return False
+        finally:
+            self._lock.release()
+
+    def read_ahead(self, timeout_s: float = 60.0) -> dict[str, int] | None:
+        """Series UID -> slices this worker holds decoded, once it has read every instance it was told about.
+
+        ``{}`` while reads are still waiting; ``None`` if it runs a job, is
+        not alive, or did not answer within ``timeout_s`` (its warm-up).  An
+        answer that comes late is passed over by :meth:`run`.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._closed or not self.alive or self._conn is None:
+                return None
+            self._conn.send(ReadAheadQuery())
+            while self._conn.poll(timeout_s):
+                kind, value = self._conn.recv()
+                if kind == "held":
+                    return dict(value)
+            return None
+        except (EOFError, OSError, BrokenPipeError):
+            return None
         finally:
             self._lock.release()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from dicom_node.scheduler.pipeline import InferTask
 from dicom_node.scheduler.worker import WorkerProcess
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
+from tests.tools import wait_until
 
 SHAPE = (12, 24, 20)
 
@@ -188,7 +188,8 @@ def test_an_idle_worker_reads_a_receiving_series_and_its_job_takes_it(tmp_path: 
         assert worker.prefetch(task.series_uid, list(paths[:6]))  # half the series has arrived
         assert worker.prefetch(task.series_uid, list(paths))  # then all of it
         assert worker.prefetch(task.series_uid, list(paths))  # known: not sent again
-        time.sleep(3)  # the worker's warm-up, then its reads
+        wait_until(lambda: worker.read_ahead() == {task.series_uid: len(files)}, 120,
+                   "the worker to read the series ahead (after its warm-up)")
         outcome = worker.run(task, 120)
         assert outcome.ok, outcome.error
         assert outcome.prefetched == len(files)

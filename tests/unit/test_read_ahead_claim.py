@@ -9,7 +9,6 @@ at most ``READ_AHEAD_CLAIM_S`` after the job became due.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from dicom_node.spool import Spool
 from dicom_node.store import Database
 from dicom_node.store.jobs import JobStore
 from tests.spooled import spool_series
+from tests.tools import wait_until
 
 MODEL_PY = '''
 import numpy as np
@@ -101,7 +101,8 @@ def test_the_worker_that_read_a_series_ahead_runs_its_job(tmp_path: Path) -> Non
         w.start()
     try:
         assert workers[1].prefetch(series_uid, paths)
-        time.sleep(3)  # the workers' warm-up, then worker 1's reads
+        wait_until(lambda: workers[1].read_ahead() == {series_uid: len(paths)}, 120,
+                   "worker 1 to read the series ahead (after its warm-up)")
         job = p.jobs.enqueue(JobKind.INFER, series_uid, 100.0, model="bright", payload={"outputs": ["seg", "sr"]})
         soon: Any = lambda: 100.5  # noqa: E731
         assert p.drain_infer(soon, runner=workers[0], leave=leave_to_reader(workers, workers[0], soon)) == 0
