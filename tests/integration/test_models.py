@@ -99,7 +99,8 @@ def _models(tmp: Path) -> dict[str, Any]:
         "bright": py("bright", labels=[{"value": 1, "name": "Bright spot", "snomed": TISSUE}]),
         "chain": {"type": "chain", "first": "regions", "then": "bright", "margin_mm": 3},
         "raises": py("raises", labels=LABEL),
-        "hangs": py("hangs", labels=LABEL, timeout_s=4),
+        # Long enough for the test to see it running (each `dicom-node status` call takes seconds on a busy CI).
+        "hangs": py("hangs", labels=LABEL, timeout_s=20),
         "kills": py("kills_itself", labels=LABEL),
     }
 
@@ -224,7 +225,7 @@ def test_models_of_every_type_run_through_the_node(tmp_path: Path, node_factory:
 
     # Misbehaving models fail only their own job, each with its reason.
     assert job["raises"]["state"] == "failed" and "deliberate failure" in job["raises"]["reason"]
-    assert job["hangs"]["state"] == "failed" and "timed out after 4 s" in job["hangs"]["reason"]
+    assert job["hangs"]["state"] == "failed" and "timed out after 20 s" in job["hangs"]["reason"]
     assert job["kills"]["state"] == "failed" and "worker process died" in job["kills"]["reason"]
     assert "exit code -9" in job["kills"]["reason"]
 
