@@ -11,8 +11,11 @@ The sender is DCMTK ``storescu`` (``TCP_NODELAY=1``), once over one association
 * Orthanc (Debian package), no Lua, storage uncompressed;
 * DCMTK ``storescp --fork`` writing into a temporary folder.
 
-Each run sends a fresh series (new UIDs), so no target sees duplicates.  Prints
-seconds, instances/s and MB/s per run, the ratios node/Orthanc and
+Each run sends a fresh series (new UIDs), so no target sees duplicates.  Every send
+starts with every target idle.  Prints seconds, instances/s and MB/s per run, each
+target's CPU (user + system of its processes, counted until it is idle again, so the
+node's recording behind the sends is in it) in seconds and ms per instance, a steadier
+figure than the time on a shared machine, the ratios node/Orthanc and
 node/storescp (time; <= 1.0 means the node is as fast or faster) and the
 4-association speed-up over one association of each target.  Targets: node/Orthanc
 <= 1.0 and node/storescp <= 3 over one association; 4 associations >= 1.5x one.
@@ -174,6 +177,115 @@ class StoreScp(Target):
                 "no database")
 
 
+def _tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants, with the children they have reaped.
+
+    Read from ``/proc/<pid>/stat`` (utime, stime, cutime, cstime): storescp's forked
+    children are counted once storescp has reaped them, the node's receiver processes
+    while they run.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        stats[int(entry.name)] = sum(int(f) for f in fields[11:15]) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, 0.0)
+        todo.extend(children.get(current, []))
+    return total
+
+
+def settled_cpu(target: Target, flat_s: float = 0.5, limit_s: float = 15.0) -> float:
+    """The target's CPU seconds once it has stopped using CPU for ``flat_s`` (work it does behind the sends too)."""
+    assert target.proc is not None
+    last = _tree_cpu_seconds(target.proc.pid)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(flat_s)
+        now = _tree_cpu_seconds(target.proc.pid)
+        if now - last < 0.02:  # a few scheduler ticks at most
+            return now
+        last = now
+    return last
+
+
+def filesystem(path: Path) -> str:
+    """The filesystem every target writes to, e.g. ``ext4 on /dev/vda (no journal)``: its syncs and file creation
+    cost differ by kind and journal."""
+    found = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(path)], capture_output=True, text=True)
+    fstype, _, source = found.stdout.strip().partition(" ")
+    if not fstype:
+        return "unknown"
+    note = ""
+    journal = Path("/sys/fs/ext4") / Path(source.strip()).name / "journal_task"
+    if fstype == "ext4" and journal.exists():
+        note = " (no journal)" if journal.read_text().strip() == "<none>" else " (journal)"
+    return f"{fstype} on {source.strip()}{note}"
+
+
+def mount_ext4_image(folder: Path, size_gb: int) -> Path | None:
+    """A fresh journaled ext4 (Debian's default for ``/var/lib``) in a sparse image file, mounted at ``folder``.
+
+    Each target gets its own, on a loop device with direct I/O (the image's pages are not cached twice,
+    so a target's fsync flushes its own writes, as on a disk of its own): every target then writes to
+    the kind of filesystem a PACS host has, whatever this machine's own folder is.  On a development VM
+    whose ext4 runs without a journal, creating a file costs 0.1-0.8 ms after many files were deleted
+    nearby (the kernel skips recently freed inodes one by one; with a journal it does not), which hit
+    the three targets unevenly.  Needs root, ``mkfs.ext4``, ``losetup`` and a loop device; returns
+    ``None`` (and says why) when any is missing.
+    """
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.ext4", "losetup", "mount")):
+        print("filesystem: no ext4 image (needs root, mkfs.ext4 and losetup); the targets write to the work folder")
+        return None
+    image = folder.with_name(folder.name + ".ext4.img")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size_gb << 30)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+                          capture_output=True, text=True)
+    attached = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                              capture_output=True, text=True) if made.returncode == 0 else made
+    device = attached.stdout.strip()
+    mounted = subprocess.run(["mount", device, str(folder)], capture_output=True, text=True) \
+        if attached.returncode == 0 and device.startswith("/dev/") else attached
+    if mounted.returncode != 0:
+        if device.startswith("/dev/"):
+            subprocess.run(["losetup", "-d", device], check=False)
+        print(f"filesystem: no ext4 image ({mounted.stderr.strip()[-200:]}); the targets write to the work folder")
+        image.unlink(missing_ok=True)
+        return None
+    return folder
+
+
+def unmount_image(folder: Path) -> None:
+    """Unmount what :func:`mount_ext4_image` mounted at ``folder`` and detach its loop device."""
+    source = subprocess.run(["findmnt", "-no", "SOURCE", str(folder)], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["umount", str(folder)], check=False)
+    if source.startswith("/dev/loop"):
+        subprocess.run(["losetup", "-d", source], check=False)
+
+
+def create_cost_us(folder: Path, count: int = 500) -> float:
+    """Microseconds to create (and close) an empty file in ``folder``: each target creates one per instance."""
+    probe = folder / "create-probe"
+    probe.mkdir()
+    t0 = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(probe / f"{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(probe)
+    return 1e6 * seconds / count
+
+
 def send(target: Target, files: list[Path], associations: int) -> float:
     """Seconds to C-STORE ``files`` over ``associations`` concurrent storescu processes."""
     exe = _tool("storescu")
@@ -196,38 +308,57 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--slices", type=int, default=200, help="slices per series (default 200)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat each measurement; median reported")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--filesystem", choices=("ext4-image", "here"), default="ext4-image",
+                        help="ext4-image (default, as root): each target writes to a fresh journaled ext4 of its "
+                             "own (a loop-mounted image file); here: to the temporary folder's own filesystem")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
+    count = 2 * args.rounds * 3 + 3
+    # Each target's copies of what it is sent (and the node's journal), with room to spare; sparse files.
+    size_gb = max(4, int(2 * count * args.slices * 0.53e6 / 2**30) + 2)
+    mounted = [folder for folder in (work / name for name in ("node", "orthanc", "storescp"))
+               if args.filesystem == "ext4-image" and mount_ext4_image(folder, size_gb) is not None]
     targets: list[Target] = [Node(work / "node"), Orthanc(work / "orthanc"), StoreScp(work / "storescp")]
     try:
         t0 = time.perf_counter()
-        series = make_series(work / "data", args.slices, 2 * args.rounds * len(targets) + len(targets))
+        series = make_series(work / "data", args.slices, count)
         size_mb = sum(f.stat().st_size for f in series[0]) / 1e6
         print(f"data: {len(series)} series of {args.slices} CT slices 512x512 ({size_mb:.0f} MB each), "
               f"made in {time.perf_counter() - t0:.0f} s; sender: DCMTK storescu, TCP_NODELAY=1")
         for t in targets:
             t.start()
-            print(f"{t.name}: {t.describe()}")
+            print(f"{t.name}: {t.describe()}; writes to {filesystem(t.work)}, creating a file there takes "
+                  f"{create_cost_us(t.work):.0f} us")
         results: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
         fresh = iter(series)
         for t in targets:  # warm-up, not timed: every target's first association (imports, caches, files)
             send(t, next(fresh)[:20], 4)
         for _ in range(args.rounds):
             for assocs in (1, 4):
                 for t in targets:  # interleaved, so a busy moment of the machine hits every target
+                    # Each send starts with every target idle; its CPU is counted until the target is idle
+                    # again (the node records files and rows behind the sends).
+                    before = {u.name: settled_cpu(u) for u in targets}[t.name]
                     results.setdefault((t.name, assocs), []).append(send(t, next(fresh), assocs))
+                    cpu.setdefault((t.name, assocs), []).append(settled_cpu(t) - before)
         median: Callable[[str, int], float] = lambda name, a: statistics.median(results[(name, a)])
-        print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}   range (median of {args.rounds})")
+        cpu_median: Callable[[str, int], float] = lambda name, a: statistics.median(cpu[(name, a)])
+        print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'CPU s':>7}{'CPU ms/inst':>12}"
+              f"   range (median of {args.rounds})")
         for assocs in (1, 4):
             for t in targets:
                 s = median(t.name, assocs)
                 runs = results[(t.name, assocs)]
-                print(f"{t.name:<10}{assocs:>7}{s:>9.2f}{args.slices / s:>9.1f}{size_mb / s:>8.1f}   "
-                      f"{min(runs):.2f}-{max(runs):.2f} s")
+                c = cpu_median(t.name, assocs)
+                print(f"{t.name:<10}{assocs:>7}{s:>9.2f}{args.slices / s:>9.1f}{size_mb / s:>8.1f}{c:>7.2f}"
+                      f"{1000 * c / args.slices:>12.2f}   {min(runs):.2f}-{max(runs):.2f} s")
         for assocs in (1, 4):
             node = median("node", assocs)
             print(f"{assocs} assoc: node/Orthanc = {node / median('Orthanc', assocs):.2f}   "
-                  f"node/storescp = {node / median('storescp', assocs):.2f}   (time ratio; <= 1.0: node as fast)")
+                  f"node/storescp = {node / median('storescp', assocs):.2f}   (time ratio; <= 1.0: node as fast)   "
+                  f"CPU: node/Orthanc = {cpu_median('node', assocs) / cpu_median('Orthanc', assocs):.2f}   "
+                  f"node/storescp = {cpu_median('node', assocs) / cpu_median('storescp', assocs):.2f}")
         for t in targets:
             print(f"{t.name}: 4 associations are {median(t.name, 1) / median(t.name, 4):.2f}x one association")
         ok1 = median("node", 1) <= median("Orthanc", 1)
@@ -239,6 +370,8 @@ def main(argv: list[str]) -> int:
     finally:
         for t in targets:
             t.stop()
+        for folder in mounted:
+            unmount_image(folder)
         if args.keep:
             print(f"kept {work}")
         else:

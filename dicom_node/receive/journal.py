@@ -159,15 +159,17 @@ class Materializer:
         """
         written: list[int] = []
         dirs: set[Path] = set()
-        items = [(record if record.sha256 else replace(record, sha256=digest(os.pread(fd, size, offset))),
-                  at, offset, size) for record, at, offset, size in items]  # the digest, off the C-STORE path
+        digested: list[tuple[ReceivedInstance, float]] = []
         try:
-            for record, _, offset, size in items:
+            for record, at, offset, size in items:
+                data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
+                if not record.sha256:
+                    record = replace(record, sha256=digest(data))
+                digested.append((record, at))
                 path = self.spool.absolute(record.path)
                 if self.series.recorded_digest(record.sop_uid) == record.sha256 and path.is_file() \
                         and path.stat().st_size == size:
                     continue  # materialised before a crash: the file and the row are there
-                data = os.pread(fd, size, offset)
                 written.append(self.spool.write_unsynced(path, data))
                 dirs.add(path.parent)
             for file_fd in written:
@@ -177,9 +179,9 @@ class Materializer:
                 os.close(file_fd)
         for directory in dirs:
             _sync_dir(directory)
-        outcomes = self.series.record_instances([(record, at) for record, at, _, _ in items])
+        outcomes = self.series.record_instances(digested)
         if self.on_recorded is not None:
-            for (record, *_), outcome in zip(items, outcomes):
+            for (record, _), outcome in zip(digested, outcomes):
                 self.on_recorded(record, outcome)
 
 
