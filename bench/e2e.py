@@ -178,7 +178,7 @@ def _print_row(row: dict[str, Any]) -> None:
           f"{row['instances']} instances read ahead), model {row['model_s']:.2f}, "
           f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}] "
           f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)")
-    print(f"  reference: storescu CT -> node {row['storescu_intake_s']:.2f} s; "
+    print(f"  reference: storescu CT -> {'Orthanc' if row['cfind'] else 'node'} {row['storescu_intake_s']:.2f} s; "
           f"storescu SEG+SR -> Orthanc {row['storescu_results_s']:.2f} s (a re-store: Orthanc replaces the node's copies) "
           f"(node SEND / storescu = {row['send_s'] / max(row['storescu_results_s'], 1e-6):.2f}x)")
 
