@@ -94,12 +94,13 @@ class Node:
         self.audit = AuditLog(self.db, clock)
         self._receiving: set[str] = set()  # series whose arrival is in the audit trail
         self.store_handler = StoreHandler(self.spool, self._series_store(), settings.storage.min_free_mb,
-                                          clock=clock, on_recorded=self._on_recorded)
+                                          clock=clock, on_recorded=self._on_recorded,
+                                          on_released=self._on_released)
         self.receiver: Receiver | ReceiverPool
         receivers = receiver_count(settings.node.receivers)
         if receivers > 1:
             self.receiver = ReceiverPool(settings, receivers, on_recorded=self._on_recorded,
-                                         on_association=self._on_association)
+                                         on_association=self._on_association, on_released=self._on_released)
         else:
             self.receiver = Receiver(settings.node, self.store_handler, on_association=self._on_association)
         self.ray: RayEngine | None = None
@@ -215,6 +216,11 @@ class Node:
         """An instance arrived: make sure a tick comes when its series' quiet time ends."""
         if self._completion_wake is None:
             self._schedule_completion()
+
+    def _on_released(self, calling_ae: str, series_uids: list[str]) -> None:
+        """A peer released an association whose instances are all recorded: a C-FIND peer is asked now."""
+        if self.pipeline.completion.released(calling_ae, series_uids, self.clock()):
+            self._wake("tick")
 
     def _schedule_completion(self) -> None:
         """Bring the next tick forward to the moment the earliest receiving series can complete."""

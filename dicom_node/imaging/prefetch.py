@@ -65,6 +65,7 @@ class _Entry:
     key: _FileKey
     dataset: Dataset
     slot: int | None  # index into the series' buffer; None when only the dataset is kept
+    at_load: bool = False  # read by the job's own load (catch_up), not ahead of it
 
 
 @dataclass
@@ -207,6 +208,33 @@ class Prefetch:
         return series.count - 1
 
     # -- the job's load --------------------------------------------------------
+    def catch_up(self, paths: Iterable[Path]) -> int:
+        """Read here the instances of a series being read ahead that its job finds not yet read; returns how many.
+
+        A series that completes as soon as its last instance is recorded (a
+        C-FIND peer asked on release) reaches its job before the idle worker
+        has read its last instances.  Reading those into the series' buffer
+        (within the budget, as :meth:`step` would) lets :meth:`volume` hand
+        the buffer over instead of copying the whole volume out for the few
+        slices it lacks.  Paths of series not read ahead are left to the load.
+        """
+        names = [str(p) for p in paths]
+        owners = {self._owner[n] for n in names if n in self._owner}
+        if len(owners) != 1:
+            return 0
+        uid = owners.pop()
+        series = self._series[uid]
+        missing = [n for n in names if n not in series.entries]
+        pending = self._pending.get(uid)
+        if pending:
+            self._pending[uid] = [n for n in pending if n not in set(missing)]
+        for name in missing:
+            self._add(uid, Path(name))
+            entry = series.entries.get(name)
+            if entry is not None:
+                entry.at_load = True
+        return len(missing)
+
     def dataset(self, path: Path) -> Dataset | None:
         """The dataset read from ``path``, if it was read here and the file has not changed since."""
         uid = self._owner.get(str(path))
@@ -249,11 +277,12 @@ class Prefetch:
         return None, [None if s is None or s[0].buffer is None else s[0].buffer[s[1]] for s in slots]
 
     def taken(self, paths: Iterable[Path]) -> int:
-        """A job loaded ``paths``: drop every series they belong to; returns how many were read here."""
+        """A job loaded ``paths``: drop every series they belong to; returns how many were read ahead here."""
         names = [str(p) for p in paths]
         used = 0
         for uid in {self._owner[n] for n in names if n in self._owner}:
-            used += sum(1 for n in names if n in self._series[uid].entries)
+            entries = self._series[uid].entries
+            used += sum(1 for n in names if n in entries and not entries[n].at_load)
             self.drop_series(uid)
         return used
 

@@ -96,6 +96,8 @@ def load_series(paths: Sequence[Path], prefetch: Prefetch | None = None) -> Seri
     """
     if not paths:
         raise ImagingError("no files given: a volume needs at least one image")
+    if prefetch is not None:
+        prefetch.catch_up(paths)  # the last instances into the read-ahead buffer: handed over, not copied out
     datasets = [(prefetch.dataset(path) if prefetch is not None else None) or _read(path, index, len(paths))
                 for index, path in enumerate(paths)]
     path_of = {id(ds): path for ds, path in zip(datasets, paths)}

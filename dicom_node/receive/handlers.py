@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import cast
@@ -64,13 +65,23 @@ class StoreHandler:
         Returns the free space of the spool filesystem in MiB; checked before
         every C-STORE, so intake resumes by itself as soon as space returns.
         Defaults to :meth:`Spool.free_mb`; a parameter for tests.
+    on_released:
+        Called with ``(calling AE title, series UIDs)`` when a peer released
+        an association (A-RELEASE, not an abort) in which instances of those
+        series were stored, once all of them are recorded: the hint on which
+        completion asks a C-FIND peer at once (see
+        :mod:`dicom_node.scheduler.completion`).  Must not raise.
     """
 
     def __init__(self, spool: Spool, series: SeriesStore, min_free_mb: float,
                  clock: Callable[[], float] = time.time,
                  on_recorded: Callable[[ReceivedInstance, str], None] | None = None,
-                 free_mb: Callable[[], float] | None = None) -> None:
+                 free_mb: Callable[[], float] | None = None,
+                 on_released: Callable[[str, list[str]], None] | None = None) -> None:
         self.on_recorded = on_recorded
+        self.on_released = on_released
+        self._stored_in: dict[int, set[str]] = {}  # association -> series it stored instances of
+        self._stored_lock = threading.Lock()
         self.journal: IntakeJournal | None = None
         self.spool = spool
         self.series = series
@@ -89,6 +100,29 @@ class StoreHandler:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+
+    def released(self, event: evt.Event) -> None:
+        """``EVT_RELEASED``: the peer ended the association normally; hint its series once recorded."""
+        with self._stored_lock:
+            series = self._stored_in.pop(id(event.assoc), None)
+        if not series or self.on_released is None:
+            return
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        hint, uids = self.on_released, sorted(series)
+        journal = self.journal
+        if journal is not None:
+            journal.after_recorded(lambda: hint(calling_ae, uids))
+        else:
+            hint(calling_ae, uids)
+
+    def closed(self, event: evt.Event) -> None:
+        """``EVT_CONN_CLOSE``: forget the association (after an abort, its series get no hint)."""
+        with self._stored_lock:
+            self._stored_in.pop(id(event.assoc), None)
+
+    def _stored(self, event: evt.Event, series_uid: str) -> None:
+        with self._stored_lock:
+            self._stored_in.setdefault(id(event.assoc), set()).add(series_uid)
 
     def __call__(self, event: evt.Event) -> int:
         """Store one instance; returns the C-STORE status (see the module docstring)."""
@@ -152,6 +186,7 @@ class StoreHandler:
             return OUT_OF_RESOURCES
         if journal is not None:
             logger.debug("Stored %s (%d bytes) series %s in the intake journal", sop_uid, len(data), series_uid)
+            self._stored(event, series_uid)
             return SUCCESS
         try:
             outcome = self.series.record_instance(record, self.clock())
@@ -161,6 +196,7 @@ class StoreHandler:
         logger.debug("Stored %s (%d bytes) series %s: %s", sop_uid, len(data), series_uid, outcome)
         if self.on_recorded is not None:
             self.on_recorded(record, outcome)
+        self._stored(event, series_uid)
         return SUCCESS
 
 

@@ -105,6 +105,13 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _run_callback(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # a hook's defect must not stop intake
+        logger.exception("Intake: a callback after recording failed")
+
+
 def encode_record(record: ReceivedInstance, received_at: float, data: bytes | memoryview) -> tuple[bytes, bytes]:
     """The record's fixed header plus JSON header, and nothing else: the data follows as given."""
     header = json.dumps({**asdict(record), "received_at": received_at}, separators=(",", ":")).encode()
@@ -215,6 +222,9 @@ class IntakeJournal:
         self._synced: tuple[_Segment | None, int] = (None, 0)
         self._failing: str | None = None
         self._stop = False
+        self._queued = 0  # records ever queued for the materialiser
+        self._recorded = 0  # of those, records materialised
+        self._waiting: list[tuple[int, Callable[[], None]]] = []  # (records queued then, callback)
         self._segment = self._new_segment()
         self._thread = threading.Thread(target=self._run, name="intake-materializer", daemon=True)
         self._thread.start()
@@ -260,8 +270,22 @@ class IntakeJournal:
                 self._synced = (segment, target)
         with self._state:
             self._queue.append(entry)
+            self._queued += 1
             self._backlog += len(data)
             self._state.notify()
+
+    def after_recorded(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every instance appended so far is recorded (now, if none is waiting).
+
+        It runs in the materialiser's thread (or the caller's) and must not
+        raise; callbacks still waiting when the journal closes are dropped.
+        """
+        with self._state:
+            pending = self._recorded < self._queued
+            if pending:
+                self._waiting.append((self._queued, callback))
+        if not pending:
+            _run_callback(callback)
 
     # -- segments ------------------------------------------------------------
     def _new_segment(self) -> _Segment:
@@ -316,6 +340,9 @@ class IntakeJournal:
             self._failing = None
         with self._state:
             del self._queue[:len(batch)]
+            self._recorded += len(batch)
+            due = [callback for mark, callback in self._waiting if mark <= self._recorded]
+            self._waiting = [(mark, callback) for mark, callback in self._waiting if mark > self._recorded]
             for entry in batch:
                 self._backlog -= entry.size
                 entry.segment.pending -= 1
@@ -325,6 +352,8 @@ class IntakeJournal:
                     self._truncate_if_idle(segment)
                 else:
                     self._drop_if_done(segment)
+        for callback in due:
+            _run_callback(callback)
         return True
 
     def _truncate_if_idle(self, segment: _Segment) -> None:

@@ -96,7 +96,8 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
         series = SeriesStore(db, reopen_late=settings.completion.reprocess_late_arrivals)
         spool = Spool(root)
         recorded = lambda record, outcome: events.put(("recorded", record, outcome))  # noqa: E731
-        handler = StoreHandler(spool, series, settings.storage.min_free_mb, on_recorded=recorded)
+        handler = StoreHandler(spool, series, settings.storage.min_free_mb, on_recorded=recorded,
+                               on_released=lambda ae, uids: events.put(("released", ae, uids)))
         replay_orphans(spool.intake, spool, series, recorded)  # a receiver that died before recording its own
         handler.attach_journal()
         receiver = Receiver(settings.node, handler,
@@ -149,7 +150,7 @@ class ReceiverPool:
         Node settings (pickled to each process).
     processes:
         How many receiver processes.
-    on_recorded, on_association:
+    on_recorded, on_association, on_released:
         The main process's hooks, called from a thread that drains the
         processes' events (same signatures as on :class:`StoreHandler` and
         :class:`Receiver`).
@@ -157,11 +158,14 @@ class ReceiverPool:
 
     def __init__(self, settings: Settings, processes: int, *,
                  on_recorded: Callable[[Any, str], None],
-                 on_association: Callable[[bool, str, str, str], None]) -> None:
+                 on_association: Callable[[bool, str, str, str], None],
+                 on_released: Callable[[str, list[str]], None] | None = None) -> None:
         self.settings = settings
         self.count = processes
         self.hooks: dict[str, Callable[..., None]] = {
             "recorded": on_recorded, "association": on_association}
+        if on_released is not None:
+            self.hooks["released"] = on_released
         self._ctx = mp.get_context("spawn")
         self._events: Any = self._ctx.Queue()
         # Associations handed to each process (written here only) and ended by it (written there only):

@@ -258,6 +258,7 @@ class Receiver:
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._associations_lock:
             self._associations.discard(id(event.assoc))
+        self.store_handler.closed(event)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse peers not in ``node.allowed_peers`` with an A-ASSOCIATE-RJ and an audit line."""
@@ -314,6 +315,7 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self.store_handler.released),
         ]
 
     def start(self) -> tuple[str, int]:

@@ -7,10 +7,19 @@ DICOM has no "end of series" message.  A receiving series is complete when
    :func:`dicom_node.rules.matcher.quiet_seconds_for`); or
 2. the sending PACS confirms it: the series' Calling AE Title is a
    ``completion.cfind`` peer, the series has been quiet for the peer's
-   ``after_seconds``, and a C-FIND (Study Root, SERIES level) answers
+   ``after_seconds`` (or, with ``on_release``, the peer has just released
+   the association that delivered its instances and every one of them is
+   recorded), and a C-FIND (Study Root, SERIES level) answers
    NumberOfSeriesRelatedInstances (0020,1209) equal to the instances received.
    A peer that is unreachable or answers another count leaves the timer in
    charge; it is asked again after ``interval_seconds``.
+
+A PACS routes a series in one association and releases it: asking then
+instead of ``after_seconds`` later takes that wait off every routed series'
+latency.  The release is only a moment to ask, never proof: the count
+decides, as it does after ``after_seconds``.  At most one query per series
+per ``interval_seconds`` either way (a sender that opens one association per
+instance gets no more queries than one that is quiet).
 
 A late instance re-opens a complete series (see
 :meth:`dicom_node.store.SeriesStore.record_instance`), which then completes again
@@ -20,6 +29,7 @@ the same way.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +129,26 @@ class SeriesCompletion:
         self.summarise = summarise
         self.count_instances = count_instances
         self._asked: dict[str, float] = {}  # series UID -> when its peer was last asked
+        self._released: dict[str, float] = {}  # series UID -> when its peer released a delivering association
+        self._released_lock = threading.Lock()  # released() runs in the receivers' event thread
+
+    def released(self, calling_ae: str, series_uids: list[str], now: float) -> bool:
+        """``calling_ae`` released an association that delivered ``series_uids``, all of them recorded.
+
+        Returns
+        -------
+        bool
+            Whether that peer is a ``completion.cfind`` peer asked on release
+            (``on_release``): then the series are asked about at the next
+            tick, which the caller should bring forward.
+        """
+        peer = self.settings().completion.cfind_peer(calling_ae)
+        if peer is None or not peer.on_release:
+            return False
+        with self._released_lock:
+            for uid in series_uids:
+                self._released[uid] = now
+        return True
 
     def next_due(self, now: float) -> float | None:
         """Earliest time a receiving series may complete (its last instance + the shortest quiet time).
@@ -157,13 +187,16 @@ class SeriesCompletion:
         shortest = min([conf.quiet_seconds, *overrides, *(p.after_seconds for p in conf.cfind)])
         completed: list[str] = []
         receiving = self.series.in_state(SeriesState.RECEIVING)
+        with self._released_lock:
+            released = set(self._released)
         for row in receiving:
             quiet = now - row["last_received"]
-            if quiet < shortest:
+            hinted = row["series_uid"] in released
+            if quiet < shortest and not hinted:
                 continue
             how = self._timer(row, quiet, conf.quiet_seconds, overrides, settings.rules)
             if how is None:
-                how = self._confirmed(row, quiet, now, settings)
+                how = self._confirmed(row, quiet, now, settings, hinted)
             if how is not None and self.series.mark_complete(row["series_uid"], now, row["last_received"]):
                 logger.info("Series %s: complete after %d instance(s) (%s)", row["series_uid"],
                             row["instance_count"], how)
@@ -172,6 +205,9 @@ class SeriesCompletion:
         live = {row["series_uid"] for row in receiving}
         for uid in [u for u in self._asked if u not in live]:
             del self._asked[uid]
+        with self._released_lock:
+            for uid in [u for u in self._released if u not in live and u in released]:
+                del self._released[uid]  # a hint that came after this pass read them stays for the next
         return completed
 
     def _timer(self, row: dict[str, Any], quiet: float, default: float, overrides: list[float],
@@ -187,14 +223,17 @@ class SeriesCompletion:
             wait = default
         return f"quiet for {wait:g} s" if quiet >= wait else None
 
-    def _confirmed(self, row: dict[str, Any], quiet: float, now: float, settings: Settings) -> str | None:
+    def _confirmed(self, row: dict[str, Any], quiet: float, now: float, settings: Settings,
+                   hinted: bool = False) -> str | None:
         peer = settings.completion.cfind_peer(row["calling_ae"] or "")
-        if peer is None or quiet < peer.after_seconds:
+        if peer is None or (quiet < peer.after_seconds and not (hinted and peer.on_release)):
             return None
         asked = self._asked.get(row["series_uid"])
         if asked is not None and now - asked < peer.interval_seconds:
-            return None
+            return None  # a release hint stays until the interval has passed
         self._asked[row["series_uid"]] = now
+        with self._released_lock:
+            self._released.pop(row["series_uid"], None)
         calling = peer.calling_ae_title or settings.node.ae_title
         try:
             count = self.count_instances(peer, calling, row["study_uid"], row["series_uid"])

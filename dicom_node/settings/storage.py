@@ -47,7 +47,10 @@ class CFindPeerSettings(BaseModel):
 
     A receiving series whose Calling AE Title is ``ae_title`` is complete as
     soon as the peer's NumberOfSeriesRelatedInstances (0020,1209) equals the
-    number received; otherwise the quiet timer still completes it.
+    number received; otherwise the quiet timer still completes it.  The peer
+    is asked once the series has been quiet ``after_seconds`` and, with
+    ``on_release``, as soon as it releases an association that delivered
+    instances of the series.
     """
 
     model_config = FROZEN
@@ -59,6 +62,7 @@ class CFindPeerSettings(BaseModel):
     after_seconds: Seconds = 2.0
     interval_seconds: Seconds = 10.0
     timeout_s: Seconds = 10.0
+    on_release: Flag = True
 
 
 class CompletionSettings(BaseModel):

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class Running:
 
     def stop(self) -> None:
         self.receiver.stop()
+        self.handler.close()
         self.db.close()
 
 
@@ -95,6 +97,32 @@ def test_low_space_refuses_then_intake_resumes_by_itself(receiver: Callable[...,
     assert caplog.text.count("Intake paused") == 1  # said once, not per refused instance
     assert "Intake resumed" in caplog.text
     assert len(r.spool.incoming_files()) == len(slices)
+
+
+def test_a_release_hints_its_series_once_recorded_an_abort_does_not(receiver: Callable[..., Running],
+                                                                   slices: list[Path]) -> None:
+    r = receiver()
+    r.handler.attach_journal()  # as the node runs: recorded behind the C-STORE path
+    hints: list[tuple[str, list[str], int]] = []
+    arrived = threading.Event()
+
+    def on_released(calling_ae: str, series_uids: list[str]) -> None:
+        hints.append((calling_ae, series_uids, r.series.get(series_uids[0])["instance_count"]))
+        arrived.set()
+
+    r.handler.on_released = on_released
+    series_uid = str(pydicom.dcmread(slices[0]).SeriesInstanceUID)
+    aborted = _associate(r.port, ae_title="PACS")
+    assert aborted.send_c_store(pydicom.dcmread(slices[0])).Status == 0x0000
+    aborted.abort()  # no hint: an aborted association says nothing about the series
+    assoc = _associate(r.port, ae_title="PACS")
+    for f in slices:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0x0000
+    assert not arrived.is_set(), "no hint while the association is open"
+    assoc.release()
+    assert arrived.wait(10)
+    # Once, for the released association, with every instance of it already recorded.
+    assert hints == [("PACS", [series_uid], len(slices))]
 
 
 def test_known_ae_from_a_wrong_host_gets_a_proper_reject(receiver: Callable[..., Running],

@@ -132,3 +132,32 @@ def test_whole_study_routed_only_thin_axial_processed_and_cfind_completes(
         assert f"Series {uids[name]}: complete after {len(paths)} instance(s) (ORTHANC confirms " \
                f"{len(paths)} instance(s) by C-FIND)" in log, name
     assert "quiet for 600 s" not in log
+
+
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_a_routed_series_completes_when_the_pacs_releases_its_association(
+        tmp_path: Path, orthanc_factory: Any, node_factory: Any, receivers: int) -> None:
+    """The PACS is asked as soon as it releases the association that routed the series, not after_seconds later.
+
+    after_seconds and the quiet timer are set far beyond the test's wait, so only the release can
+    trigger the query; with one receiver (in the node's process) and with a pool (the hint crosses
+    from a receiver process).
+    """
+    hu, _ = make_chest_phantom(shape=(16, 48, 48), spacing=(1.0, 1.0, 1.0))
+    paths = write_ct_series(hu[:6], (1.0, 1.0, 1.0), tmp_path / "ct")
+    series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    pacs_port = free_port()
+    config = node_config(tmp_path, quiet_seconds=QUIET_S)
+    config["node"]["receivers"] = receivers
+    config["completion"]["cfind"] = [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port,
+                                      "after_seconds": 300, "interval_seconds": 300, "timeout_s": 10}]
+    node = node_factory(config)
+    orthanc = orthanc_factory(node.port, dicom_port=pacs_port, lua=ROUTE_ALL_LUA, stable_age=1)
+    assert storescu(orthanc.dicom_port, paths, aec="ORTHANC").returncode == 0
+
+    def completed() -> bool:
+        return any(r["series_uid"] == series_uid and r["state"] not in ("receiving",) for r in node.status_json())
+
+    wait_until(completed, 60, "the routed series to complete (after_seconds is 300 s: only the release asks)")
+    assert f"Series {series_uid}: complete after {len(paths)} instance(s) (ORTHANC confirms {len(paths)} " \
+           "instance(s) by C-FIND)" in node.log()

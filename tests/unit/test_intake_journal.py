@@ -137,3 +137,30 @@ def test_segments_rotate_and_are_removed_once_recorded(state: dict[str, Any], mo
     assert journal._seq > 1  # several segments were used
     assert not list(spool.intake.glob("*.journal"))
     assert len(_rows(series)) == 12
+
+
+def test_after_recorded_waits_for_what_was_appended_before_it(state: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    journal = IntakeJournal(spool.intake, spool, series)
+    seen: list[int] = []
+    journal.after_recorded(lambda: seen.append(-1))  # nothing appended: at once, in this thread
+    assert seen == [-1]
+    real = series.record_instances
+    gate = threading.Event()
+
+    def record(batch: Any) -> Any:
+        gate.wait(10)  # the materialiser is held until the callbacks are registered
+        return real(batch)
+
+    monkeypatch.setattr(series, "record_instances", record)
+    blobs = [os.urandom(500) for _ in range(3)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 1.0 + i, blob)
+    done = threading.Event()
+    journal.after_recorded(lambda: (seen.append(len(_rows(series))), done.set()))
+    assert seen == [-1], "called before its instances were recorded"
+    gate.set()
+    assert done.wait(10)
+    assert seen == [-1, 3], "called once all three were recorded, not before"
+    journal.close()

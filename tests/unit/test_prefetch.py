@@ -103,6 +103,22 @@ def test_slices_arriving_in_volume_order_become_the_volume_without_a_copy(tmp_pa
     np.testing.assert_array_equal(np.stack(planes[:7]), cold.volume.array[:7])  # type: ignore[arg-type]
 
 
+def test_a_job_that_comes_before_the_last_instances_are_read_ahead_reads_them_into_the_buffer(
+        tmp_path: Path) -> None:
+    files = _series(tmp_path / "ct")
+    cold = load_series(files)
+    uid = _uid(files[0])
+    prefetch = Prefetch(64 * 2**20)
+    _read_all(prefetch, uid, files[:9])
+    prefetch.hint(uid, [str(f) for f in files])  # the last three arrived; the job comes before they are read
+    buffer = prefetch._series[uid].buffer
+    warm = load_series(files, prefetch)
+    _same(warm, cold)
+    assert buffer is not None and np.shares_memory(warm.volume.array, buffer), "handed over, not copied out"
+    assert not prefetch.busy, "nothing of the series is read twice"
+    assert prefetch.taken(files) == 9, "the three read by the load are not counted as read ahead"
+
+
 def test_a_file_changed_after_its_read_is_read_again(tmp_path: Path) -> None:
     files = _series(tmp_path / "ct")
     prefetch = Prefetch(64 * 2**20)

@@ -98,6 +98,40 @@ def test_cfind_confirmation_completes_before_the_timer(env: dict[str, Any]) -> N
     assert completion.complete(700.0) == [other], "the timer still completes what no peer confirms"
 
 
+def test_a_released_association_asks_the_peer_at_once(env: dict[str, Any]) -> None:
+    peers = [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104, "after_seconds": 2, "interval_seconds": 10},
+             {"ae_title": "OLDPACS", "host": "127.0.0.1", "port": 105, "after_seconds": 2, "on_release": False}]
+    settings = settings_with([], quiet_seconds=600, cfind=peers)
+    p = pipeline(env, settings)
+    asked: list[str] = []
+    answer = {"count": 3}
+
+    def count(peer: CFindPeerSettings, calling: str, study: str, series: str) -> int | None:
+        asked.append(series)
+        return answer["count"]
+
+    completion = SeriesCompletion(lambda: settings, p.series, p.summary, count)
+    routed = receive(p, description="x", now=100.0, series_uid="1.2.826.0.1.3680043.10.20")
+    old = receive(p, description="x", now=100.0, series_uid="1.2.826.0.1.3680043.10.21", calling_ae="OLDPACS")
+    modality = receive(p, description="x", now=100.0, series_uid="1.2.826.0.1.3680043.10.22", calling_ae="MOD")
+    assert not completion.released("MOD", [modality], 100.1), "not a C-FIND peer: nothing to ask"
+    assert not completion.released("OLDPACS", [old], 100.1), "on_release: false"
+    assert completion.released("PACS", [routed], 100.1)
+    assert completion.complete(100.2) == [routed] and asked == [routed], "asked at once, not after 2 s"
+    assert completion.complete(102.5) == [old], "the other peer is asked after after_seconds, as before"
+    asked.clear()
+
+    # A count that disagrees: the release was only a moment to ask; later releases wait for the interval.
+    second = receive(p, description="x", now=200.0, series_uid="1.2.826.0.1.3680043.10.23", slices=2)
+    assert completion.released("PACS", [second], 200.1)
+    assert completion.complete(200.2) == [] and asked == [second]
+    receive(p, description="x", now=200.5, series_uid=second, slices=1)  # one more, in a new association
+    assert completion.released("PACS", [second], 200.6)
+    assert completion.complete(200.7) == [] and asked == [second], "interval_seconds still spaces the queries"
+    assert completion.complete(210.3) == [second] and asked == [second, second]
+    assert p.series.get(modality)["state"] == SeriesState.RECEIVING, "only the timer completes it"
+
+
 def test_cfind_failure_falls_back_to_the_timer(env: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     settings = settings_with([], quiet_seconds=60, cfind=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 1}])
 
