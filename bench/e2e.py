@@ -16,9 +16,10 @@ CT to the node (intake) and pushing the node's SEG + SR files to Orthanc (what a
 
 With ``--completion cfind`` the CT goes to Orthanc instead, which routes the stable series to the
 node (as a PACS does); the node completes the series as soon as Orthanc confirms its instance count
-by C-FIND (``completion.cfind``, first query ``--after`` seconds after the last instance, the quiet
-timer set far away), and the figure is the whole path: last instance received -> SEG + SR stored in
-Orthanc, minus only the model time (target: 1 s).
+by C-FIND (``completion.cfind``: asked when Orthanc releases the association that routed the series,
+``on_release``, or else ``--after`` seconds after the last instance; the quiet timer set far away),
+and the figure is the whole path: last instance received -> SEG + SR stored in Orthanc, minus only
+the model time (target: 1 s).
 
 Usage: ``python -m bench e2e [--slices 200] [--size 512] [--quiet 2] [--runs 1] [--completion idle|cfind]``
 """
@@ -76,7 +77,8 @@ def main(argv: list[str]) -> int:
         # receives the CT and routes the stable series to the node, then confirms it by C-FIND.
         orthanc = start_orthanc(tmp / "orthanc", node.port, dicom_port=pacs_port, stable_age=1,
                                 **({} if cfind else {"lua": "-- no routing\n"}))
-        print(f"completion: {'C-FIND to Orthanc, first query ' + str(args.after) + ' s after the last instance' if cfind else 'idle timer ' + str(args.quiet) + ' s'}")
+        print("completion: " + (f"C-FIND to Orthanc when it releases the routing association (else {args.after:g} s "
+                                "after the last instance)" if cfind else f"idle timer {args.quiet:g} s"))
         rows: list[dict[str, float]] = []
         try:
             for files in series:
