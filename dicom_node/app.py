@@ -56,7 +56,8 @@ from dicom_node.tcp import listen_error
 logger = logging.getLogger(__name__)
 
 #: Seconds between read-ahead passes while series arrive (headers here, pixels in idle workers: prefetch_mb).
-_PREFETCH_INTERVAL_S = 0.5
+#: Short enough that the worker is told of the last instances before a series completes by C-FIND at release.
+_PREFETCH_INTERVAL_S = 0.2
 
 
 class ForcedShutdown(Exception):
