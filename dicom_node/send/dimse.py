@@ -1,11 +1,6 @@
 """C-STORE SCU: deliver result objects to a DICOM destination.
 
-One association carries one job's objects.  Only each file's File Meta
-Information is read to negotiate; a file whose transfer syntax the
-destination accepted goes out as its bytes are in the file, in PDU-sized
-chunks (pynetdicom's public ``STORE_SEND_CHUNKED_DATASET``), never decoded
-and encoded again: a 10 MB SEG costs its copy, not pydicom parsing and
-writing its hundreds of per-frame items twice.  For every (SOP class, transfer
+One association carries one job's objects.  For every (SOP class, transfer
 syntax of the file) the node proposes one presentation context with, in order
 of preference, the file's own transfer syntax, Explicit VR Little Endian and
 Implicit VR Little Endian.  An object whose (compressed) syntax the
@@ -33,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicom_node.domain import VERIFICATION_SOP_CLASS
@@ -50,35 +44,14 @@ __all__ = ["SendReport", "echo", "proposed_contexts", "send_files"]
 #: Transfer syntaxes every context offers besides the file's own, most preferred first.
 _FALLBACK = (UID(ExplicitVRLittleEndian), UID(ImplicitVRLittleEndian))
 
-# send_c_store(path) sends the file's encoded dataset as it is (a context with exactly its syntax is
-# required; send_files checks that first and otherwise sends a decoded dataset, transcoded if need be).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
-
-def _identify(path: Path) -> tuple[str, str, str]:
-    """(SOP Class UID, SOP Instance UID, transfer syntax) of a Part 10 file, from its File Meta Information.
-
-    Raises
-    ------
-    SendError
-        Permanent: not a DICOM file, or its File Meta Information lacks one of them.
-    """
-    try:
-        meta = read_file_meta_info(path)
-        return (str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                str(meta.TransferSyntaxUID))
-    except Exception as exc:  # not DICOM, truncated, meta without the class or the syntax
-        raise SendError(f"{path.name} is not a DICOM file with File Meta Information ({type(exc).__name__}: "
-                        f"{exc})", retryable=False) from exc
-
-
-def proposed_contexts(objects: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """Presentation contexts to propose for ``objects``.
+def proposed_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to propose for ``datasets``.
 
     Parameters
     ----------
-    objects:
-        (SOP Class UID, transfer syntax) of each object to send, as its file is encoded.
+    datasets:
+        The objects to send, each with file meta information.
 
     Returns
     -------
@@ -89,8 +62,8 @@ def proposed_contexts(objects: Sequence[tuple[str, str]]) -> list[tuple[str, lis
     """
     contexts: list[tuple[str, list[str]]] = []
     seen: set[tuple[str, str]] = set()
-    for sop_class, syntax in objects:
-        key = (str(sop_class), str(syntax))
+    for ds in datasets:
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
         if key in seen:
             continue
         seen.add(key)
@@ -173,10 +146,10 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
         ``retryable=False`` when it refuses an object (the reason names the
         status) or accepts no transfer syntax the object can be sent in.
     """
-    objects = [(Path(f), *_identify(Path(f))) for f in files]
+    datasets = [dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae_title)
     _configure(ae, timeout_s)
-    for sop_class, syntaxes in proposed_contexts([(cls, syntax) for _, cls, _, syntax in objects]):
+    for sop_class, syntaxes in proposed_contexts(datasets):
         ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
@@ -190,21 +163,15 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
     sent = transcoded = 0
     refused: list[str] = []
     try:
-        for path, sop_class, sop_instance, syntax in objects:
-            accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
-                        if cx.abstract_syntax == sop_class}
-            if skip_refused and not accepted:
-                if sop_class not in refused:
+        for ds in datasets:
+            if skip_refused and not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
+                if str(ds.SOPClassUID) not in refused:
                     logger.warning("C-STORE to %s: %s not accepted in association negotiation; not sent",
-                                   ae_title, UID(sop_class).name)
-                    refused.append(sop_class)
+                                   ae_title, UID(str(ds.SOPClassUID)).name)
+                    refused.append(str(ds.SOPClassUID))
                 continue
-            if syntax in accepted:
-                status = assoc.send_c_store(path)  # the file's bytes as they are
-            else:  # another syntax: decoded, then converted by pynetdicom or transcoded here
-                ds = dcmread(path)
-                transcoded += _fit_to_association(ds, assoc, ae_title)
-                status = assoc.send_c_store(ds)
+            transcoded += _fit_to_association(ds, assoc, ae_title)
+            status = assoc.send_c_store(ds)
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 raise SendError(f"no C-STORE response from {ae_title} (connection lost or timeout)",
@@ -214,12 +181,12 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
             elif 0xB000 <= code <= 0xBFFF:
                 sent += 1
                 warnings.append(f"0x{code:04X}")
-                logger.warning("C-STORE of %s to %s: warning status 0x%04X", sop_instance, ae_title, code)
+                logger.warning("C-STORE of %s to %s: warning status 0x%04X", ds.SOPInstanceUID, ae_title, code)
             elif 0xA700 <= code <= 0xA7FF:
                 raise SendError(f"{ae_title} is out of resources (0x{code:04X})", retryable=True)
             else:
                 comment = str(status.get("ErrorComment", "")).strip()
-                raise SendError(f"{ae_title} refused {UID(sop_class).name} with status 0x{code:04X}"
+                raise SendError(f"{ae_title} refused {UID(str(ds.SOPClassUID)).name} with status 0x{code:04X}"
                                 + (f" ({comment})" if comment else ""), retryable=False)
     finally:
         if assoc.is_established:
