@@ -12,7 +12,9 @@ The sender is DCMTK ``storescu`` (``TCP_NODELAY=1``), once over one association
 * DCMTK ``storescp --fork`` writing into a temporary folder.
 
 Each run sends a fresh series (new UIDs), so no target sees duplicates.  Every send
-starts with every target idle.  Prints seconds, instances/s and MB/s per run, each
+starts with every target idle, the node having completed every series it was sent
+(``completion.quiet_seconds`` 1 s instead of 30, so that a completion is counted in the
+node's CPU and never runs during another target's send).  Prints seconds, instances/s and MB/s per run, each
 target's CPU (user + system of its processes, counted until it is idle again, so the
 node's recording behind the sends is in it) in seconds and ms per instance, a steadier
 figure than the time on a shared machine, the ratios node/Orthanc and
@@ -28,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import tempfile
@@ -110,6 +113,10 @@ class Target:
                 self.proc.kill()
                 self.proc.wait()
 
+    def settle(self) -> float:
+        """The target's CPU seconds once it is idle (:func:`settled_cpu`)."""
+        return settled_cpu(self)
+
     def _spawn(self, argv: list[str], **kw: Any) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         with open(self.work / "log.txt", "wb") as log:
@@ -127,15 +134,36 @@ class Node(Target):
             "http": {"enabled": False},
             "logging": {"level": "WARNING"},
             "rules": [],
+            # The series is completed 1 s after its last instance (default 30 s), and each send waits for it
+            # (settle), so completing it is counted in the node's CPU and never lands in a later target's send.
+            "completion": {"quiet_seconds": 1, "tick_seconds": 1},
         }
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "node.yaml").write_text(yaml.safe_dump(config))
         self._spawn([str(REPO / ".venv/bin/dicom-node"), "serve", "--config", str(self.work / "node.yaml")],
                     cwd=self.work)
 
+    def settle(self) -> float:
+        """Wait until every series sent is completed (no longer receiving), then until the CPU is idle."""
+        database = self.work / "state" / "dicom-node.sqlite3"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as conn:
+                    receiving = conn.execute("SELECT count(*) FROM series WHERE state = 'receiving'").fetchone()[0]
+            except sqlite3.Error:  # not created yet, or busy: ask again
+                receiving = 1
+            if not receiving:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the node did not complete the series it was sent within 30 s")
+        return settled_cpu(self)
+
     def describe(self) -> str:
-        return ("dicom-node serve, embedded defaults but no rules: node.receivers auto, max PDU 128 kB, every "
-                "instance appended to the intake journal and fdatasynced before 0x0000 (files fsynced and rows "
+        return ("dicom-node serve, embedded defaults but no rules and completion.quiet_seconds 1 (each send waits "
+                "until the node has completed the series, counted in its CPU): node.receivers auto, max PDU 128 kB, "
+                "every instance appended to the intake journal and fdatasynced before 0x0000 (files fsynced and rows "
                 "committed to SQLite, rollback journal, synchronous=FULL, in batches behind)")
 
 
@@ -269,7 +297,12 @@ def mount_ext4_image(folder: Path, size_gb: int) -> Path | None:
 def unmount_image(folder: Path) -> None:
     """Unmount what :func:`mount_ext4_image` mounted at ``folder`` and detach its loop device."""
     source = subprocess.run(["findmnt", "-no", "SOURCE", str(folder)], capture_output=True, text=True).stdout.strip()
-    subprocess.run(["umount", str(folder)], check=False)
+    for _ in range(20):  # a target's last process may still be exiting (its files open)
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        print(f"could not unmount {folder}: unmount it with umount {folder}")
     if source.startswith("/dev/loop"):
         subprocess.run(["losetup", "-d", source], check=False)
 
@@ -341,9 +374,9 @@ def main(argv: list[str]) -> int:
                 for t in targets:  # interleaved, so a busy moment of the machine hits every target
                     # Each send starts with every target idle; its CPU is counted until the target is idle
                     # again (the node records files and rows behind the sends).
-                    before = {u.name: settled_cpu(u) for u in targets}[t.name]
+                    before = {u.name: u.settle() for u in targets}[t.name]
                     results.setdefault((t.name, assocs), []).append(send(t, next(fresh), assocs))
-                    cpu.setdefault((t.name, assocs), []).append(settled_cpu(t) - before)
+                    cpu.setdefault((t.name, assocs), []).append(t.settle() - before)
         median: Callable[[str, int], float] = lambda name, a: statistics.median(results[(name, a)])
         cpu_median: Callable[[str, int], float] = lambda name, a: statistics.median(cpu[(name, a)])
         print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'CPU s':>7}{'CPU ms/inst':>12}"
