@@ -26,6 +26,7 @@ node/storescp (time; <= 1.0 means the node is as fast or faster) and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -149,7 +150,7 @@ class Node(Target):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as conn:
+                with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as conn:
                     receiving = conn.execute("SELECT count(*) FROM series WHERE state = 'receiving'").fetchone()[0]
             except sqlite3.Error:  # not created yet, or busy: ask again
                 receiving = 1
