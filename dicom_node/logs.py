@@ -30,3 +30,9 @@ def configure_logging(level: str = "INFO", journald: bool = False, process: str 
                         force=True)
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # pynetdicom's "standard" event handlers only format its INFO and DEBUG lines (kept quiet above), yet run
+    # for every PDU and DIMSE message; a received C-STORE's even copies the whole data set.  Its documented
+    # switch leaves them unbound in every association made from now on in this process (it changes logging only).
+    from pynetdicom import _config as pynetdicom_config
+
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
