@@ -21,6 +21,10 @@ from typing import Any
 
 import numpy as np
 
+#: Up to this many labels a slice's counts are one comparison per label (faster), above it one bincount
+#: (measured on 512x512 slices: 2 labels 33 vs 350 us, 8 labels 146 vs 293 us, 14 labels 376 vs 356 us).
+_COMPARE_LABELS = 8
+
 
 class Task(enum.StrEnum):
     """What a model produces."""
@@ -248,14 +252,20 @@ class Prediction:
             return None
         if not self._slice_counts:
             # Counting per slice (bincount casts its input to intp: slice by slice keeps that
-            # small) is several times faster than np.unique, which sorts or hashes every voxel.
+            # small) is several times faster than np.unique, which sorts or hashes every voxel;
+            # with a few labels, one comparison per label is faster still (10 ms instead of 52 ms
+            # for 200 x 512x512 with two labels: it is on the path from the model to the results).
             length = int(labelmap.max()) + 1
             counts = np.zeros((labelmap.shape[0], length), dtype=np.int64)
             for z, plane in enumerate(labelmap.reshape(labelmap.shape[0], -1)):
-                if plane.any():
-                    counts[z] = np.bincount(plane, minlength=length)
-                else:  # an empty slice (most of a volume, often): only background
+                if not plane.any():  # an empty slice (most of a volume, often): only background
                     counts[z, 0] = plane.size
+                elif length - 1 <= _COMPARE_LABELS:
+                    for label in range(1, length):
+                        counts[z, label] = np.count_nonzero(plane == label)
+                    counts[z, 0] = plane.size - counts[z, 1:].sum()
+                else:
+                    counts[z] = np.bincount(plane, minlength=length)
             self._slice_counts.append(counts)
         return self._slice_counts[0]
 

@@ -774,3 +774,18 @@ def test_label_counts_are_made_once_per_prediction_and_agree_with_a_direct_count
         np.testing.assert_array_equal(with_counts[1], alone[1])
     assert segment_place(labelmap, 2, planes, counts)[0] == 3  # type: ignore[index]
     assert Prediction(card=card, labelmap=labelmap.astype(np.int16)).slice_label_counts() is None
+
+
+@pytest.mark.parametrize("labels", [1, 2, 8, 9, 40])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_label_counts_agree_with_a_direct_count_with_few_and_many_labels(labels: int, dtype: type) -> None:
+    # A few labels are counted by comparisons, many by bincount: both give the same counts.
+    rng = np.random.default_rng(labels)
+    labelmap = np.zeros((5, 16, 18), dtype)
+    labelmap[1] = rng.integers(0, labels + 1, (16, 18))
+    labelmap[3, 2:9, 4:11] = labels  # the highest label on one slice only
+    labelmap[4, 0, 0] = 1
+    counts = Prediction(card=CARD, labelmap=labelmap).slice_label_counts()
+    expected = np.array([[np.count_nonzero(plane == v) for v in range(labels + 1)] for plane in labelmap])
+    assert counts is not None
+    np.testing.assert_array_equal(counts, expected)
