@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pydicom.config
+
 from dicom_node.errors import StartupError
 from dicom_node.logs import configure_logging
 from dicom_node.receive.guard import ConnectionCaps
@@ -82,6 +84,11 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
     configure_logging(settings.logging.level, settings.logging.journald, process=f"receiver-{index}")
     # The main process owns shutdown (it sets ``stop``); Ctrl-C in a terminal must not cut a C-STORE.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # pydicom checks every value it reads against its VR (a regular expression per UID) only to warn: in a
+    # receiver that is each UID of every association request (a peer proposing 120 contexts: ~500 of them)
+    # and of every C-STORE, while the handler validates the UIDs it uses itself and stores the bytes as sent.
+    # Only this process reads with the check off; what the node reads for rules and results keeps it.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     count_lock = threading.Lock()
 
