@@ -7,9 +7,13 @@ most of a receiver's time.  Instead, the C-STORE handler appends the
 instance (a small header: the row to record and its arrival time; then the
 encoded bytes, exactly as received) to this process's journal segment and
 syncs that one file, then answers success.  A background thread
-*materialises* what was appended, in batches: every instance's file in the
-spool, those files and their directories synced once each, then every row
-in one transaction; only then is the journal space given back.
+*materialises* what was appended: each instance's file in the spool,
+written and synced as soon as it is appended; then, for the instances of a
+stream together (up to :data:`GATHER_S` after the first, or at once when a
+release waits for them), the new files' directories synced once each and
+every row in one transaction; only then is the journal space given back.
+Recording a stream's rows together rather than one by one takes most of
+the syncs off the disk that the C-STOREs' own ``fdatasync`` calls wait on.
 
 Crash safety (POSIX, no filesystem ordering assumed):
 
@@ -68,6 +72,10 @@ MAX_BACKLOG_BYTES = 1024 * 1024 * 1024
 BATCH = 256
 #: Seconds between attempts while the database refuses the rows.
 RETRY_S = 1.0
+#: Seconds the rows of instances whose files are written wait for more, so that one transaction (and one
+#: sync per directory) records several instances of a stream; nobody waits on them meanwhile: a release
+#: waiting for its instances to be recorded (:meth:`IntakeJournal.after_recorded`) or a stop ends it at once.
+GATHER_S = 0.05
 
 Recorded = Callable[[ReceivedInstance, str], None]
 
@@ -80,6 +88,7 @@ class _Entry:
     record: ReceivedInstance
     received_at: float
     end: int  # offset just past the record
+    queued: float  # time.monotonic() when it was handed to the materialiser
 
 
 class _Segment:
@@ -164,6 +173,15 @@ class Materializer:
         OSError, sqlite3.Error
             Nothing is lost: the caller keeps the records and tries again.
         """
+        self.record(*self.write_files(items, fd))
+
+    def write_files(self, items: Sequence[tuple[ReceivedInstance, float, int, int]],
+                    fd: int) -> tuple[list[tuple[ReceivedInstance, float]], set[Path]]:
+        """First half of :meth:`materialize`: each instance's file written and synced, its digest taken.
+
+        Returns the records (digest filled in) with their arrival times, and
+        the directories that got a new file (not yet synced), for :meth:`record`.
+        """
         written: list[int] = []
         dirs: set[Path] = set()
         digested: list[tuple[ReceivedInstance, float]] = []
@@ -184,6 +202,10 @@ class Materializer:
         finally:
             for file_fd in written:
                 os.close(file_fd)
+        return digested, dirs
+
+    def record(self, digested: Sequence[tuple[ReceivedInstance, float]], dirs: set[Path]) -> None:
+        """Second half of :meth:`materialize`: the new files' directories synced, then every row in one transaction."""
         for directory in dirs:
             _sync_dir(directory)
         outcomes = self.series.record_instances(digested)
@@ -217,7 +239,9 @@ class IntakeJournal:
         self._append_lock = threading.Lock()  # order of records in the segment
         self._sync_lock = threading.Lock()  # one fdatasync covers every record appended before it
         self._state = threading.Condition()
-        self._queue: list[_Entry] = []
+        self._queue: list[_Entry] = []  # appended, not yet recorded; the first len(self._written) have their files
+        self._written: list[tuple[ReceivedInstance, float]] = []  # those records, digest filled in
+        self._dirs: set[Path] = set()  # directories of their new files, to sync before their rows
         self._backlog = 0
         self._synced: tuple[_Segment | None, int] = (None, 0)
         self._failing: str | None = None
@@ -261,7 +285,7 @@ class IntakeJournal:
                 raise
             segment.size = end = offset + len(head) + len(data)
             segment.pending += 1
-            entry = _Entry(segment, offset + len(head), len(data), record, received_at, end)
+            data_offset = offset + len(head)
         with self._sync_lock:
             synced_segment, synced_end = self._synced
             if synced_segment is not segment or synced_end < end:
@@ -269,7 +293,7 @@ class IntakeJournal:
                 os.fdatasync(segment.fd)
                 self._synced = (segment, target)
         with self._state:
-            self._queue.append(entry)
+            self._queue.append(_Entry(segment, data_offset, len(data), record, received_at, end, time.monotonic()))
             self._queued += 1
             self._backlog += len(data)
             self._state.notify()
@@ -284,6 +308,7 @@ class IntakeJournal:
             pending = self._recorded < self._queued
             if pending:
                 self._waiting.append((self._queued, callback))
+                self._state.notify()  # the rows written so far are recorded without waiting for more
         if not pending:
             _run_callback(callback)
 
@@ -310,37 +335,79 @@ class IntakeJournal:
 
     # -- the materialiser ----------------------------------------------------
     def _run(self) -> None:
+        """Write each instance's file as soon as it is appended; record the rows of a stream together.
+
+        A file is written and synced right away (what a release would
+        otherwise wait for); its row waits up to :data:`GATHER_S` for the
+        rows of the instances that follow, unless :data:`BATCH` rows are
+        ready, or a release waits for it or the journal closes and no file
+        is left to write.
+        """
         while True:
             with self._state:
-                while not self._queue and not self._stop:
-                    self._state.wait()
-                if not self._queue and self._stop:
-                    return
-                batch = self._queue[:BATCH]
-            if not self._materialize(batch):
+                while True:
+                    ready, appended = len(self._written), len(self._queue)
+                    fresh: list[_Entry] | None = None  # None: record what is written
+                    if ready and (ready >= BATCH or time.monotonic() >= self._queue[0].queued + GATHER_S):
+                        break
+                    if appended > ready:
+                        fresh = self._queue[ready:ready + BATCH]  # write the files of what is new
+                        break
+                    if ready and (self._waiting or self._stop):
+                        break
+                    if self._stop:
+                        return
+                    self._state.wait(self._queue[0].queued + GATHER_S - time.monotonic() if ready else None)
+            done = self._write(fresh) if fresh is not None else self._record(ready)
+            if not done:
                 time.sleep(RETRY_S)
 
-    def _materialize(self, batch: list[_Entry]) -> bool:
-        by_segment: dict[int, list[_Entry]] = {}
-        for entry in batch:
-            by_segment.setdefault(id(entry.segment), []).append(entry)
+    def _failed(self, count: int, exc: Exception) -> None:
+        if self._failing is None:
+            logger.error("Intake: %d instance(s) received could not be recorded yet (kept in the intake "
+                         "journal, retried every %.0f s; new C-STOREs get 0xA700 meanwhile): could not "
+                         "record it: %s", count, RETRY_S, exc)
+        self._failing = str(exc) or type(exc).__name__
+
+    def _write(self, fresh: list[_Entry]) -> bool:
+        """The files of ``fresh`` (the queue's entries after the written ones), synced."""
+        written: list[tuple[ReceivedInstance, float]] = []
+        dirs: set[Path] = set()
         try:
-            for entries in by_segment.values():
-                self.materializer.materialize(
-                    [(e.record, e.received_at, e.offset, e.size) for e in entries], entries[0].segment.fd)
-        except Exception as exc:  # database locked or failing, disk error: keep the records, refuse new ones
-            if self._failing is None:
-                logger.error("Intake: %d instance(s) received could not be recorded yet (kept in the intake "
-                             "journal, retried every %.0f s; new C-STOREs get 0xA700 meanwhile): could not "
-                             "record it: %s", len(batch), RETRY_S, exc)
-            self._failing = str(exc) or type(exc).__name__
+            start = 0
+            while start < len(fresh):  # consecutive entries of one segment share its descriptor
+                stop = start
+                while stop < len(fresh) and fresh[stop].segment is fresh[start].segment:
+                    stop += 1
+                records, new_dirs = self.materializer.write_files(
+                    [(e.record, e.received_at, e.offset, e.size) for e in fresh[start:stop]], fresh[start].segment.fd)
+                written.extend(records)
+                dirs |= new_dirs
+                start = stop
+        except Exception as exc:  # disk full or failing: keep the records, refuse new ones
+            self._failed(len(fresh), exc)
+            return False
+        with self._state:
+            self._written.extend(written)
+            self._dirs |= dirs
+        return True
+
+    def _record(self, count: int) -> bool:
+        """The rows of the first ``count`` entries of the queue (their files are written), in one transaction."""
+        try:
+            self.materializer.record(self._written[:count], self._dirs)
+        except Exception as exc:  # database locked or failing: keep the records, refuse new ones
+            self._failed(count, exc)
             return False
         if self._failing is not None:
             logger.warning("Intake: the journaled instances are recorded again; C-STOREs are accepted")
             self._failing = None
         with self._state:
-            del self._queue[:len(batch)]
-            self._recorded += len(batch)
+            batch = self._queue[:count]
+            del self._queue[:count]
+            del self._written[:count]  # all of them: only this thread writes files
+            self._dirs = set()
+            self._recorded += count
             due = [callback for mark, callback in self._waiting if mark <= self._recorded]
             self._waiting = [(mark, callback) for mark, callback in self._waiting if mark > self._recorded]
             for entry in batch:

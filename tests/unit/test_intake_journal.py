@@ -164,3 +164,59 @@ def test_after_recorded_waits_for_what_was_appended_before_it(state: dict[str, A
     assert done.wait(10)
     assert seen == [-1, 3], "called once all three were recorded, not before"
     journal.close()
+
+
+def _batches(series: SeriesStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each batch the materialiser records from now on (one transaction each)."""
+    sizes: list[int] = []
+    real = series.record_instances
+
+    def record(batch: Any) -> Any:
+        sizes.append(len(batch))
+        return real(batch)
+
+    monkeypatch.setattr(series, "record_instances", record)
+    return sizes
+
+
+def test_a_stream_of_appends_is_recorded_in_one_transaction_at_its_release(state: dict[str, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "GATHER_S", 5.0)  # far longer than the six appends take
+    sizes = _batches(series, monkeypatch)
+    journal = IntakeJournal(spool.intake, spool, series)
+    blobs = [os.urandom(700) for _ in range(6)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 1.0 + i, blob)
+    done = threading.Event()
+    journal.after_recorded(done.set)  # a release: it also ends the gathering
+    assert done.wait(4), "the release waited for the gathering to run out"
+    assert sizes == [6], "the appends were not gathered into one transaction"
+    assert len(_rows(series)) == 6
+    journal.close()
+
+
+def test_a_full_batch_or_a_stop_ends_the_gathering_at_once(state: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "GATHER_S", 30.0)
+    monkeypatch.setattr(journal_module, "BATCH", 4)
+    sizes = _batches(series, monkeypatch)
+    journal = IntakeJournal(spool.intake, spool, series)
+    blobs = [os.urandom(300) for _ in range(6)]
+    for i, blob in enumerate(blobs[:4]):
+        journal.append(_record(spool, i, blob), 1.0 + i, blob)
+    pause = threading.Event()
+    for _ in range(100):  # four written are a full batch: recorded without waiting 30 s
+        if sizes:
+            break
+        pause.wait(0.05)
+    assert sizes == [4]
+    for i, blob in enumerate(blobs[4:], start=4):
+        journal.append(_record(spool, i, blob), 1.0 + i, blob)
+    closing = threading.Thread(target=journal.close)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive(), "close waited for the gathering to run out"
+    assert sizes == [4, 2] and len(_rows(series)) == 6
+    assert not list(spool.intake.glob("*"))
