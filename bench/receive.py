@@ -165,7 +165,8 @@ class Node(Target):
         return ("dicom-node serve, embedded defaults but no rules and completion.quiet_seconds 1 (each send waits "
                 "until the node has completed the series, counted in its CPU): node.receivers auto, max PDU 128 kB, "
                 "every instance appended to the intake journal and fdatasynced before 0x0000 (files fsynced and rows "
-                "committed to SQLite, rollback journal, synchronous=FULL, in batches behind)")
+                "committed to SQLite, rollback journal, synchronous=FULL, behind: each file as it arrives, the rows "
+                "of a stream together)")
 
 
 class Orthanc(Target):
