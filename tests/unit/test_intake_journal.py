@@ -62,7 +62,7 @@ def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[st
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     spool, series = state["spool"], state["series"]
     journal = IntakeJournal(spool.intake, spool, series)
-    monkeypatch.setattr(journal.materializer, "materialize", lambda items, fd: (_ for _ in ()).throw(
+    monkeypatch.setattr(journal.materializer, "write_files", lambda items, fd: (_ for _ in ()).throw(
         OSError("the process is killed before it records anything")))
     blobs = [os.urandom(5000) for _ in range(3)]
     for i, blob in enumerate(blobs):
@@ -85,6 +85,36 @@ def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[st
     assert set(_rows(series)) == {f"1.2.3.4.{i + 1}" for i in range(3)}
     assert not list(spool.intake.glob("*.journal"))
     assert replay_orphans(spool.intake, spool, series) == 0
+
+
+def test_a_crash_after_the_files_before_the_rows_is_recorded_at_the_next_start(
+        state: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    journal = IntakeJournal(spool.intake, spool, series)
+    written = threading.Event()
+    real_write = journal.materializer.write_files
+
+    def write_files(items: Any, fd: int) -> Any:
+        out = real_write(items, fd)
+        written.set()
+        return out
+
+    monkeypatch.setattr(journal.materializer, "write_files", write_files)
+    monkeypatch.setattr(journal.materializer, "record", lambda digested, dirs: (_ for _ in ()).throw(
+        OSError("the process is killed between the files and the rows")))
+    blobs = [os.urandom(4000) for _ in range(3)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 10.0, blob)
+    assert written.wait(10)
+    assert spool.absolute(_record(spool, 0, blobs[0]).path).read_bytes() == blobs[0]  # its file is there
+    os.close(journal._lock_fd)  # the process is gone: its journal is an orphan
+    assert _rows(series) == {}
+    assert replay_orphans(spool.intake, spool, series) == 3
+    for i, blob in enumerate(blobs):
+        assert spool.absolute(_record(spool, i, blob).path).read_bytes() == blob
+    assert {sop: size for sop, (_, size) in _rows(series).items()} == {
+        f"1.2.3.4.{i + 1}": len(blob) for i, blob in enumerate(blobs)}
+    assert not list(spool.intake.glob("*.journal"))
 
 
 def test_a_live_receivers_journal_is_not_replayed(state: dict[str, Any]) -> None:
