@@ -21,7 +21,13 @@ by C-FIND (``completion.cfind``: asked when Orthanc releases the association tha
 and the figure is the whole path: last instance received -> SEG + SR stored in Orthanc, minus only
 the model time (target: 1 s).
 
-Usage: ``python -m bench e2e [--slices 200] [--size 512] [--quiet 2] [--runs 1] [--completion idle|cfind]``
+With ``--outputs seg,sr,sc`` (an overlay series, or ``pdf``) the job's objects go out in more than
+one SEND job; a thread then watches Orthanc's change log (REST ``/changes`` every 20 ms) and prints
+when the SEG and SR, and when the overlay series, were stored there, as Orthanc saw them, whatever
+the node's own bookkeeping says (so two builds of the node compare on the same footing).
+
+Usage: ``python -m bench e2e [--slices 200] [--size 512] [--quiet 2] [--runs 1] [--completion idle|cfind]
+[--outputs seg,sr]``
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sqlite3
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +55,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--completion", choices=("idle", "cfind"), default="idle",
                         help="idle timer (default) or C-FIND confirmation by the routing PACS")
     parser.add_argument("--after", type=float, default=0.5, help="cfind: quiet seconds before the first query")
+    parser.add_argument("--outputs", default="seg,sr",
+                        help="the rule's outputs, comma-separated (seg, sr, sc, pdf); with sc or pdf Orthanc's "
+                             "change log shows when SEG + SR and when the rest were stored")
     args = parser.parse_args(argv)
     cfind = args.completion == "cfind"
+    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    watch = bool({"sc", "pdf"} & set(outputs))
 
     from tests.integration.conftest import free_port, node_config, start_node, start_orthanc, storescu, wait_until
     from tests.phantoms import make_chest_phantom, write_ct_series
@@ -68,6 +80,7 @@ def main(argv: list[str]) -> int:
         config = node_config(tmp, quiet_seconds=60.0 if cfind else args.quiet,
                              destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}})
         config["completion"]["tick_seconds"] = 0.5
+        config["rules"][0]["outputs"] = outputs
         if cfind:
             config["completion"]["cfind"] = [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port,
                                               "after_seconds": args.after, "interval_seconds": 1, "timeout_s": 10}]
@@ -78,8 +91,10 @@ def main(argv: list[str]) -> int:
         orthanc = start_orthanc(tmp / "orthanc", node.port, dicom_port=pacs_port, stable_age=1,
                                 **({} if cfind else {"lua": "-- no routing\n"}))
         print("completion: " + (f"C-FIND to Orthanc when it releases the routing association (else {args.after:g} s "
-                                "after the last instance)" if cfind else f"idle timer {args.quiet:g} s"))
-        rows: list[dict[str, float]] = []
+                                "after the last instance)" if cfind else f"idle timer {args.quiet:g} s")
+              + f"; outputs: {', '.join(outputs)}")
+        rows: list[dict[str, Any]] = []
+        watcher = _StoredInOrthanc(orthanc) if watch else None
         try:
             for files in series:
                 series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
@@ -91,20 +106,72 @@ def main(argv: list[str]) -> int:
                     print(f"storescu failed: {sent.stderr[-500:]}")
                     return 1
                 wait_until(lambda: _finished(node.state, series_uid), 900, "SEG + SR sent to Orthanc", interval=0.5)
-                row = _breakdown(node.state, series_uid, 0.0 if cfind else args.quiet)
+                row: dict[str, Any] = _breakdown(node.state, series_uid, 0.0 if cfind else args.quiet)
                 row["cfind"] = cfind
+                if watcher is not None:
+                    row.update(watcher.stored(row, 0.0 if cfind else args.quiet))
                 row["storescu_intake_s"] = intake
                 row["storescu_results_s"] = _reference_send(node.state, series_uid, orthanc.dicom_port)
                 rows.append(row)
                 _print_row(row)
         finally:
+            if watcher is not None:
+                watcher.stop()
             node.stop()
             orthanc.stop()
         if len(rows) > 1:
             print(f"median overhead over {len(rows)} runs: "
                   f"{statistics.median(r['overhead_s'] for r in rows):.2f} s "
                   f"(target {'<= 1 s with C-FIND' if cfind else '< 0.5 s'})")
+            if watch:
+                print(f"median SEG + SR stored in Orthanc: {statistics.median(r['seg_sr_s'] for r in rows):.2f} s, "
+                      f"everything: {statistics.median(r['all_s'] for r in rows):.2f} s (as the overhead)")
         return 0
+
+
+#: SOP classes of the node's SEG and SR objects (the rest are the overlay series and the PDF).
+_SEG_SR = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.5.1.4.1.1.88.22",
+           "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
+
+
+class _StoredInOrthanc:
+    """When each new instance appeared in Orthanc (wall clock, as the node's database): its change log, polled."""
+
+    def __init__(self, orthanc: Any) -> None:
+        self.orthanc = orthanc
+        self.seen: dict[str, float] = {}  # Orthanc instance ID -> time it was first seen
+        self._since = int(orthanc.get("/changes?last")["Last"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="orthanc-changes", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            page = self.orthanc.get(f"/changes?since={self._since}&limit=1000")
+            now = time.time()
+            for change in page["Changes"]:
+                if change["ChangeType"] == "NewInstance":
+                    self.seen.setdefault(change["ID"], now)
+            self._since = int(page["Last"])
+
+    def stored(self, row: dict[str, Any], quiet: float) -> dict[str, float]:
+        """SEG + SR and everything of the results stored, after the last instance, minus quiet and model."""
+        time.sleep(0.1)  # one more poll
+        seen, self.seen = self.seen, {}
+        kinds: dict[str, list[float]] = {"seg_sr": [], "rest": []}
+        for instance, at in seen.items():
+            sop_class = self.orthanc.get(f"/instances/{instance}/metadata?expand").get("SopClassUid", "")
+            if sop_class == "1.2.840.10008.5.1.4.1.1.2":  # the CT itself (routed by Orthanc with --completion cfind)
+                continue
+            kinds["seg_sr" if sop_class in _SEG_SR else "rest"].append(at)
+        base = row["last_received"] + quiet + row["model_s"]
+        return {"seg_sr_s": max(kinds["seg_sr"], default=base) - base,
+                "all_s": max(kinds["seg_sr"] + kinds["rest"], default=base) - base,
+                "rest_objects": float(len(kinds["rest"]))}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _db(state: Path) -> sqlite3.Connection:
@@ -129,8 +196,9 @@ def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
         jobs = [dict(j) for j in conn.execute("SELECT * FROM jobs WHERE series_uid=? ORDER BY id", (series_uid,))]
         instance_count = conn.execute("SELECT COUNT(*) FROM instances WHERE series_uid=?", (series_uid,)).fetchone()[0]
     infer = next(j for j in jobs if j["kind"] == "infer")
-    send_done = max(j["updated_at"] for j in jobs if j["kind"] == "send")
-    send_created = min(j["created_at"] for j in jobs if j["kind"] == "send")
+    sends = [j for j in jobs if j["kind"] == "send"]
+    send_done = max(j["updated_at"] for j in sends)
+    send_created = max(j["created_at"] for j in sends)  # the last SEND job: the one the overhead waits for
     payload = json.loads(infer["payload"])
     seconds: dict[str, float] = payload.get("seconds", {})
     infer_wall = infer["updated_at"] - infer["created_at"]
@@ -147,6 +215,8 @@ def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
         "send_s": send_done - send_created,
         "prefetched": payload.get("prefetched", 0),
         "instances": instance_count,
+        "last_received": last,
+        "send_jobs": float(len(sends)),
     }
 
 
@@ -179,7 +249,12 @@ def _print_row(row: dict[str, Any]) -> None:
           f"+ INFER {row['infer_wall_s']:.2f} s [load {row['load_s']:.2f} ({row['prefetched']} of "
           f"{row['instances']} instances read ahead), model {row['model_s']:.2f}, "
           f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}] "
-          f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)")
+          f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)"
+          + (f"; {row['send_jobs']:.0f} SEND jobs, the figures of the last" if row["send_jobs"] > 1 else ""))
+    if "seg_sr_s" in row:
+        print(f"  in Orthanc's change log (minus {'the model' if row['cfind'] else 'quiet period and model'}): "
+              f"SEG + SR stored after {row['seg_sr_s']:.2f} s, the other {row['rest_objects']:.0f} objects "
+              f"(overlay series, PDF) after {row['all_s']:.2f} s")
     print(f"  reference: storescu CT -> {'Orthanc' if row['cfind'] else 'node'} {row['storescu_intake_s']:.2f} s; "
           f"storescu SEG+SR -> Orthanc {row['storescu_results_s']:.2f} s (a re-store: Orthanc replaces the node's copies) "
           f"(node SEND / storescu = {row['send_s'] / max(row['storescu_results_s'], 1e-6):.2f}x)")

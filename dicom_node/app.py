@@ -283,6 +283,8 @@ class Node:
         """Pipeline events feed the metrics and the audit trail; neither may stop the pipeline."""
         if name == "series_completed":
             self._receiving.discard(str(data.get("series", "")))
+        elif name == "results_ready":  # a job's SEG/SR are queued while it still makes its overlay series
+            self._wake("send")
         for sink in (self.metrics.on_event, self.audit.on_pipeline_event):
             try:
                 sink(name, data)

@@ -129,7 +129,8 @@ class InferOutcome:
 
 
 def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: Any,
-              prefetch: Prefetch | None = None, parallel_encode: bool = False) -> InferOutcome:
+              prefetch: Prefetch | None = None, parallel_encode: bool = False,
+              ready: Callable[[list[ProducedObject]], None] | None = None) -> InferOutcome:
     """Run one model on one series (or the series of a study rule) and write its result objects to the spool.
 
     For a study rule (``task.inputs``), every input is loaded and the model's
@@ -147,6 +148,11 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         Encode part of the result objects in a forked child process beside
         the rest (worker processes on machines with two or more CPUs; see
         :func:`_encode`).
+    ready:
+        Called with the SEG and SR once they are written, while the job's
+        overlay series or PDF are still being made (only then): the node
+        sends them at once instead of after the last overlay image.  The
+        returned outcome still lists every object.
 
     Returns
     -------
@@ -210,7 +216,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
         sources, changes = checking.result()  # copied attributes the standard forbids
         notes.extend(f"results: {change}" for change in changes)
         objects = _encode(task, _in_source_order(prediction, sv.frame_of_source), sources, spool, outputs,
-                          changes, parallel=parallel_encode)
+                          changes, parallel=parallel_encode, ready=ready)
         times["encode"] = time.perf_counter() - t2
     except JobInterrupted as exc:  # the model's machine or process was lost: not the series' fault
         _release(prefetch, task, spool)
@@ -359,13 +365,19 @@ def _in_source_order(prediction: Prediction, frame_of_source: tuple[tuple[int, i
 
 
 def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spool: Spool,
-            outputs: Any, changes: Sequence[Change] = (), parallel: bool = False) -> list[ProducedObject]:
+            outputs: Any, changes: Sequence[Change] = (), parallel: bool = False,
+            ready: Callable[[list[ProducedObject]], None] | None = None) -> list[ProducedObject]:
     """Build and write the job's result objects; returns them in sending order (SEG, SR, overlays, PDF).
 
     ``parallel``: part of the work runs in a forked child process beside the
     rest (:mod:`dicom_node.scheduler.forked`): the overlay series and the PDF
     when asked for, else the SEG's writing while the SR is built (the SR
     needs the SEG's dataset, not its file).  The objects are the same.
+
+    ``ready``: when the job also makes an overlay series or a PDF, it is
+    called with the SEG and SR as soon as both are written, before those are
+    finished (they take longer: a drawn RGB image per slice), so that they
+    can be sent meanwhile.
     """
     card = prediction.card
     result = result_words(prediction)
@@ -436,6 +448,8 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
                                                        seg=seg_ds, segment_numbers=segment_numbers, form=form)))
         if seg_writing is not None:
             seg_objects.append(seg_writing.result())
+        if ready is not None and wants_side and (seg_objects or sr_objects):
+            ready([*seg_objects, *sr_objects])  # on their way while the overlay series / PDF are made
         side_produced = side.result() if side is not None else side_objects()
     return [*seg_objects, *sr_objects, *side_produced]
 

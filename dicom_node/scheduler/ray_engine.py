@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import JobInterrupted, StartupError
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, ProducedObject, run_infer
 from dicom_node.settings import Settings
 from dicom_node.settings.operations import RayPoolSettings
 from dicom_node.spool import Spool
@@ -487,11 +487,12 @@ class RayRunner:
     def close(self) -> None:
         """Nothing per runner: the node closes the engine."""
 
-    def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
+    def run(self, task: InferTask, timeout_s: float,
+            ready: Callable[[list[ProducedObject]], None] | None = None) -> InferOutcome:
         spec = self.engine.settings.models.get(task.model)
         timeout_s = float(getattr(spec, "timeout_s", None) or timeout_s)
         outcome = run_infer(task, _TaskRegistry(self.engine, task, timeout_s), self.spool,  # type: ignore[arg-type]
-                            self.outputs)
+                            self.outputs, ready=ready)
         return outcome
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from dicom_node.results.routing import SEG_SOP_CLASSES, Route, files_for, plan_o
 from dicom_node.rules.matcher import match, study_roles
 from dicom_node.rules.summary import GeometryCache, never_process_reason, read_series
 from dicom_node.scheduler.completion import SeriesCompletion
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask, study_inputs
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, ProducedObject, study_inputs
 from dicom_node.scheduler.study import WAITING, StudyRules
 from dicom_node.send.health import probe as echo_or_get
 from dicom_node.settings import Settings
@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 class InferRunner(Protocol):
-    def run(self, task: InferTask, timeout_s: float) -> InferOutcome: ...
+    def run(self, task: InferTask, timeout_s: float,
+            ready: Callable[[list[ProducedObject]], None] | None = None) -> InferOutcome: ...
 
 
 Sender = Callable[..., Any]
@@ -218,7 +219,9 @@ class Pipeline:
                          gpu_out_of_memory=self.settings.workers.gpu_out_of_memory)
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
-        outcome = runner.run(task, self.settings.workers.infer_timeout_s)
+        sent_early: dict[str, set[str]] = {}  # destination -> files whose SEND job is queued already
+        outcome = runner.run(task, self.settings.workers.infer_timeout_s,
+                             ready=lambda objects: self._send_early(job, objects, now_fn(), sent_early))
         now = now_fn()
         self.on_event("infer_finished", {"model": job.model, "ok": outcome.ok, "seconds": outcome.seconds,
                                          "series": job.series_uid, "job": job.id,
@@ -236,15 +239,13 @@ class Pipeline:
                 self.jobs.retry_later(job.id, outcome.error, now, now + workers.gpu_retry_s,
                                       max_attempts=self.jobs.max_infer_attempts)
                 return
+            if sent_early:
+                logger.warning("Job %d failed after its SEG/SR were queued for sending to %s (they stand: "
+                               "the failure came after them): %s", job.id, ", ".join(sorted(sent_early)),
+                               outcome.error)
             self.jobs.fail(job.id, outcome.error, now)
             return
-        with self.db.transaction() as c:
-            for obj in outcome.objects:
-                c.execute(
-                    "INSERT INTO results (sop_uid, source_series, model, kind, series_uid, path, created_at)"
-                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
-                    " created_at=excluded.created_at",
-                    (obj.sop_uid, job.series_uid, job.model, obj.kind, obj.series_uid, obj.path, now))
+        self._record_results(job, outcome.objects, now)
         files = [o.path for o in outcome.objects]
         findings = "; ".join(outcome.findings)
         result = {**job.payload, "files": files, "findings": outcome.findings, "notes": outcome.notes,
@@ -256,6 +257,7 @@ class Pipeline:
             route = job.payload.get("routes", {}).get(dest)
             plan = Route.from_payload(route) if route else None
             dest_files, fallback = files_for(plan, produced) if plan else (files, [])
+            dest_files = [f for f in dest_files if f not in sent_early.get(dest, ())]
             sends_seg = any(k == OutputKind.SEG.value and p in dest_files for k, p in produced)
             extra: dict[str, Any] = {}
             if plan and plan.seg_fallback and sends_seg:
@@ -268,6 +270,46 @@ class Pipeline:
         logger.info("Job %d: model %s produced %s%s", job.id, job.model,
                     ", ".join(o.kind for o in outcome.objects) or "no objects",
                     f" ({findings})" if findings else "")
+
+    def _record_results(self, job: Job, objects: Sequence[ProducedObject], now: float) -> None:
+        with self.db.transaction() as c:
+            for obj in objects:
+                c.execute(
+                    "INSERT INTO results (sop_uid, source_series, model, kind, series_uid, path, created_at)"
+                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
+                    " created_at=excluded.created_at",
+                    (obj.sop_uid, job.series_uid, job.model, obj.kind, obj.series_uid, obj.path, now))
+
+    def _send_early(self, job: Job, objects: list[ProducedObject], now: float,
+                    sent_early: dict[str, set[str]]) -> None:
+        """Queue the SEND of a running job's finished SEG and SR while its overlay series / PDF are made.
+
+        A destination whose route sends an overlay series instead of a refused
+        SEG (``seg_fallback``) waits for the whole job, as its fallback needs
+        those files.  What is queued here is left out of the job's last SEND
+        jobs (``sent_early``).  Never raises: on any error the objects simply
+        go with the rest at the end.
+        """
+        try:
+            self._record_results(job, objects, now)
+            produced = [(o.kind, o.path) for o in objects]
+            for dest in job.payload.get("destinations", []):
+                route = job.payload.get("routes", {}).get(dest)
+                plan = Route.from_payload(route) if route else None
+                if plan is not None and plan.seg_fallback:
+                    continue
+                dest_files = files_for(plan, produced)[0] if plan else [o.path for o in objects]
+                if dest_files:
+                    self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
+                                      destination=dest, payload={"files": dest_files})
+                    sent_early.setdefault(dest, set()).update(dest_files)
+        except Exception:
+            logger.exception("Job %d: queuing its first results early failed; they go with the rest", job.id)
+            return
+        if sent_early:
+            logger.info("Job %d: %s queued for sending while the rest is made", job.id,
+                        ", ".join(o.kind for o in objects))
+            self.on_event("results_ready", {"series": job.series_uid, "job": job.id, "model": job.model})
 
     # -- SEND ----------------------------------------------------------------
     def drain_send(self, now_fn: Callable[[], float] = time.time,

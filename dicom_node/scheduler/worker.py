@@ -26,7 +26,7 @@ from typing import Any
 from dicom_node.imaging.prefetch import Prefetch
 from dicom_node.logs import configure_logging
 from dicom_node.scheduler.forked import cpu_count
-from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer, warm_up
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, ProducedObject, run_infer, warm_up
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from inference.registry import ModelRegistry
@@ -156,7 +156,8 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
         if isinstance(task, ReadAheadQuery):
             conn.send(("held", {} if prefetch.busy else prefetch.held()))
             continue
-        outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode)
+        outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode,
+                            ready=lambda objects: conn.send(("objects", objects)))
         conn.send(("done", outcome))
 
 
@@ -207,12 +208,15 @@ class WorkerProcess:
         """Whether this worker was told to read ``series_uid`` ahead (since its last start)."""
         return series_uid in self._hinted
 
-    def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
+    def run(self, task: InferTask, timeout_s: float,
+            ready: Callable[[list[ProducedObject]], None] | None = None) -> InferOutcome:
         """Run ``task`` in the worker; never raises for a model's failure.
 
         ``timeout_s`` is the node's default (``workers.infer_timeout_s``); a
         model's own ``timeout_s`` replaces it.  On timeout the worker is
         killed and restarted; if it died the job fails with its exit code.
+        ``ready`` is called here with the objects the job has finished while
+        it still makes others (see :func:`~dicom_node.scheduler.pipeline.run_infer`).
         """
         spec = self.settings.models.get(task.model)
         timeout_s = float(getattr(spec, "timeout_s", None) or timeout_s)
@@ -232,6 +236,8 @@ class WorkerProcess:
                     kind, value = self._conn.recv()
                     if kind == "done":
                         return value
+                    if kind == "objects" and ready is not None:
+                        ready(value)
             except (EOFError, OSError, BrokenPipeError):
                 if self._closed:  # the node killed it to stop: the job is not the model's failure
                     raise WorkerStopped(f"job of model {task.model} interrupted by the node's forced stop; "

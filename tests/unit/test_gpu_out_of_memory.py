@@ -62,8 +62,8 @@ class InlineRunner:
         self.settings, self.spool = settings, spool
         self.registry = ModelRegistry(settings.models)
 
-    def run(self, task: InferTask, timeout_s: float) -> InferOutcome:
-        return run_infer(task, self.registry, self.spool, self.settings.outputs)
+    def run(self, task: InferTask, timeout_s: float, ready: Any = None) -> InferOutcome:
+        return run_infer(task, self.registry, self.spool, self.settings.outputs, ready=ready)
 
 
 def _settings(tmp: Path, policy: str) -> Settings:

@@ -38,7 +38,7 @@ def settings_with(rules: list[dict[str, Any]], **completion: Any) -> Settings:
 
 
 class _NoRunner:
-    def run(self, task: Any, timeout_s: float) -> Any:
+    def run(self, task: Any, timeout_s: float, ready: Any = None) -> Any:
         raise AssertionError("no model runs in these tests")
 
 

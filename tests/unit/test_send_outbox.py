@@ -42,7 +42,7 @@ class ScriptedSender:
 
 
 class NoRunner:
-    def run(self, task: Any, timeout_s: float) -> Any:
+    def run(self, task: Any, timeout_s: float, ready: Any = None) -> Any:
         raise AssertionError("no INFER job in these tests")
 
 

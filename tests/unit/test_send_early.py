@@ -1,0 +1,215 @@
+"""A job's SEG and SR go out while its overlay series is still being made.
+
+With an overlay series (or a PDF) among a job's outputs, the worker tells the
+node as soon as the SEG and SR are written; the node queues their SEND at once
+(its send loop is woken) and the overlay images follow in a SEND job of their
+own.  Checked here: the moment of the call (before any overlay file exists,
+on the serial path), no call without an overlay series, the SEND jobs the
+node makes from it (a destination with a SEG fallback waits for the whole
+job), a send that really happens while the job runs, and a job that fails
+after its SEG and SR went out (they stand; the job is failed with its reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.domain import JobKind, JobState
+from dicom_node.errors import ResultError
+from dicom_node.scheduler import pipeline as pipeline_module
+from dicom_node.scheduler.pipeline import InferOutcome, InferTask, ProducedObject, run_infer
+from dicom_node.scheduler.service import Pipeline
+from dicom_node.send import SendReport
+from dicom_node.settings import Settings
+from dicom_node.spool import Spool
+from dicom_node.store import Database, ReceivedInstance
+from inference.registry import ModelRegistry
+from tests.phantoms import write_ct_series
+
+MODEL_PY = '''
+import numpy as np
+
+def bright(array, geometry):
+    return (array > 500).astype(np.uint8)
+'''
+
+LABELS = [{"value": 1, "name": "Bright", "color": [255, 0, 0], "snomed": {"value": "10200004", "meaning": "Liver"}}]
+
+
+@pytest.fixture()
+def case(tmp_path: Path) -> dict[str, Any]:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "bright_model.py").write_text(MODEL_PY)
+    hu = np.full((6, 40, 40), 40, np.int16)
+    hu[1:5, 8:30, 8:30] = 900
+    spool = Spool(tmp_path / "state")
+    files = write_ct_series(hu, (2.0, 1.0, 1.0), spool.incoming / "study" / "series")
+    settings = Settings.model_validate({
+        "storage": {"path": str(tmp_path / "state")},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                         "old": {"ae_title": "OLD", "host": "127.0.0.1", "port": 105, "seg_fallback": "sc",
+                                 "outputs": ["seg", "sr"]}},
+        "models": {"bright": {"type": "python", "callable": "bright_model:bright", "path": str(code),
+                              "labels": LABELS}},
+        "rules": [{"name": "all", "when": {"Modality": "CT"}, "run": ["bright"], "outputs": ["seg", "sr", "sc"],
+                   "send_to": ["pacs"]}],
+    })
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    return {"spool": spool, "settings": settings, "series": series_uid, "files": files,
+            "paths": tuple(spool.relative(f) for f in files)}
+
+
+def _overlay_files(spool: Spool) -> list[Path]:
+    return [p for p in spool.results.rglob("*.dcm") if "sc" in p.name.lower()]
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "forked"])
+def test_seg_and_sr_are_handed_over_before_the_overlay_series(case: dict[str, Any], parallel: bool) -> None:
+    spool: Spool = case["spool"]
+    calls: list[tuple[list[ProducedObject], list[Path]]] = []
+
+    def ready(objects: list[ProducedObject]) -> None:
+        assert all(spool.absolute(o.path).is_file() for o in objects), "handed over only once written"
+        calls.append((objects, _overlay_files(spool)))
+
+    task = InferTask(1, case["series"], "bright", case["paths"], ("seg", "sr", "sc"))
+    outcome = run_infer(task, ModelRegistry(case["settings"].models), spool, case["settings"].outputs,
+                        parallel_encode=parallel, ready=ready)
+    assert outcome.ok, outcome.error
+    assert len(calls) == 1
+    early, overlays_then = calls[0]
+    assert [o.kind for o in early] == ["seg", "sr"]
+    assert [o.kind for o in outcome.objects[:2]] == ["seg", "sr"] and outcome.objects[:2] == early
+    assert {o.kind for o in outcome.objects[2:]} == {"sc"} and len(outcome.objects) > 2
+    if not parallel:  # the overlay series is drawn after the call, in this process
+        assert overlays_then == [], "called before the first overlay image was written"
+
+
+def test_without_an_overlay_series_nothing_is_handed_over_early(case: dict[str, Any]) -> None:
+    calls: list[Any] = []
+    task = InferTask(1, case["series"], "bright", case["paths"], ("seg", "sr"))
+    outcome = run_infer(task, ModelRegistry(case["settings"].models), case["spool"], case["settings"].outputs,
+                        parallel_encode=True, ready=calls.append)
+    assert outcome.ok and [o.kind for o in outcome.objects] == ["seg", "sr"]
+    assert calls == [], "SEG and SR are the whole job: they go with its end"
+
+
+class Sender:
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.calls: list[tuple[str, list[str], int]] = []  # destination, files, overlay files on disk then
+
+    def __call__(self, files: list[Path], destination: Any, node_ae_title: str, **_: Any) -> SendReport:
+        self.calls.append((destination.ae_title, sorted(p.name for p in files), len(_overlay_files(self.spool))))
+        return SendReport(sent=len(files))
+
+
+class InlineRunner:
+    """Runs the job in this process, serially; between the early hand-over and the overlays the node's send
+    loop runs once, as the node's own send thread would while the worker draws."""
+
+    def __init__(self, case: dict[str, Any]) -> None:
+        self.case = case
+        self.pipeline: Pipeline | None = None
+        self.sent_during_job: int = 0
+
+    def run(self, task: InferTask, timeout_s: float, ready: Any = None) -> InferOutcome:
+        def handed_over(objects: list[ProducedObject]) -> None:
+            ready(objects)
+            assert self.pipeline is not None
+            self.sent_during_job = self.pipeline.drain_send(lambda: 101.0)
+
+        return run_infer(task, ModelRegistry(self.case["settings"].models), self.case["spool"],
+                         self.case["settings"].outputs, ready=handed_over)
+
+
+def _pipeline(case: dict[str, Any], tmp_path: Path, destinations: list[str]) -> tuple[Pipeline, InlineRunner, Sender]:
+    db = Database(tmp_path / "state.sqlite3")
+    spool: Spool = case["spool"]
+    runner = InlineRunner(case)
+    sender = Sender(spool)
+    p = Pipeline(case["settings"], db, spool, runner, sender)
+    runner.pipeline = p
+    for path in case["files"]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        p.series.record_instance(ReceivedInstance(
+            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID, transfer_syntax=ds.file_meta.TransferSyntaxUID, modality="CT",
+            path=spool.relative(path), size=1, sha256=ds.SOPInstanceUID, calling_ae="MOD", called_ae="NODE",
+            source_host="127.0.0.1"), 90.0)
+    p.series.complete_quiet(100, 5)
+    rule = case["settings"].rules[0].model_copy(update={"send_to": destinations})
+    p._queue_rule(case["series"], rule, 100.0, {})
+    return p, runner, sender
+
+
+def test_the_node_sends_seg_and_sr_while_the_job_draws_its_overlays(case: dict[str, Any], tmp_path: Path) -> None:
+    p, runner, sender = _pipeline(case, tmp_path, ["pacs"])
+    assert p.drain_infer(lambda: 101.0) == 1
+    assert runner.sent_during_job == 1, "one SEND job went out while the job ran"
+    assert sender.calls[0][0] == "PACS" and len(sender.calls[0][1]) == 2
+    assert sender.calls[0][2] == 0, "sent before any overlay image existed"
+    assert p.drain_send(lambda: 102.0) == 1
+    overlays = sender.calls[1][1]
+    assert len(overlays) == len(_overlay_files(case["spool"])) > 0, "the overlay series in its own SEND job"
+    sends = [j for j in p.jobs.in_state(JobState.DONE) if j.kind == JobKind.SEND]
+    assert [len(j.payload["files"]) for j in sorted(sends, key=lambda j: j.id)] == [2, len(overlays)]
+    infer = next(j for j in p.jobs.in_state(JobState.DONE) if j.kind == JobKind.INFER)
+    assert len(infer.payload["files"]) == 2 + len(overlays), "the job still lists every object"
+    kinds = {r["kind"] for r in p.db.query("SELECT kind FROM results")}
+    assert kinds == {"seg", "sr", "sc"}
+
+
+def test_a_destination_with_a_seg_fallback_waits_for_the_whole_job(case: dict[str, Any], tmp_path: Path) -> None:
+    # "old" takes SEG + SR with an overlay fallback; "pacs" takes SEG + SR + overlays and gets them early.
+    p, runner, sender = _pipeline(case, tmp_path, ["pacs", "old"])
+    route = p.jobs.in_state(JobState.QUEUED)[0].payload["routes"]
+    assert route["old"]["seg_fallback"] == "sc" and route["pacs"]["seg_fallback"] is None
+    p.drain_infer(lambda: 101.0)
+    assert [c[0] for c in sender.calls] == ["PACS"], "only the destination without a fallback went early"
+    p.drain_send(lambda: 102.0)
+    old = [c for c in sender.calls if c[0] == "OLD"]
+    assert len(old) == 1 and len(old[0][1]) == 2, "OLD: SEG + SR in one SEND job after the job"
+    assert sum(c[0] == "PACS" for c in sender.calls) == 2
+
+
+def test_a_job_failing_after_its_seg_and_sr_went_out(case: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ResultError("overlay drawing failed")
+
+    monkeypatch.setattr(pipeline_module, "build_overlays", broken)
+    p, runner, sender = _pipeline(case, tmp_path, ["pacs"])
+    with caplog.at_level(logging.WARNING, logger="dicom_node.scheduler.service"):
+        p.drain_infer(lambda: 101.0)
+    infer = [j for j in p.jobs.in_state(JobState.FAILED) if j.kind == JobKind.INFER]
+    assert len(infer) == 1 and "overlay drawing failed" in infer[0].reason
+    assert runner.sent_during_job == 1 and len(sender.calls[0][1]) == 2, "SEG + SR stand"
+    assert "after its SEG/SR were queued for sending to pacs" in caplog.text
+    assert p.drain_send(lambda: 102.0) == 0, "nothing else is sent for the failed job"
+
+
+def test_a_worker_process_hands_seg_and_sr_over_through_its_pipe(case: dict[str, Any]) -> None:
+    from dicom_node.scheduler.worker import WorkerProcess
+
+    settings = case["settings"].model_copy(update={"workers": case["settings"].workers.model_copy(
+        update={"infer": 1})})
+    worker = WorkerProcess(settings)
+    worker.start()
+    handed: list[list[ProducedObject]] = []
+    try:
+        task = InferTask(1, case["series"], "bright", case["paths"], ("seg", "sr", "sc"))
+        outcome = worker.run(task, 120, ready=handed.append)
+    finally:
+        worker.close()
+    assert outcome.ok, outcome.error
+    assert len(handed) == 1 and [o.kind for o in handed[0]] == ["seg", "sr"]
+    assert outcome.objects[:2] == handed[0] and len(outcome.objects) > 2
