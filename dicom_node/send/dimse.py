@@ -146,10 +146,12 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
         ``retryable=False`` when it refuses an object (the reason names the
         status) or accepts no transfer syntax the object can be sent in.
     """
-    datasets = [dcmread(f) for f in files]
+    # Headers first (the contexts to propose); each object is read whole only when its turn comes, so an
+    # overlay series of hundreds of RGB images never sits in memory at once.
+    headers = [dcmread(f, stop_before_pixels=True) for f in files]
     ae = AE(ae_title=calling_ae_title)
     _configure(ae, timeout_s)
-    for sop_class, syntaxes in proposed_contexts(datasets):
+    for sop_class, syntaxes in proposed_contexts(headers):
         ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
@@ -163,13 +165,14 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
     sent = transcoded = 0
     refused: list[str] = []
     try:
-        for ds in datasets:
-            if skip_refused and not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
-                if str(ds.SOPClassUID) not in refused:
+        for path, header in zip(files, headers):
+            if skip_refused and not any(cx.abstract_syntax == header.SOPClassUID for cx in assoc.accepted_contexts):
+                if str(header.SOPClassUID) not in refused:
                     logger.warning("C-STORE to %s: %s not accepted in association negotiation; not sent",
-                                   ae_title, UID(str(ds.SOPClassUID)).name)
-                    refused.append(str(ds.SOPClassUID))
+                                   ae_title, UID(str(header.SOPClassUID)).name)
+                    refused.append(str(header.SOPClassUID))
                 continue
+            ds = dcmread(path)
             transcoded += _fit_to_association(ds, assoc, ae_title)
             status = assoc.send_c_store(ds)
             code = int(status.Status) if "Status" in status else None

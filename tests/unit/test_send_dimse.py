@@ -176,3 +176,30 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_objects_are_read_whole_one_at_a_time(tmp_path: Path, scp_factory: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overlay series of hundreds of RGB images must not sit in memory at once: each object is read
+    whole only when its turn comes (the headers alone decide the contexts)."""
+    from dicom_node.send import dimse
+
+    scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
+    files = []
+    for i in range(3):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.99.{i}"
+        files.append(tmp_path / f"ct{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    reads: list[tuple[str, bool, int]] = []  # file, whole, objects the SCP held at that moment
+    real = dimse.dcmread
+
+    def counting(path: Any, **kwargs: Any) -> pydicom.Dataset:
+        reads.append((Path(path).name, not kwargs.get("stop_before_pixels", False), len(scp.received)))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(dimse, "dcmread", counting)
+    assert _send(scp, files).sent == 3
+    whole = [(name, held) for name, full, held in reads if full]
+    assert whole == [("ct0.dcm", 0), ("ct1.dcm", 1), ("ct2.dcm", 2)], "each read whole just before its C-STORE"
+    assert all(not full for _, full, _ in reads[:3]), "the headers come first, without pixels"
