@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Final
 
 import highdicom as hd
@@ -134,7 +134,26 @@ def build_overlays(
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
     replaces: Collection[str] = (),
 ) -> list[Dataset]:
-    """Encode a prediction as one RGB Secondary Capture image per slice with findings.
+    """The images of :func:`iter_overlays` as a list (see there)."""
+    return list(iter_overlays(prediction, source_images, identity, style=style,
+                              device_serial_number=device_serial_number, replaces=replaces))
+
+
+def iter_overlays(
+    prediction: Prediction,
+    source_images: Sequence[Dataset],
+    identity: OutputIdentity,
+    *,
+    style: OverlayStyle = OverlayStyle(),
+    device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    replaces: Collection[str] = (),
+) -> Iterator[Dataset]:
+    """Encode a prediction as one RGB Secondary Capture image per slice with findings, one image at a time.
+
+    Everything that can make the series fail (the label map, its labels, the
+    sources' pixel data and matrix) is checked before the first image is
+    made, so that a caller handing images on as they come (to be sent while
+    the rest are drawn) never hands on part of a series that then fails.
 
     The first image with a given header (patient, study, geometry: everything
     taken from the source except its SOP Instance UID) is built and checked by
@@ -165,10 +184,10 @@ def build_overlays(
         which replaces the earlier overlay (a re-run after late arrivals may
         find less than the first run did).
 
-    Returns
-    -------
-    list of pydicom.Dataset
-        The images in slice order; empty when no segment is present and
+    Yields
+    ------
+    pydicom.Dataset
+        The images in slice order; none when no segment is present and
         nothing is to be replaced.
 
     Raises
@@ -189,19 +208,19 @@ def build_overlays(
         raise ResultError("Label map has negative values; labels are 0 (background) or SegmentSpec.label")
     slices = source_slices(source_images, labelmap.shape[0])
     specs = {spec.label: spec for spec in card.segments}
+    replaced = frozenset(replaces)
+    drawn = _check_overlays(prediction, slices, specs, identity, replaced)
     cache: dict[int, np.ndarray] = {}
     templates: dict[tuple[str, ...], Dataset] = {}
-    images: list[Dataset] = []
     versions = software_versions(card)
-    replaced = frozenset(replaces)
-    cleared = 0
+    cleared = made = 0
     for z, (source, frame) in enumerate(slices):
+        if z not in drawn:
+            continue
         plane = labelmap[z]
         box = _nonzero_box(plane)
         note = ""
         if box is None:
-            if not replaced or overlay_uid(identity, source, frame) not in replaced:
-                continue
             boxes: list[tuple[slice, ...] | None] = []
             note = CLEARED_NOTE
             cleared += 1
@@ -231,10 +250,44 @@ def build_overlays(
             templates[key] = image
         else:
             image = _copy_of(template, source, frame, z, rgb, identity)
-        images.append(image)
+        made += 1
+        yield image
     logger.info("Overlay series %s: %d images, %d of them replacing earlier findings (model %s %s)",
-                identity.series_instance_uid, len(images), cleared, card.name, card.version)
-    return images
+                identity.series_instance_uid, made, cleared, card.name, card.version)
+
+
+def _check_overlays(prediction: Prediction, slices: Sequence[tuple[Dataset, int]], specs: dict[int, Any],
+                    identity: OutputIdentity, replaced: frozenset[str]) -> set[int]:
+    """The slices that get an image, once every check of :func:`iter_overlays` has passed for all of them.
+
+    Raises
+    ------
+    ResultError
+        A label the card does not declare, a source without pixel data, or
+        a source frame whose matrix differs from the label map's slices.
+    """
+    labelmap = prediction.labelmap
+    assert labelmap is not None
+    per_slice = prediction.slice_label_counts()
+    if per_slice is None:  # a signed label map (checked non-negative above): counted here
+        length = int(labelmap.max()) + 1
+        per_slice = np.stack([np.bincount(plane.ravel(), minlength=length) for plane in labelmap])
+    found = per_slice[:, 1:].any(axis=0)
+    unknown = [label for label in (np.flatnonzero(found) + 1).tolist() if label not in specs]
+    if unknown:
+        raise ResultError(f"Label map of model {prediction.card.name!r} contains labels {unknown} its card "
+                          "does not declare")
+    with_findings: np.ndarray = np.asarray(per_slice[:, 1:].any(axis=1))
+    drawn = {z for z, (source, frame) in enumerate(slices)
+             if with_findings[z] or (replaced and overlay_uid(identity, source, frame) in replaced)}
+    for z in sorted(drawn):
+        source, _ = slices[z]
+        if "PixelData" not in source and "FloatPixelData" not in source:
+            raise ResultError("A source image has no pixel data: overlays need the source pixels")
+        rows, columns = int(source.Rows), int(source.Columns)
+        if (rows, columns) != labelmap.shape[1:]:
+            raise ResultError(f"Label map slices are {labelmap.shape[1:]} but a source frame is {(rows, columns)}")
+    return drawn
 
 
 def _nonzero_box(plane: np.ndarray) -> tuple[slice, slice] | None:

@@ -6,7 +6,9 @@ with two or more cores a second process can.  :class:`Forked` forks the
 worker process: the child inherits the prediction, the source headers and
 everything else by copy-on-write (nothing is pickled on the way in), runs one
 function (e.g. writing the SEG, or drawing the overlay series) and sends back
-its return value or its error through a pipe.
+its return value or its error through a pipe; on the way it may report
+progress (e.g. the overlay images written so far), which the parent takes in
+order as it waits for the result.
 
 The child never touches the GPU or the worker's pipe to the node, dies with
 its parent (``PR_SET_PDEATHSIG``), and leaves with ``os._exit`` (no atexit
@@ -22,6 +24,7 @@ import logging
 import os
 import pickle
 import signal
+import struct
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +54,16 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+_FRAME = struct.Struct("<Q")  # each message: its pickled length, then the pickle
+
+
+def _send_frame(fd: int, payload: tuple[Any, ...]) -> None:
+    data = pickle.dumps(payload)
+    view = memoryview(_FRAME.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class Forked(Generic[T]):
     """``fn()`` running in a forked child; :meth:`result` waits for it.
 
@@ -60,12 +73,16 @@ class Forked(Generic[T]):
         What the child runs; its return value must pickle.
     what:
         Names the work in error messages ("the SEG's file", ...).
+    reports:
+        Whether ``fn`` takes a ``report(value)`` argument: each value it
+        reports (must pickle) reaches :meth:`result`'s ``progress`` in the
+        parent, in order, before the return value.
 
     Use it as a context manager: leaving the block without :meth:`result`
     (the parent's own part failed) kills the child and reaps it.
     """
 
-    def __init__(self, fn: Callable[[], T], what: str) -> None:
+    def __init__(self, fn: Callable[..., T], what: str, reports: bool = False) -> None:
         self.what = what
         self._done = False
         parent = os.getpid()
@@ -77,13 +94,11 @@ class Forked(Generic[T]):
             try:
                 _die_with(parent)
                 try:
-                    payload: tuple[Any, ...] = ("ok", fn())
+                    value = fn(lambda part: _send_frame(write_fd, ("part", part))) if reports else fn()
+                    payload: tuple[Any, ...] = ("ok", value)
                 except BaseException as exc:  # everything goes back to the parent, which decides
                     payload = ("error", isinstance(exc, DicomNodeError), f"{type(exc).__name__}: {exc}", str(exc))
-                data = pickle.dumps(payload)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(write_fd, view):]
+                _send_frame(write_fd, payload)
             except BaseException:
                 code = 1
             finally:
@@ -99,8 +114,8 @@ class Forked(Generic[T]):
         if not self._done:
             self.cancel()
 
-    def result(self) -> T:
-        """The child's return value.
+    def result(self, progress: Callable[[Any], None] | None = None) -> T:
+        """The child's return value; ``progress`` gets each value the child reported first, in order.
 
         Raises
         ------
@@ -110,25 +125,47 @@ class Forked(Generic[T]):
         RuntimeError
             The child raised anything else (its type and message).
         """
-        chunks = []
+        payload: tuple[Any, ...] | None = None
         try:
-            while chunk := os.read(self._fd, 1 << 20):
-                chunks.append(chunk)
+            while (frame := self._read_frame()) is not None:
+                if frame[0] == "part":
+                    if progress is not None:
+                        progress(frame[1])
+                    continue
+                payload = frame
+                break
         finally:
             os.close(self._fd)
             self._done = True
             _, status = os.waitpid(self.pid, 0)
-        if not chunks:
+        if payload is None:
             how = (f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"exited with status {os.waitstatus_to_exitcode(status)}")
             raise ResultError(f"the process encoding {self.what} {how} without a result")
-        payload = pickle.loads(b"".join(chunks))
         if payload[0] == "ok":
             return payload[1]  # type: ignore[no-any-return]
         _, ours, described, message = payload
         if ours:
             raise ResultError(message)
         raise RuntimeError(f"encoding {self.what} raised {described}")
+
+    def _read_frame(self) -> tuple[Any, ...] | None:
+        """The child's next message, or ``None`` when it ended (or died) before a whole one."""
+        head = self._read_exactly(_FRAME.size)
+        if head is None:
+            return None
+        body = self._read_exactly(_FRAME.unpack(head)[0])
+        return None if body is None else pickle.loads(body)  # type: ignore[no-any-return]
+
+    def _read_exactly(self, size: int) -> bytes | None:
+        chunks, left = [], size
+        while left:
+            chunk = os.read(self._fd, min(left, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
     def cancel(self) -> None:
         """Kill the child and reap it (its result is not wanted)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +31,7 @@ from dicom_node.results.identity import derive_identity
 from dicom_node.results.overlay import OverlayStyle
 from dicom_node.results.pdf import build_pdf
 from dicom_node.results.routing import SR_MEASUREMENTS
-from dicom_node.results.sc import build_overlays
+from dicom_node.results.sc import iter_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.scheduler.forked import Forked
@@ -41,6 +42,9 @@ from inference.registry import ModelRegistry
 from inference.types import Model, Prediction, Task
 
 logger = logging.getLogger(__name__)
+
+#: How often a job hands the overlay images written so far over to be sent while it draws the rest (seconds).
+HAND_OVER_S = 0.25
 
 #: Runs each job's header check beside its model (a thread; several jobs at once with Ray runners).
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="header-check")
@@ -387,27 +391,52 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         return derive_identity(outputs.uid_root, task.series_uid, task.model, card.version, kind,
                                conf.series_number, conf.description_for(task.model, result))
 
-    def write(kind: str, ds: Dataset, index: int | None = None) -> ProducedObject:
+    def write(kind: str, ds: Dataset, index: int | None = None, unsynced: list[int] | None = None) -> ProducedObject:
+        """Write one object to the spool, synced; with ``unsynced`` its descriptor goes there to be synced later."""
         kind = str(kind)  # an OutputKind is its value
         path = (spool.result_path(task.series_uid, task.model, kind) if index is None
                 else spool.result_part_path(task.series_uid, task.model, kind, index))
         record_changes(ds, changes)
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        spool.write_atomic(path, buf.getvalue())
+        if unsynced is None:
+            spool.write_atomic(path, buf.getvalue())
+        else:
+            unsynced.append(spool.write_unsynced(path, buf.getvalue()))
         return ProducedObject(kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), spool.relative(path))
 
     present = bool(prediction.present_segments())  # one pass over the label map for every output
     replaces = set(task.replaces)
     style = OverlayStyle(banner=outputs.banner, fill_opacity=outputs.fill_opacity)
 
-    def side_objects() -> list[ProducedObject]:
-        """The overlay series and the PDF: they need neither the SEG nor the SR."""
-        produced = []
+    def side_objects(report: Callable[[list[ProducedObject]], None] | None = None) -> list[ProducedObject]:
+        """The overlay series and the PDF: they need neither the SEG nor the SR.
+
+        ``report`` gets the overlay images written so far (synced) every
+        :data:`HAND_OVER_S`, to be sent while the rest are drawn; the list
+        returned holds every object all the same.
+        """
+        produced: list[ProducedObject] = []
         if OutputKind.SC in task.outputs and (present or replaces):
-            for image in build_overlays(prediction, sources, identity(OutputKind.SC), style=style,
-                                        replaces=replaces):
-                produced.append(write(OutputKind.SC, image, int(image.InstanceNumber) - 1))
+            # Each image is written at once and synced with the others of its batch (one directory sync).
+            unsynced: list[int] = []
+            batch: list[ProducedObject] = []
+            since = time.monotonic()
+            try:
+                for image in iter_overlays(prediction, sources, identity(OutputKind.SC), style=style,
+                                           replaces=replaces):
+                    batch.append(write(OutputKind.SC, image, int(image.InstanceNumber) - 1, unsynced))
+                    if report is not None and time.monotonic() - since >= HAND_OVER_S:
+                        spool.settle(unsynced, {spool.absolute(batch[0].path).parent})
+                        report(batch)
+                        produced.extend(batch)
+                        batch, since = [], time.monotonic()
+                if batch:
+                    spool.settle(unsynced, {spool.absolute(batch[0].path).parent})
+                    produced.extend(batch)
+            finally:
+                for fd in unsynced:  # an error half-way: the job fails, its files are rewritten by a re-run
+                    os.close(fd)
         if OutputKind.PDF in task.outputs:
             produced.append(write(OutputKind.PDF, build_pdf(prediction, sources, identity(OutputKind.PDF),
                                                             style=style, paper=outputs.paper)))
@@ -415,7 +444,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
 
     wants_side = (OutputKind.SC in task.outputs and (present or replaces)) or OutputKind.PDF in task.outputs
     with contextlib.ExitStack() as stack:
-        side = (stack.enter_context(Forked(side_objects, "the overlay series and the PDF"))
+        side = (stack.enter_context(Forked(side_objects, "the overlay series and the PDF", reports=ready is not None))
                 if parallel and wants_side else None)
         seg_ds: Dataset | None = None
         segment_numbers: dict[int, int] | None = None
@@ -450,7 +479,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
             seg_objects.append(seg_writing.result())
         if ready is not None and wants_side and (seg_objects or sr_objects):
             ready([*seg_objects, *sr_objects])  # on their way while the overlay series / PDF are made
-        side_produced = side.result() if side is not None else side_objects()
+        side_produced = side.result(progress=ready) if side is not None else side_objects(ready)
     return [*seg_objects, *sr_objects, *side_produced]
 
 

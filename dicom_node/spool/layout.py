@@ -161,6 +161,31 @@ class Spool:
             raise
         return fd
 
+    @staticmethod
+    def settle(fds: list[int], directories: set[Path]) -> None:
+        """Sync and close the descriptors :meth:`write_unsynced` returned, then sync their directories once.
+
+        Closes every descriptor even when a sync fails (the error is raised
+        after); ``fds`` is emptied.
+        """
+        error: OSError | None = None
+        while fds:
+            fd = fds.pop()
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                error = error or exc
+            finally:
+                os.close(fd)
+        if error is not None:
+            raise error
+        for directory in directories:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
     def clean_tmp(self) -> int:
         """Remove half-written temp files left by a crash; returns how many."""
         count = 0

@@ -160,7 +160,7 @@ def test_an_error_in_the_child_fails_the_job_with_its_message(case: dict[str, An
     def broken(*args: object, **kwargs: object) -> None:
         raise ResultError("overlay could not be drawn: test")
 
-    monkeypatch.setattr(pipeline, "build_overlays", broken)
+    monkeypatch.setattr(pipeline, "iter_overlays", broken)
     outcome = _run(case, ("seg", "sr", "sc"), parallel=True)
     assert not outcome.ok
     assert outcome.error == "overlay could not be drawn: test"
@@ -182,7 +182,7 @@ def test_a_failure_of_the_workers_part_kills_the_child(case: dict[str, Any], mon
             pass
         raise ResultError("SEG could not be encoded: test")
 
-    monkeypatch.setattr(pipeline, "build_overlays", slow_overlays)
+    monkeypatch.setattr(pipeline, "iter_overlays", slow_overlays)
     monkeypatch.setattr(pipeline, "build_seg", broken_seg)
     outcome = _run(case, ("seg", "sr", "sc"), parallel=True)
     assert not outcome.ok and outcome.error == "SEG could not be encoded: test"

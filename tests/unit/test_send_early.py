@@ -92,6 +92,53 @@ def test_seg_and_sr_are_handed_over_before_the_overlay_series(case: dict[str, An
         assert overlays_then == [], "called before the first overlay image was written"
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "forked"])
+def test_overlay_images_are_handed_over_in_batches_while_the_rest_are_drawn(
+        case: dict[str, Any], parallel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_module, "HAND_OVER_S", 0.0)  # every image its own batch
+    spool: Spool = case["spool"]
+    calls: list[tuple[list[ProducedObject], int]] = []
+
+    def ready(objects: list[ProducedObject]) -> None:
+        for o in objects:  # synced and whole when handed over: read back as DICOM
+            assert pydicom.dcmread(spool.absolute(o.path), stop_before_pixels=True).SOPInstanceUID == o.sop_uid
+        calls.append((objects, len(_overlay_files(spool))))
+
+    task = InferTask(1, case["series"], "bright", case["paths"], ("seg", "sr", "sc", "pdf"))
+    outcome = run_infer(task, ModelRegistry(case["settings"].models), spool, case["settings"].outputs,
+                        parallel_encode=parallel, ready=ready)
+    assert outcome.ok, outcome.error
+    assert [o.kind for o in calls[0][0]] == ["seg", "sr"]
+    overlays = [o for o in outcome.objects if o.kind == "sc"]
+    batches = [objects for objects, _ in calls[1:]]
+    assert all(len(b) == 1 and b[0].kind == "sc" for b in batches), "the PDF is not handed over early"
+    assert [b[0] for b in batches] == overlays[:len(batches)] and len(batches) >= len(overlays) - 1
+    assert outcome.objects[-1].kind == "pdf"
+    if not parallel:  # drawn in this process: each image handed over before the next one is written
+        assert [written for _, written in calls[1:]] == list(range(1, len(batches) + 1))
+
+
+def test_an_overlay_series_that_would_fail_fails_before_its_first_image(case: dict[str, Any]) -> None:
+    from dicom_node.errors import ResultError as Refused
+    from dicom_node.results.identity import derive_identity
+    from dicom_node.results.sc import iter_overlays
+    from inference.models.lungs_ct_card import LUNGS_CT_CARD as card
+    from inference.types import Prediction
+
+    sources = [pydicom.dcmread(f) for f in case["files"]]
+    labels = np.zeros((len(sources), 40, 40), np.uint8)
+    labels[:, 10:20, 10:20] = 1
+    labels[-1, 30:35, 30:35] = 9  # a label the card does not declare, on the last slice only
+    identity = derive_identity("2.25.", case["series"], "bright", "1", "sc", 9, "overlay")
+    images = iter_overlays(Prediction(card=card, labelmap=labels), sources, identity)
+    with pytest.raises(Refused, match=r"labels \[9\]"):
+        next(images)  # not after drawing the slices before it
+    labels[-1] = 0
+    del sources[-2].PixelData
+    with pytest.raises(Refused, match="no pixel data"):
+        next(iter_overlays(Prediction(card=card, labelmap=labels), sources, identity))
+
+
 def test_without_an_overlay_series_nothing_is_handed_over_early(case: dict[str, Any]) -> None:
     calls: list[Any] = []
     task = InferTask(1, case["series"], "bright", case["paths"], ("seg", "sr"))
@@ -186,7 +233,7 @@ def test_a_job_failing_after_its_seg_and_sr_went_out(case: dict[str, Any], tmp_p
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ResultError("overlay drawing failed")
 
-    monkeypatch.setattr(pipeline_module, "build_overlays", broken)
+    monkeypatch.setattr(pipeline_module, "iter_overlays", broken)
     p, runner, sender = _pipeline(case, tmp_path, ["pacs"])
     with caplog.at_level(logging.WARNING, logger="dicom_node.scheduler.service"):
         p.drain_infer(lambda: 101.0)
