@@ -240,9 +240,9 @@ class Pipeline:
                                       max_attempts=self.jobs.max_infer_attempts)
                 return
             if sent_early:
-                logger.warning("Job %d failed after its SEG/SR were queued for sending to %s (they stand: "
-                               "the failure came after them): %s", job.id, ", ".join(sorted(sent_early)),
-                               outcome.error)
+                logger.warning("Job %d failed after %d of its objects were queued for sending to %s (they stand: "
+                               "the failure came after them): %s", job.id, len(set().union(*sent_early.values())),
+                               ", ".join(sorted(sent_early)), outcome.error)
             self.jobs.fail(job.id, outcome.error, now)
             return
         self._record_results(job, outcome.objects, now)
@@ -282,7 +282,7 @@ class Pipeline:
 
     def _send_early(self, job: Job, objects: list[ProducedObject], now: float,
                     sent_early: dict[str, set[str]]) -> None:
-        """Queue the SEND of a running job's finished SEG and SR while its overlay series / PDF are made.
+        """Queue the SEND of objects a running job has finished (SEG and SR, then overlay batches) at once.
 
         A destination whose route sends an overlay series instead of a refused
         SEG (``seg_fallback``) waits for the whole job, as its fallback needs
@@ -307,8 +307,8 @@ class Pipeline:
             logger.exception("Job %d: queuing its first results early failed; they go with the rest", job.id)
             return
         if sent_early:
-            logger.info("Job %d: %s queued for sending while the rest is made", job.id,
-                        ", ".join(o.kind for o in objects))
+            logger.info("Job %d: %d object(s) (%s) queued for sending while the rest is made", job.id,
+                        len(objects), ", ".join(dict.fromkeys(o.kind for o in objects)))
             self.on_event("results_ready", {"series": job.series_uid, "job": job.id, "model": job.model})
 
     # -- SEND ----------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_a_job_failing_after_its_seg_and_sr_went_out(case: dict[str, Any], tmp_p
     infer = [j for j in p.jobs.in_state(JobState.FAILED) if j.kind == JobKind.INFER]
     assert len(infer) == 1 and "overlay drawing failed" in infer[0].reason
     assert runner.sent_during_job == 1 and len(sender.calls[0][1]) == 2, "SEG + SR stand"
-    assert "after its SEG/SR were queued for sending to pacs" in caplog.text
+    assert "after 2 of its objects were queued for sending to pacs" in caplog.text
     assert p.drain_send(lambda: 102.0) == 0, "nothing else is sent for the failed job"
 
 
