@@ -27,7 +27,7 @@ when the SEG and SR, and when the overlay series, were stored there, as Orthanc 
 the node's own bookkeeping says (so two builds of the node compare on the same footing).
 
 Usage: ``python -m bench e2e [--slices 200] [--size 512] [--quiet 2] [--runs 1] [--completion idle|cfind]
-[--outputs seg,sr]``
+[--outputs seg,sr] [--associations 1]``
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--outputs", default="seg,sr",
                         help="the rule's outputs, comma-separated (seg, sr, sc, pdf); with sc or pdf Orthanc's "
                              "change log shows when SEG + SR and when the rest were stored")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="the Orthanc destination's associations (send jobs of 8+ objects per association "
+                             "go over that many at once)")
     args = parser.parse_args(argv)
     cfind = args.completion == "cfind"
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
@@ -78,7 +81,8 @@ def main(argv: list[str]) -> int:
 
         pacs_port = free_port()
         config = node_config(tmp, quiet_seconds=60.0 if cfind else args.quiet,
-                             destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}})
+                             destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port,
+                                                    "associations": args.associations}})
         config["completion"]["tick_seconds"] = 0.5
         config["rules"][0]["outputs"] = outputs
         if cfind:
@@ -92,7 +96,8 @@ def main(argv: list[str]) -> int:
                                 **({} if cfind else {"lua": "-- no routing\n"}))
         print("completion: " + (f"C-FIND to Orthanc when it releases the routing association (else {args.after:g} s "
                                 "after the last instance)" if cfind else f"idle timer {args.quiet:g} s")
-              + f"; outputs: {', '.join(outputs)}")
+              + f"; outputs: {', '.join(outputs)}; associations to Orthanc per send job: up to {args.associations}"
+              + " (Orthanc: DicomThreadsCount 4, its default)")
         rows: list[dict[str, Any]] = []
         watcher = _StoredInOrthanc(orthanc) if watch else None
         try:

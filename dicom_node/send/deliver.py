@@ -23,7 +23,7 @@ def deliver(files: Sequence[Path], destination: Any, node_ae_title: str, *,
         DICOM Part 10 files (one job's objects).
     destination:
         A :class:`~dicom_node.settings.DimseDestination` (C-STORE, one
-        association) or :class:`~dicom_node.settings.DicomwebDestination` (STOW-RS).
+        association, or up to its ``associations`` for many files) or :class:`~dicom_node.settings.DicomwebDestination` (STOW-RS).
     node_ae_title:
         The node's AE title, the Calling AE Title unless the destination sets one.
     skip_refused:
@@ -45,4 +45,5 @@ def deliver(files: Sequence[Path], destination: Any, node_ae_title: str, *,
         return stow_files(files, destination)
     return send_files(files, ae_title=destination.ae_title, host=destination.host, port=destination.port,
                       calling_ae_title=destination.resolve_calling_ae(node_ae_title),
-                      timeout_s=destination.timeout_s, skip_refused=skip_refused)
+                      timeout_s=destination.timeout_s, skip_refused=skip_refused,
+                      associations=destination.associations)

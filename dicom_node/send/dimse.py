@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -113,9 +115,13 @@ def _configure(ae: AE, timeout_s: float) -> None:
     ae.connection_timeout = timeout_s
 
 
+#: A job's objects are shared out over several associations (``associations``) only from this many per association.
+MIN_PER_ASSOCIATION = 8
+
+
 def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, calling_ae_title: str,
-               timeout_s: float = 30.0, skip_refused: bool = False) -> SendReport:
-    """Send ``files`` over one association.
+               timeout_s: float = 30.0, skip_refused: bool = False, associations: int = 1) -> SendReport:
+    """Send ``files`` over one association, or several at once for many files.
 
     Parameters
     ----------
@@ -132,6 +138,13 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
         for are not sent and their class is listed in ``SendReport.refused``
         (the outbox then sends a fallback, e.g. the overlay instead of a SEG);
         if false, such an object is a permanent error.
+    associations:
+        At most this many associations at once (the destination's
+        ``associations``): the files are cut into that many consecutive
+        parts, each sent over its own association in a thread, when there are
+        at least :data:`MIN_PER_ASSOCIATION` files per part (so a job's SEG and
+        SR still go in order over one).  All must succeed: a refusal anywhere
+        is the error raised, else the first failure.
 
     Returns
     -------
@@ -146,6 +159,10 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
         ``retryable=False`` when it refuses an object (the reason names the
         status) or accepts no transfer syntax the object can be sent in.
     """
+    parts = max(1, min(associations, len(files) // MIN_PER_ASSOCIATION))
+    if parts > 1:
+        return _send_in_parts(files, parts, ae_title=ae_title, host=host, port=port,
+                              calling_ae_title=calling_ae_title, timeout_s=timeout_s, skip_refused=skip_refused)
     # Headers first (the contexts to propose); each object is read whole only when its turn comes, so an
     # overlay series of hundreds of RGB images never sits in memory at once.
     headers = [dcmread(f, stop_before_pixels=True) for f in files]
@@ -195,6 +212,28 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
         if assoc.is_established:
             assoc.release()
     return SendReport(sent=sent, warnings=tuple(warnings), transcoded=transcoded, refused=tuple(refused))
+
+
+def _send_in_parts(files: Sequence[Path], parts: int, **destination: Any) -> SendReport:
+    """:func:`send_files` of consecutive parts of ``files``, each over its own association, at once."""
+    size = -(-len(files) // parts)
+    chunks = [list(files[i:i + size]) for i in range(0, len(files), size)]
+    with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="c-store") as pool:
+        futures = [pool.submit(send_files, chunk, **destination) for chunk in chunks]
+        outcomes: list[SendReport | BaseException] = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except BaseException as exc:  # every part ends first; then the error that decides is raised
+                outcomes.append(exc)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        refusals = [e for e in errors if isinstance(e, SendError) and not e.retryable]
+        raise (refusals or errors)[0]
+    reports = [o for o in outcomes if isinstance(o, SendReport)]
+    return SendReport(sent=sum(r.sent for r in reports), warnings=tuple(w for r in reports for w in r.warnings),
+                      transcoded=sum(r.transcoded for r in reports),
+                      refused=tuple(dict.fromkeys(uid for r in reports for uid in r.refused)))
 
 
 def echo(*, ae_title: str, host: str, port: int, calling_ae_title: str, timeout_s: float = 10.0) -> int | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Strict, Tag, model_validator
 
 from dicom_node.domain import OutputKind
 from dicom_node.errors import ConfigError
@@ -41,7 +41,8 @@ class DimseDestination(BaseModel):
     default) sends the overlay series instead of the SEG when the destination
     does not accept the SEG SOP class in association negotiation; ``none``
     fails the send job instead.  ``sr_form`` chooses the SR's form for this
-    destination (:data:`SrForm`).
+    destination (:data:`SrForm`).  ``associations`` (1-8) lets a job with
+    many objects (an overlay series) go over that many associations at once.
     """
 
     model_config = FROZEN
@@ -55,6 +56,7 @@ class DimseDestination(BaseModel):
     outputs: DestinationOutputs = None
     sr_form: SrForm = "viewer"
     seg_fallback: Literal["sc", "none"] = "sc"
+    associations: Annotated[int, Strict(), Field(ge=1, le=8)] = 1
 
     def resolve_calling_ae(self, node_ae_title: str) -> str:
         """The Calling AE Title to use: ``calling_ae_title``, else the node's own AE title."""

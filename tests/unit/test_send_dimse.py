@@ -28,11 +28,15 @@ class Scp:
     status: int = 0x0000
     received: list[tuple[str, str, pydicom.Dataset]] = field(default_factory=list)
 
+    associations: list[int] = field(default_factory=list)  # id of the association of each C-STORE
+    refuse: set[str] = field(default_factory=set)  # SOP Instance UIDs answered 0xC000
+
     def handle_store(self, event: evt.Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.received.append((str(ds.SOPInstanceUID), str(event.context.transfer_syntax), ds))
-        return self.status
+        self.associations.append(id(event.assoc))
+        return 0xC000 if str(ds.SOPInstanceUID) in self.refuse else self.status
 
 
 def _start_scp(contexts: dict[str, list[str]]) -> tuple[Any, Scp]:
@@ -203,3 +207,46 @@ def test_objects_are_read_whole_one_at_a_time(tmp_path: Path, scp_factory: Any,
     whole = [(name, held) for name, full, held in reads if full]
     assert whole == [("ct0.dcm", 0), ("ct1.dcm", 1), ("ct2.dcm", 2)], "each read whole just before its C-STORE"
     assert all(not full for _, full, _ in reads[:3]), "the headers come first, without pixels"
+
+
+def _ct_copies(tmp_path: Path, count: int) -> list[Path]:
+    files = []
+    for i in range(count):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.98.{i}"
+        files.append(tmp_path / f"ct{i:03d}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    return files
+
+
+def test_many_objects_go_over_several_associations_in_consecutive_parts(tmp_path: Path, scp_factory: Any) -> None:
+    scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
+    files = _ct_copies(tmp_path, 20)
+    report = send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
+                        timeout_s=10, associations=2)
+    assert report.sent == 20
+    by_association: dict[int, list[str]] = {}
+    for (uid, _, _), assoc in zip(scp.received, scp.associations):
+        by_association.setdefault(assoc, []).append(uid)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    assert sorted(by_association.values()) == [uids[:10], uids[10:]], "two parts, each in order"
+
+
+def test_few_objects_stay_on_one_association_in_order(tmp_path: Path, scp_factory: Any) -> None:
+    scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
+    files = _ct_copies(tmp_path, 9)  # fewer than 8 per association for 2
+    send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
+               timeout_s=10, associations=4)
+    assert len(set(scp.associations)) == 1
+    assert [uid for uid, _, _ in scp.received] == [pydicom.dcmread(f).SOPInstanceUID for f in files]
+
+
+def test_a_refusal_in_one_part_fails_the_whole_send_permanently(tmp_path: Path, scp_factory: Any) -> None:
+    scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
+    files = _ct_copies(tmp_path, 16)
+    scp.refuse = {"1.2.826.0.1.3680043.10.98.12"}
+    with pytest.raises(SendError, match="0xC000") as refused:
+        send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
+                   timeout_s=10, associations=2)
+    assert not refused.value.retryable
+    assert len(scp.received) == 13, "the first part went through, the second stopped at the refusal"
