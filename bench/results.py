@@ -9,7 +9,7 @@ each output kind against the highdicom call(s) that make the same objects:
   same sources, array and segment descriptions;
 - SR: :func:`dicom_node.results.sr.build_sr` against ``hd.sr.Comprehensive3DSR``
   of a TID 1500 report with one volumetric group per segment, referencing the SEG;
-- SC: :func:`dicom_node.results.sc.build_overlays` (window, draw, legend, encode)
+- SC: :func:`dicom_node.results.sc.iter_overlays` (window, draw, legend, encode)
   against one ``hd.sc.SCImage`` per slice with findings, handed an RGB array
   of the same size already drawn;
 - all three, as the pipeline makes them, against the sum of the references.
@@ -35,7 +35,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from dicom_node.results.content import algorithm_identification
 from dicom_node.results.identity import DEFAULT_UID_ROOT, derive_identity
-from dicom_node.results.sc import build_overlays
+from dicom_node.results.sc import iter_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from inference.types import (
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
             return _bare_overlays(sources, prediction.labelmap, sc_id.series_instance_uid)  # type: ignore[arg-type,attr-defined]
 
         def node_sc() -> object:
-            return build_overlays(prediction, sources, sc_id)  # type: ignore[arg-type]
+            return list(iter_overlays(prediction, sources, sc_id))  # type: ignore[arg-type]
 
         def node_seg_sr() -> object:
             result = build_seg(prediction, sources, seg_id)  # type: ignore[arg-type]
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> int:
 
         def node_all() -> object:
             node_seg_sr()
-            return build_overlays(prediction, sources, sc_id)  # type: ignore[arg-type]
+            return list(iter_overlays(prediction, sources, sc_id))  # type: ignore[arg-type]
 
         times = {name: _median(fn, args.rounds) for name, fn in (
             ("bare SEG", bare_seg), ("node SEG", lambda: build_seg(prediction, sources, seg_id)),  # type: ignore[arg-type]

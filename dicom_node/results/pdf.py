@@ -241,7 +241,7 @@ def build_pdf(
     prediction:
         Model output (segments with measurements, classifications, findings).
     source_images:
-        The source instances with pixel data (see :func:`~dicom_node.results.sc.build_overlays`).
+        The source instances with pixel data (see :func:`~dicom_node.results.sc.iter_overlays`).
     identity:
         Series/SOP Instance UIDs, Series Number and Series Description of the PDF object.
     style:

@@ -125,20 +125,6 @@ def frame_pixels(source: Dataset, frame: int, cache: dict[int, np.ndarray]) -> n
     return cache[key][frame - 1]
 
 
-def build_overlays(
-    prediction: Prediction,
-    source_images: Sequence[Dataset],
-    identity: OutputIdentity,
-    *,
-    style: OverlayStyle = OverlayStyle(),
-    device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
-    replaces: Collection[str] = (),
-) -> list[Dataset]:
-    """The images of :func:`iter_overlays` as a list (see there)."""
-    return list(iter_overlays(prediction, source_images, identity, style=style,
-                              device_serial_number=device_serial_number, replaces=replaces))
-
-
 def iter_overlays(
     prediction: Prediction,
     source_images: Sequence[Dataset],

@@ -23,7 +23,7 @@ from pydicom.tag import Tag
 
 from dicom_node.results.header_check import _verdict, check_sources, copied_keywords, record_changes
 from dicom_node.results.pdf import build_pdf
-from dicom_node.results.sc import build_overlays
+from dicom_node.results.sc import iter_overlays
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from inference.types import Prediction
@@ -90,7 +90,7 @@ def _every_output(sources: list[Dataset]) -> list[tuple[str, Dataset, str]]:
     prediction = _prediction()
     seg = build_seg(prediction, sources, _identity(sources, "seg", CARD)).dataset
     sr = build_sr(prediction, sources, _identity(sources, "sr", CARD), seg=seg, segment_numbers={1: 1})
-    overlays = build_overlays(prediction, sources, _identity(sources, "sc", CARD))
+    overlays = list(iter_overlays(prediction, sources, _identity(sources, "sc", CARD)))
     pdf = build_pdf(prediction, sources, _identity(sources, "pdf", CARD))
     return [("seg", seg, "Segmentation"), ("sr", sr, "Comprehensive3DSR"), ("sc", overlays[0], "SCImage"),
             ("pdf", pdf, "EncapsulatedPDF")]

@@ -24,10 +24,9 @@ from dicom_node.errors import ResultError
 from dicom_node.scheduler import pipeline
 from dicom_node.scheduler.forked import Forked
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
-from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from inference.registry import ModelRegistry
-from tests.phantoms import write_ct_series
+from tests.spooled import BRIGHT_LABEL, python_model_case
 
 MODEL_PY = '''
 import numpy as np
@@ -47,26 +46,12 @@ _TIMES = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreatio
 
 @pytest.fixture()
 def case(tmp_path: Path) -> dict[str, Any]:
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "bright_model.py").write_text(MODEL_PY)
     hu = np.full((8, 48, 48), 40, np.int16)
     hu[1:6, 8:30, 8:30] = 900
     hu[2:4, 30:40, 30:40] = 2000
-    spool = Spool(tmp_path / "state")
-    files = write_ct_series(hu, (2.0, 1.0, 1.0), spool.incoming / "study" / "series")
-    labels = [{"value": 1, "name": "Bright", "color": [255, 0, 0], "snomed": {"value": "10200004", "meaning": "Liver"}},
-              {"value": 2, "name": "Brighter", "color": [0, 0, 255],
-               "snomed": {"value": "64033007", "meaning": "Kidney"}}]
-    settings = Settings.model_validate({
-        "storage": {"path": str(tmp_path / "state")},
-        "models": {"bright": {"type": "python", "callable": "bright_model:bright", "path": str(code),
-                              "labels": labels}},
-        "rules": [{"name": "all", "when": {"Modality": "CT"}, "run": ["bright"]}],
-    })
-    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    return {"spool": spool, "settings": settings, "series": series_uid,
-            "paths": tuple(spool.relative(f) for f in files)}
+    return python_model_case(tmp_path, MODEL_PY, hu, labels=[
+        BRIGHT_LABEL, {"value": 2, "name": "Brighter", "color": [0, 0, 255],
+                       "snomed": {"value": "64033007", "meaning": "Kidney"}}])
 
 
 def _run(case: dict[str, Any], outputs: tuple[str, ...], parallel: bool) -> InferOutcome:

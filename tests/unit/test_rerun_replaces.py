@@ -21,10 +21,8 @@ import pytest
 
 from dicom_node.results.sr import NO_SEGMENT_FINDING
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, run_infer
-from dicom_node.settings import Settings
-from dicom_node.spool import Spool
 from inference.registry import ModelRegistry
-from tests.phantoms import write_ct_series
+from tests.spooled import python_model_case
 from tests.unit.test_results import _assert_dciodvfy_clean
 
 #: Finds the bright box on every slice ("all"), on its first slice only ("first") or nowhere ("none"),
@@ -46,23 +44,9 @@ def bright(array, geometry):
 
 @pytest.fixture()
 def case(tmp_path: Path) -> dict[str, Any]:
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "bright_model.py").write_text(MODEL_PY)
     hu = np.full((6, 32, 32), 40, np.int16)
     hu[1:4, 8:20, 8:20] = 900  # the finding: slices 1, 2 and 3
-    spool = Spool(tmp_path / "state")
-    files = write_ct_series(hu, (2.0, 1.0, 1.0), spool.incoming / "study" / "series")
-    settings = Settings.model_validate({
-        "storage": {"path": str(tmp_path / "state")},
-        "models": {"bright": {"type": "python", "callable": "bright_model:bright", "path": str(code),
-                              "labels": [{"value": 1, "name": "Bright", "color": [255, 0, 0],
-                                          "snomed": {"value": "10200004", "meaning": "Liver"}}]}},
-        "rules": [{"name": "all", "when": {"Modality": "CT"}, "run": ["bright"]}],
-    })
-    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    return {"spool": spool, "settings": settings, "code": code, "series": series_uid,
-            "paths": tuple(spool.relative(f) for f in files)}
+    return python_model_case(tmp_path, MODEL_PY, hu)
 
 
 def _run(case: dict[str, Any], mode: str, replaces: tuple[str, ...] = ()) -> InferOutcome:

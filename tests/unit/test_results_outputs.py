@@ -24,7 +24,7 @@ from dicom_node.results.identity import DEFAULT_DEVICE_SERIAL_NUMBER, SOFTWARE_V
 from dicom_node.results.overlay import CT_DEFAULT_WINDOW, OverlayStyle, window_of
 from dicom_node.results.pdf import build_pdf, key_slices
 from dicom_node.results.routing import Route, files_for, plan_outputs
-from dicom_node.results.sc import _sc_image, build_overlays, overlay_uid
+from dicom_node.results.sc import _sc_image, iter_overlays, overlay_uid
 from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.settings import load_settings_text
@@ -75,13 +75,13 @@ def _save(ds: Dataset) -> io.BytesIO:
 
 @pytest.fixture(scope="module")
 def overlays(ct_slices: list[Dataset]) -> list[Dataset]:
-    return build_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903))
+    return list(iter_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903)))
 
 
 def test_overlay_has_one_image_per_slice_with_findings(ct_slices: list[Dataset]) -> None:
     labelmap = _ct_labelmap()
     labelmap[2] = 0  # slice 2 has no finding: no image for it
-    images = build_overlays(_prediction(labelmap), ct_slices, _identity(ct_slices, "sc", HASHED))
+    images = list(iter_overlays(_prediction(labelmap), ct_slices, _identity(ct_slices, "sc", HASHED)))
     assert [int(i.InstanceNumber) for i in images] == [1, 2]
     referenced = [i.SourceImageSequence[0].ReferencedSOPInstanceUID for i in images]
     assert referenced == [ct_slices[0].SOPInstanceUID, ct_slices[1].SOPInstanceUID]
@@ -90,16 +90,16 @@ def test_overlay_has_one_image_per_slice_with_findings(ct_slices: list[Dataset])
 def test_overlay_identity_is_deterministic_per_source_slice(
     ct_slices: list[Dataset], overlays: list[Dataset]
 ) -> None:
-    again = build_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903))
+    again = list(iter_overlays(_prediction(), ct_slices, _identity(ct_slices, "sc", HASHED, 903)))
     assert [i.SOPInstanceUID for i in again] == [i.SOPInstanceUID for i in overlays]
     identity = _identity(ct_slices, "sc", HASHED, 903)
     assert {i.SeriesInstanceUID for i in overlays} == {identity.series_instance_uid}
     assert overlays[0].SOPInstanceUID == overlay_uid(identity, ct_slices[0], 0)
     assert len({i.SOPInstanceUID for i in overlays}) == len(overlays)
-    other_version = build_overlays(
+    other_version = list(iter_overlays(
         Prediction(replace(HASHED, version="9"), _ct_labelmap()), ct_slices,
         _identity(ct_slices, "sc", replace(HASHED, version="9"), 903),
-    )
+    ))
     assert not {i.SOPInstanceUID for i in other_version} & {i.SOPInstanceUID for i in overlays}
 
 
@@ -152,14 +152,14 @@ def test_overlay_window_comes_from_the_source_or_a_ct_default(ct_slices: list[Da
 def test_overlay_rejects_bad_input(ct_slices: list[Dataset]) -> None:
     identity = _identity(ct_slices, "sc")
     with pytest.raises(ResultError, match="3 source images"):
-        build_overlays(_prediction(np.ones((2, 512, 512), np.uint8)), ct_slices, identity)
+        list(iter_overlays(_prediction(np.ones((2, 512, 512), np.uint8)), ct_slices, identity))
     with pytest.raises(ResultError, match="does not declare"):
-        build_overlays(_prediction(np.full((3, 512, 512), 7, np.uint8)), ct_slices, identity)
+        list(iter_overlays(_prediction(np.full((3, 512, 512), 7, np.uint8)), ct_slices, identity))
     with pytest.raises(ResultError, match="banner"):
         OverlayStyle(banner="\u00e9t\u00e9")
     with pytest.raises(ResultError, match="opacity"):
         OverlayStyle(fill_opacity=1.5)
-    assert build_overlays(_prediction(np.zeros((3, 512, 512), np.uint8)), ct_slices, identity) == []
+    assert list(iter_overlays(_prediction(np.zeros((3, 512, 512), np.uint8)), ct_slices, identity)) == []
 
 
 def test_overlay_of_a_multiframe_source() -> None:
@@ -169,7 +169,7 @@ def test_overlay_of_a_multiframe_source() -> None:
     source.PixelData = frames.tobytes()
     labelmap = np.zeros((4, 32, 32), np.uint8)
     labelmap[2, 8:20, 8:20] = 2
-    images = build_overlays(Prediction(CARD, labelmap), [source], _identity([source], "sc"))
+    images = list(iter_overlays(Prediction(CARD, labelmap), [source], _identity([source], "sc")))
     assert len(images) == 1 and int(images[0].InstanceNumber) == 3
     assert images[0].SourceImageSequence[0].ReferencedFrameNumber == 3
     assert tuple(images[0].pixel_array[8, 10]) == (0, 255, 0)
@@ -215,7 +215,7 @@ def test_overlay_header_follows_each_source(ct_slices: list[Dataset]) -> None:
     sources[2] = Dataset(dict(ct_slices[2].items()))
     sources[2].file_meta = ct_slices[2].file_meta
     sources[2].PixelSpacing = [0.5, 0.5]
-    images = build_overlays(_prediction(), sources, _identity(sources, "sc", HASHED, 903))
+    images = list(iter_overlays(_prediction(), sources, _identity(sources, "sc", HASHED, 903)))
     assert [float(v) for v in images[2].PixelSpacing] == [0.5, 0.5]
     assert [float(v) for v in images[1].PixelSpacing] == [float(v) for v in ct_slices[1].PixelSpacing]
 

@@ -26,11 +26,10 @@ from dicom_node.scheduler import pipeline as pipeline_module
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, ProducedObject, run_infer
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.send import SendReport
-from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.store import Database, ReceivedInstance
 from inference.registry import ModelRegistry
-from tests.phantoms import write_ct_series
+from tests.spooled import python_model_case
 
 MODEL_PY = '''
 import numpy as np
@@ -39,31 +38,15 @@ def bright(array, geometry):
     return (array > 500).astype(np.uint8)
 '''
 
-LABELS = [{"value": 1, "name": "Bright", "color": [255, 0, 0], "snomed": {"value": "10200004", "meaning": "Liver"}}]
-
-
 @pytest.fixture()
 def case(tmp_path: Path) -> dict[str, Any]:
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "bright_model.py").write_text(MODEL_PY)
     hu = np.full((6, 40, 40), 40, np.int16)
     hu[1:5, 8:30, 8:30] = 900
-    spool = Spool(tmp_path / "state")
-    files = write_ct_series(hu, (2.0, 1.0, 1.0), spool.incoming / "study" / "series")
-    settings = Settings.model_validate({
-        "storage": {"path": str(tmp_path / "state")},
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
-                         "old": {"ae_title": "OLD", "host": "127.0.0.1", "port": 105, "seg_fallback": "sc",
-                                 "outputs": ["seg", "sr"]}},
-        "models": {"bright": {"type": "python", "callable": "bright_model:bright", "path": str(code),
-                              "labels": LABELS}},
-        "rules": [{"name": "all", "when": {"Modality": "CT"}, "run": ["bright"], "outputs": ["seg", "sr", "sc"],
-                   "send_to": ["pacs"]}],
-    })
-    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    return {"spool": spool, "settings": settings, "series": series_uid, "files": files,
-            "paths": tuple(spool.relative(f) for f in files)}
+    return python_model_case(tmp_path, MODEL_PY, hu, destinations={
+        "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        "old": {"ae_title": "OLD", "host": "127.0.0.1", "port": 105, "seg_fallback": "sc", "outputs": ["seg", "sr"]}},
+        rules=[{"name": "all", "when": {"Modality": "CT"}, "run": ["bright"], "outputs": ["seg", "sr", "sc"],
+                "send_to": ["pacs"]}])
 
 
 def _overlay_files(spool: Spool) -> list[Path]:
