@@ -61,6 +61,14 @@ def _sends_done(node: Any, count: int) -> bool:
     return len(jobs) >= count
 
 
+def _all_settled(node: Any, sends: int, infers: int) -> bool:
+    """At least ``sends`` SEND and ``infers`` inference jobs, and every job of the node done."""
+    jobs = [j for row in node.status_json() for j in row["jobs"]]
+    kinds = [j["kind"] for j in jobs]
+    return (kinds.count("send") >= sends and kinds.count("infer") >= infers
+            and all(j["state"] == "done" for j in jobs))
+
+
 def test_series_sent_twice_leaves_one_seg_and_one_sr(tmp_path: Path, orthanc_factory: Any,
                                                       node_factory: Any) -> None:
     pacs_port = free_port()
@@ -133,8 +141,10 @@ def test_destination_refusing_seg_receives_the_overlay_series(tmp_path: Path, no
             "noseg": {"ae_title": "NOSEG", "host": "127.0.0.1", "port": scp.port}}))
         files, hu = _phantom(tmp_path)
         assert storescu(node.port, files, aec="DICOMNODE").returncode == 0
-        # First send: SR delivered, SEG refused -> a job renders the overlay -> second send delivers it.
-        wait_until(lambda: _sends_done(node, 2), 240, "the SR and then the overlay series to be sent")
+        # First send: SR delivered, SEG refused -> a job renders the overlay series -> it is sent (in
+        # batches while it is drawn: one SEND job per batch).
+        wait_until(lambda: _all_settled(node, sends=2, infers=2), 240,
+                   "the SR and then the whole overlay series to be sent")
         got = scp.by_modality()
         jobs = [j for row in node.status_json() for j in row["jobs"]]
     finally:
@@ -149,8 +159,9 @@ def test_destination_refusing_seg_receives_the_overlay_series(tmp_path: Path, no
     assert record["sent_instead"] == "sc" and record["refused"] == ["1.2.840.10008.5.1.4.1.1.66.4"]
     render = [j for j in jobs if j["id"] == record["rendering_job"]][0]
     assert render["kind"] == "infer" and render["state"] == "done" and render["payload"]["outputs"] == ["sc"]
-    overlay_send = max((j for j in jobs if j["kind"] == "send"), key=lambda j: j["id"])
-    assert len(overlay_send["payload"]["files"]) == len(overlays)
+    overlay_files = [f for j in jobs if j["kind"] == "send" and j["id"] != first_send["id"]
+                     for f in j["payload"]["files"]]
+    assert len(overlay_files) == len(set(overlay_files)) == len(overlays), (len(overlay_files), len(overlays))
 
     # Look at the overlays: the middle one is saved for people, and checked by its pixels.
     sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: z for z, f in enumerate(files)}
