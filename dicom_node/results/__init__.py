@@ -4,6 +4,7 @@
 dataset out; writing and sending are other modules' work.
 """
 
+from dicom_node.results import iod_lookup
 from dicom_node.results.identity import (
     DEFAULT_UID_ROOT,
     MANUFACTURER,
@@ -14,6 +15,8 @@ from dicom_node.results.identity import (
 )
 from dicom_node.results.seg import SegResult, build_seg
 from dicom_node.results.sr import build_sr
+
+iod_lookup.install()  # every process that builds result objects asks highdicom's IOD tables once per question
 
 __all__ = [
     "DEFAULT_UID_ROOT",
