@@ -15,7 +15,7 @@ CONFIG ?=
 OHIF_VERSION := 3.13.2
 OHIF   := .cache/ohif-$(OHIF_VERSION)
 
-.PHONY: run test test-unit lint install system-deps ohif bench clean install-service lock
+.PHONY: run test test-unit lint install system-deps ohif bench clean install-service lock gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
@@ -76,6 +76,22 @@ test-unit: $(STAMP)
 
 bench: $(STAMP) $(RAY) system-deps
 	$(BIN)/python -m bench $(NAME) $(ARGS)
+
+# Wheels for bench/gpu_check.sh on a GPU machine without a package index whose Python 3.12 has CUDA torch,
+# numpy, scipy, scikit-image, pillow, PyYAML and pytest (a lent benchmark machine): the node's other
+# dependencies at this project's pins (constraints.txt), for CPython 3.12 on x86-64 Linux, into .whl/.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := monai nibabel pydicom pynetdicom highdicom pyjpegls APScheduler tzlocal pydantic pydantic_core \
+              annotated-types typing-inspection dicomweb-client retrying prometheus_client
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+	  pin=$$(grep -i -m1 "^$$name==" constraints.txt) || { echo "$$name is not pinned in constraints.txt"; exit 1; }; \
+	  $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    --platform any -d .whl "$$pin" || exit 1; \
+	done
+	@du -sh .whl
 
 # The systemd service (as root, from a clone in PREFIX): user, unit, example configuration.
 PREFIX ?= /opt/dicom-node
