@@ -143,18 +143,73 @@ def labelmap_from_output(pred: Any, card: ModelCard, expected_shape: tuple[int, 
     ValueError
         If the label map is not on the input grid.
     """
-    if isinstance(pred, torch.Tensor):  # round and narrow on the device: less to copy back
-        t = pred.detach()
-        if t.ndim == 4:
-            t = torch.argmax(t, dim=0) if t.shape[0] != 1 else t[0]
-        arr = (t if not t.is_floating_point() else torch.round(t)).to(torch.int32).cpu().numpy()
-    else:
-        arr = np.asarray(pred)
-        if arr.ndim == 4:
-            arr = np.argmax(arr, axis=0) if arr.shape[0] != 1 else arr[0]
-        arr = np.rint(arr)
     known = np.array(sorted({s.label for s in card.segments}), dtype=np.int64)
     top = int(known.max()) if known.size else 0
+    if isinstance(pred, torch.Tensor):
+        labels = _labels_on_device(pred, card, known, top)
+    else:
+        labels = to_volume_order(_narrowed(np.asarray(pred), card, known, top))
+    if labels.shape != expected_shape:
+        raise ValueError(f"model {card.name}: output shape {labels.shape} (z, y, x) is not the input grid "
+                         f"{expected_shape}; the model's postprocessing must invert its spatial transforms")
+    return labels
+
+
+#: Undeclared label values inside ``1..top`` cleared one comparison each, up to this many (else a lookup table).
+_GAPS_CLEARED_ONE_BY_ONE = 8
+
+
+def _labels_on_device(pred: torch.Tensor, card: ModelCard, known: np.ndarray, top: int) -> np.ndarray:
+    """A label tensor ``[1, x, y, z]`` / ``[C, x, y, z]`` / ``[x, y, z]`` as the node's ``[z, y, x]`` array.
+
+    Everything happens where the tensor is (the GPU for a network on one):
+    argmax or rounding, undeclared labels set to background, the narrowing
+    to 8 bits (16 above 255 labels) and the axis order; only the final label
+    map crosses to the host, a quarter of the 32-bit map it used to be, and
+    the host does no pass over the volume at all.
+    """
+    t = (pred.as_tensor() if isinstance(pred, MetaTensor) else pred).detach()
+    if t.ndim == 4:
+        t = torch.argmax(t, dim=0) if t.shape[0] != 1 else t[0]
+    if t.ndim != 3:
+        raise ValueError(f"model {card.name}: output shape {tuple(pred.shape)} is not a label map [1, x, y, z] or "
+                         "[x, y, z]; the model's postprocessing must invert its spatial transforms")
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    if t.is_floating_point():
+        t = torch.round(t.float())
+    lowest, highest = (float(v) for v in torch.aminmax(t))
+    gaps = sorted(set(range(1, top + 1)) - set(known.tolist()))
+    dropped = 0
+    if lowest < 0 or highest > top:
+        outside = (t < 0) | (t > top)
+        dropped += int(outside.count_nonzero())
+        t = t.masked_fill(outside, 0)
+    if gaps and len(gaps) <= _GAPS_CLEARED_ONE_BY_ONE:
+        for gap in gaps:
+            undeclared = t == gap
+            dropped += int(undeclared.count_nonzero())
+            t = t.masked_fill(undeclared, 0)
+    elif gaps:
+        lut = torch.zeros(top + 1, dtype=torch.int64, device=t.device)
+        lut[torch.from_numpy(known).to(t.device)] = torch.from_numpy(known).to(t.device)
+        before = int(t.count_nonzero())
+        t = lut[t.to(torch.int64)]
+        dropped += before - int(t.count_nonzero())
+    if dropped:
+        logger.debug("Model %s: %d voxels with undeclared labels set to background", card.name, dropped)
+    if top <= 255:
+        return t.to(torch.uint8).permute(2, 1, 0).contiguous().cpu().numpy()
+    # torch has no general 16-bit unsigned type: 16-bit signed below 32768 (same bits), else 32 bits narrowed here.
+    wide = t.to(torch.int16 if top < 2**15 else torch.int32).permute(2, 1, 0).contiguous().cpu().numpy()
+    return wide.view(np.uint16) if wide.dtype == np.int16 else wide.astype(np.uint16)
+
+
+def _narrowed(arr: np.ndarray, card: ModelCard, known: np.ndarray, top: int) -> np.ndarray:
+    """A label array (argmax over a channel axis first, rounded) with declared labels only, 8 or 16 bits."""
+    if arr.ndim == 4:
+        arr = np.argmax(arr, axis=0) if arr.shape[0] != 1 else arr[0]
+    arr = np.rint(arr)
     dtype = np.uint16 if top > 255 else np.uint8
     # Lookup table: declared labels map to themselves, anything else (undeclared, negative) to 0.
     lut = np.zeros(top + 2, dtype=dtype)
@@ -165,11 +220,7 @@ def labelmap_from_output(pred: Any, card: ModelCard, expected_shape: tuple[int, 
     dropped = int(np.count_nonzero(arr)) - int(np.count_nonzero(mapped))
     if dropped:
         logger.debug("Model %s: %d voxels with undeclared labels set to background", card.name, dropped)
-    labels = to_volume_order(mapped)
-    if labels.shape != expected_shape:
-        raise ValueError(f"model {card.name}: output shape {labels.shape} (z, y, x) is not the input grid "
-                         f"{expected_shape}; the model's postprocessing must invert its spatial transforms")
-    return labels
+    return mapped
 
 
 def classify(scores: Any, card: ModelCard, activation: str, threshold: float) -> tuple[Classification, ...]:

@@ -42,6 +42,7 @@ from inference.types import (
     Prediction,
     Task,
     Volume,
+    label_counts_by_slice,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,8 @@ def _writable(array: np.ndarray) -> np.ndarray:
 def segment_volumes(labelmap: np.ndarray, card: ModelCard, volume: Volume) -> dict[int, tuple[Measurement, ...]]:
     """Volume in ml of every present segment (true voxel volume, sheared grids included)."""
     voxel_ml = volume.voxel_volume_ml
-    counts = np.bincount(labelmap.ravel().astype(np.int64))
+    per_slice = label_counts_by_slice(labelmap)
+    counts = per_slice.sum(axis=0) if per_slice is not None else np.bincount(labelmap.ravel().astype(np.int64))
     out: dict[int, tuple[Measurement, ...]] = {}
     for seg in card.segments:
         n = int(counts[seg.label]) if seg.label < len(counts) else 0
