@@ -81,7 +81,7 @@ def affine_ras(volume: Volume) -> np.ndarray:
     return _LPS_TO_RAS @ lps
 
 
-def to_metatensor(volume: Volume, channel: bool = False) -> MetaTensor:
+def to_metatensor(volume: Volume, channel: bool = False, device: torch.device | None = None) -> MetaTensor:
     """The volume as MONAI's ``LoadImage`` would return it: ``[x, y, z]``, RAS affine, float32.
 
     Parameters
@@ -92,21 +92,27 @@ def to_metatensor(volume: Volume, channel: bool = False) -> MetaTensor:
         A multi-channel volume (:attr:`Volume.channels`) is always
         ``[c, x, y, z]`` with channel 0 first, as ``LoadImage`` stacks a list
         of files.
+    device:
+        Where the tensor goes.  On an accelerator the volume is uploaded as it
+        is stored (``[c, z, y, x]``, contiguous) and reordered there, so the
+        host makes no reordered copy of it (0.3-0.8 s for 300 x 512x512).
     """
     several = bool(volume.channels)
     stack = np.asarray(volume.channel_first(), dtype=np.float32)
-    array = np.ascontiguousarray(stack.transpose(0, 3, 2, 1))
+    if device is not None and device.type != "cpu":
+        data = torch.from_numpy(np.ascontiguousarray(stack)).to(device).permute(0, 3, 2, 1).contiguous()
+    else:
+        data = torch.from_numpy(np.ascontiguousarray(stack.transpose(0, 3, 2, 1)))
     affine = torch.as_tensor(affine_ras(volume), dtype=torch.float64)
     meta: dict[str, Any] = {
         "affine": affine.clone(),
         "original_affine": affine.clone(),
-        "spatial_shape": np.asarray(array.shape[1:]),
+        "spatial_shape": np.asarray(data.shape[1:]),
         "original_channel_dim": 0 if channel or several else float("nan"),
         "filename_or_obj": "dicom-node-volume",
         "space": "RAS",
     }
-    data = torch.from_numpy(array if channel or several else array[0])
-    return MetaTensor(data, meta=meta)
+    return MetaTensor(data if channel or several else data[0], meta=meta)
 
 
 def to_volume_order(array: np.ndarray) -> np.ndarray:

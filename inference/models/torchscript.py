@@ -172,7 +172,7 @@ class TorchscriptModel(Model):
     def predict(self, volume: Volume) -> Prediction:
         with inference_context(self.device, self.amp):
             # Preprocess on the model's device: intensity and resampling of a large volume are GPU work too.
-            data = self.transforms({"image": to_metatensor(volume, channel=True).to(self.device)})
+            data = self.transforms({"image": to_metatensor(volume, channel=True, device=self.device)})
             image = data["image"]
             if self.card.task is Task.DETECTION:
                 return self._detect(image if isinstance(image, MetaTensor) else MetaTensor(image))

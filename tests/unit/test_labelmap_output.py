@@ -1,9 +1,11 @@
-"""A network's label output to the node's label map (:func:`inference.runner.labelmap_from_output`).
+"""A network's label output to the node's label map (:func:`inference.runner.labelmap_from_output`), and its input.
 
 A tensor is decoded where it is (the GPU for a network on one: argmax or
 rounding, undeclared labels cleared, narrowed to 8/16 bits, axes reordered) and
 only the finished map crosses to the host; an array takes the numpy way.  Both
-must give the same map, and the one a reader expects by hand.
+must give the same map, and the one a reader expects by hand.  The input
+(:func:`inference.runner.to_metatensor`) goes to an accelerator as stored and
+is reordered there.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 from monai.data import MetaTensor
 
 from inference.models.python_callable import segment_volumes
-from inference.runner import labelmap_from_output
-from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, ModelCard, SegmentSpec
+from inference.runner import labelmap_from_output, to_metatensor
+from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, ModelCard, SegmentSpec, Volume
 
 SHAPE_XYZ = (6, 5, 4)  # MONAI's [x, y, z]: the node's map is (4, 5, 6)
 
@@ -120,3 +122,17 @@ def test_segment_volumes_count_each_label_once() -> None:
     labelmap[3, 4, 5] = 4  # 1 voxel; label 2 is declared but absent
     volumes = segment_volumes(labelmap, _card(1, 2, 4), SimpleNamespace(voxel_volume_ml=0.5))  # type: ignore[arg-type]
     assert {label: [m.value for m in ms] for label, ms in volumes.items()} == {1: [6.0], 4: [0.5]}
+
+
+def test_the_volume_goes_to_an_accelerator_as_stored_and_is_reordered_there() -> None:
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # (z, y, x)
+    volume = Volume(array, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT")
+    on_host = to_metatensor(volume, channel=True)
+    assert tuple(on_host.shape) == (1, 6, 5, 4) and on_host.is_contiguous()
+    assert float(on_host[0, 5, 1, 3]) == float(array[3, 1, 5])
+    # The 'meta' device stands in for a GPU here (shapes and strides, no values): same layout, same metadata.
+    on_device = to_metatensor(volume, channel=True, device=torch.device("meta"))
+    assert on_device.device.type == "meta" and on_device.shape == on_host.shape and on_device.is_contiguous()
+    assert list(on_device.meta["spatial_shape"]) == list(on_host.meta["spatial_shape"]) == [6, 5, 4]
+    assert torch.equal(on_device.affine, on_host.affine)
+    assert to_metatensor(volume, device=torch.device("meta")).shape == (6, 5, 4)
