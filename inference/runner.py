@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,7 +103,7 @@ def to_metatensor(volume: Volume, channel: bool = False, device: torch.device | 
     if device is not None and device.type != "cpu":
         data = torch.from_numpy(np.ascontiguousarray(stack)).to(device).permute(0, 3, 2, 1).contiguous()
     else:
-        data = torch.from_numpy(np.ascontiguousarray(stack.transpose(0, 3, 2, 1)))
+        data = torch.from_numpy(reordered(stack, (0, 3, 2, 1)))
     affine = torch.as_tensor(affine_ras(volume), dtype=torch.float64)
     meta: dict[str, Any] = {
         "affine": affine.clone(),
@@ -117,7 +118,23 @@ def to_metatensor(volume: Volume, channel: bool = False, device: torch.device | 
 
 def to_volume_order(array: np.ndarray) -> np.ndarray:
     """A ``[x, y, z]`` array (MONAI's order) as ``[z, y, x]`` (the node's order)."""
-    return np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))
+    return reordered(np.asarray(array), (2, 1, 0))
+
+
+def reordered(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``array`` with its axes in the order ``axes``, as a new C-contiguous array.
+
+    Done by torch (blocked, on every core torch uses): twice as fast as numpy's
+    copy of a transposed view on this project's 2-core machine (0.8 against
+    1.5 s for a 300 x 512x512 float32 volume).  Arrays torch cannot take (a
+    foreign byte order, an object array) go the numpy way.
+    """
+    try:
+        with warnings.catch_warnings():  # read only here: the copy is new, the source is never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array).permute(*axes).contiguous().numpy()
+    except (TypeError, ValueError, RuntimeError):
+        return np.ascontiguousarray(array.transpose(axes))
 
 
 def decode_segmentation(pred: torch.Tensor, activation: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 
 from inference.models.python_callable import segment_volumes
-from inference.runner import labelmap_from_output, to_metatensor
+from inference.runner import labelmap_from_output, reordered, to_metatensor
 from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, ModelCard, SegmentSpec, Volume
 
 SHAPE_XYZ = (6, 5, 4)  # MONAI's [x, y, z]: the node's map is (4, 5, 6)
@@ -136,3 +137,12 @@ def test_the_volume_goes_to_an_accelerator_as_stored_and_is_reordered_there() ->
     assert list(on_device.meta["spatial_shape"]) == list(on_host.meta["spatial_shape"]) == [6, 5, 4]
     assert torch.equal(on_device.affine, on_host.affine)
     assert to_metatensor(volume, device=torch.device("meta")).shape == (6, 5, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.uint16, np.int16, np.bool_, ">i2", object])
+def test_reordering_keeps_every_value_and_type(dtype: Any) -> None:
+    array = (np.arange(2 * 3 * 4 * 5) % 7).reshape(2, 3, 4, 5).astype(dtype)
+    array.flags.writeable = dtype != np.float32  # a read-only volume (a read-ahead buffer) too
+    out = reordered(array, (0, 3, 2, 1))
+    assert out.flags.c_contiguous and out.dtype == np.dtype(dtype) and out.shape == (2, 5, 4, 3)
+    np.testing.assert_array_equal(out, array.transpose(0, 3, 2, 1))
