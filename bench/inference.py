@@ -132,7 +132,10 @@ models:
     print(f"bare sliding_window_inference : {bare_s:8.3f} s (median of {args.repeat})")
     print(f"node job (files -> SEG + SR)  : {node_s:8.3f} s (median of {args.repeat})")
     _print_breakdown(node_runs, 27)
+    model_s = statistics.median([r.get("model", 0.0) for r in node_runs[1:]] or [0.0])
     print(f"ratio node / bare             : {node_s / bare_s:8.2f}x")
+    print(f"ratio model step / bare       : {model_s / bare_s:8.2f}x  (the job's volume -> label map: "
+          "pre-processing, sliding window, inversion, decoding)")
     print(f"overhead node - bare          : {node_s - bare_s:8.3f} s")
     if cuda:
         print(f"peak GPU memory: bare {bare_peak / 2**20:.0f} MiB, node {node_peak / 2**20:.0f} MiB "
