@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -202,6 +203,11 @@ def _labels_on_device(pred: torch.Tensor, card: ModelCard, known: np.ndarray, to
     if t.is_floating_point():
         t = torch.round(t.float())
     lowest, highest = (float(v) for v in torch.aminmax(t))
+    if math.isnan(lowest) or math.isnan(highest):  # a network that gave NaN there: background, as any undeclared value
+        nan = torch.isnan(t)
+        logger.debug("Model %s: %d voxels of NaN set to background", card.name, int(nan.count_nonzero()))
+        t = t.masked_fill(nan, 0)
+        lowest, highest = (float(v) for v in torch.aminmax(t))
     gaps = sorted(set(range(1, top + 1)) - set(known.tolist()))
     dropped = 0
     if lowest < 0 or highest > top:
@@ -233,6 +239,8 @@ def _narrowed(arr: np.ndarray, card: ModelCard, known: np.ndarray, top: int) -> 
     if arr.ndim == 4:
         arr = np.argmax(arr, axis=0) if arr.shape[0] != 1 else arr[0]
     arr = np.rint(arr)
+    if arr.dtype.kind == "f" and np.isnan(arr).any():  # NaN: background, as any undeclared value
+        arr = np.where(np.isnan(arr), 0.0, arr)
     dtype = np.uint16 if top > 255 else np.uint8
     # Lookup table: declared labels map to themselves, anything else (undeclared, negative) to 0.
     lut = np.zeros(top + 2, dtype=dtype)

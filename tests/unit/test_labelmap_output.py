@@ -146,3 +146,10 @@ def test_reordering_keeps_every_value_and_type(dtype: Any) -> None:
     out = reordered(array, (0, 3, 2, 1))
     assert out.flags.c_contiguous and out.dtype == np.dtype(dtype) and out.shape == (2, 5, 4, 3)
     np.testing.assert_array_equal(out, array.transpose(0, 3, 2, 1))
+
+
+def test_nan_is_background_on_both_ways() -> None:
+    labels = torch.ones((1, *SHAPE_XYZ))
+    labels[0, 0, 0, 0] = float("nan")
+    out = _both(labels, _card(1))
+    assert out[0, 0, 0] == 0 and int(out.sum()) == out.size - 1
