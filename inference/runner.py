@@ -102,7 +102,10 @@ def to_metatensor(volume: Volume, channel: bool = False, device: torch.device | 
     several = bool(volume.channels)
     stack = np.asarray(volume.channel_first(), dtype=np.float32)
     if device is not None and device.type != "cpu":
-        data = torch.from_numpy(np.ascontiguousarray(stack)).to(device).permute(0, 3, 2, 1).contiguous()
+        with warnings.catch_warnings():  # read only: the upload is a copy, the source is never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            host = torch.from_numpy(np.ascontiguousarray(stack))
+        data = host.to(device).permute(0, 3, 2, 1).contiguous()
     else:
         data = torch.from_numpy(reordered(stack, (0, 3, 2, 1)))
     affine = torch.as_tensor(affine_ras(volume), dtype=torch.float64)

@@ -127,6 +127,7 @@ def test_segment_volumes_count_each_label_once() -> None:
 
 def test_the_volume_goes_to_an_accelerator_as_stored_and_is_reordered_there() -> None:
     array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # (z, y, x)
+    array.flags.writeable = False  # as a read-ahead buffer may be: read, never written
     volume = Volume(array, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT")
     on_host = to_metatensor(volume, channel=True)
     assert tuple(on_host.shape) == (1, 6, 5, 4) and on_host.is_contiguous()
