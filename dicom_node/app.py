@@ -31,6 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.domain import JobKind, JobState, SeriesState
 from dicom_node.errors import ConfigError, StartupError
+from dicom_node.heap import freeze_startup_objects
 from dicom_node.http.metrics import Metrics
 from dicom_node.http.server import HttpServer
 from dicom_node.http.status import render_status
@@ -439,6 +440,7 @@ class Node:
         last_ping = time.monotonic()
         try:
             self.start()
+            freeze_startup_objects("main")  # a serving process only (tests start nodes in their own process)
             sd_notify("READY=1\nSTATUS=receiving")
             while not stop_requested.wait(min(1.0, watchdog_s or 1.0)):
                 if reload_requested.is_set():

@@ -33,6 +33,7 @@ from typing import Any
 import pydicom.config
 
 from dicom_node.errors import StartupError
+from dicom_node.heap import freeze_startup_objects
 from dicom_node.logs import configure_logging
 from dicom_node.receive.guard import ConnectionCaps
 from dicom_node.receive.handlers import StoreHandler
@@ -115,6 +116,7 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
         return
     events.put(("listening", *address))
     logger.info("Receiver process %d (pid %d) serves connections accepted on %s:%d", index, os.getpid(), *address)
+    freeze_startup_objects(f"receiver-{index}")
     _take_connections(channel, receiver)  # until the main process closes the channel: stop
     receiver.stop()
     handler.close()  # the journal's last instances recorded

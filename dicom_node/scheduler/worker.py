@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from dicom_node.heap import freeze_startup_objects
 from dicom_node.imaging.prefetch import Prefetch
 from dicom_node.logs import configure_logging
 from dicom_node.scheduler.forked import cpu_count
@@ -135,6 +136,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
         logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs))
     except Exception:  # a defect of the results path; the first job will show it too: serve on
         logger.exception("Worker warm-up failed (the first job pays the one-time costs instead)")
+    freeze_startup_objects("worker")  # before the models: an unloaded model must stay collectable
     if preload:
         _preload(settings, registry, conn)
     while True:
