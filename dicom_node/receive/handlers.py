@@ -1,8 +1,9 @@
 """C-STORE handling: bytes to the spool, a row in the database, then the status.
 
 The handler never decodes pixel data: it reads the few header elements it
-needs (lazily decoded by pydicom), makes the encoded dataset durable exactly
-as it was received, and only then answers success.  With an intake journal
+needs (pydicom parses the received bytes only as far as Series Instance
+UID), makes the encoded dataset durable exactly as it was received, and only
+then answers success.  With an intake journal
 (:mod:`dicom_node.receive.journal`, what the node runs) that is one append
 and one ``fdatasync``, the file and its row following in batches; without
 one, the file is written and synced and its row committed here.
@@ -27,8 +28,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import cast
 
+from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_STORE
 
@@ -45,6 +50,32 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 INVALID_UID = 0xC001
 CANNOT_DECODE = 0xC210
+
+#: The last element the handler reads: Study (0020,000D) and Series (0020,000E) Instance UID come after
+#: SOP Instance UID (0008,0018) and Modality (0008,0060) in a data set's ascending tag order.
+_LAST_TAG_READ = 0x0020000E
+_UIDS_READ = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _past_last_read(tag: int, vr: str | None, length: int) -> bool:
+    return tag > _LAST_TAG_READ
+
+
+def header_elements(event: evt.Event) -> Dataset:
+    """The received data set's elements up to Series Instance UID, parsed from the bytes pynetdicom holds.
+
+    pynetdicom's ``event.dataset`` parses every element (pixel data
+    included, as a copy) to find them; this stops after (0020,000E).  A
+    deflated data set, or one whose UIDs are not where a data set's
+    ascending order puts them, is parsed whole as before.
+    """
+    syntax = UID(str(event.context.transfer_syntax))
+    if syntax != DeflatedExplicitVRLittleEndian:
+        ds = read_dataset(BytesIO(event.encoded_dataset(include_meta=False)), syntax.is_implicit_VR,
+                          syntax.is_little_endian, stop_when=_past_last_read)
+        if all(keyword in ds for keyword in _UIDS_READ):
+            return ds
+    return event.dataset
 
 
 class StoreHandler:
@@ -139,7 +170,7 @@ class StoreHandler:
 
         requestor = event.assoc.requestor
         try:
-            ds = event.dataset
+            ds = header_elements(event)
             study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -164,7 +195,8 @@ class StoreHandler:
         if refusal is not None:
             logger.error("C-STORE of %s refused (0xA700): %s", sop_uid, refusal)
             return OUT_OF_RESOURCES
-        data = event.encoded_dataset(include_meta=True)
+        # The journal takes the data set as received; its file's head (File Meta Information) is added behind.
+        data = event.encoded_dataset(include_meta=journal is None)
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
         record = ReceivedInstance(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
@@ -177,7 +209,7 @@ class StoreHandler:
         )
         try:
             if journal is not None:
-                journal.append(record, self.clock(), data)
+                journal.append(record, self.clock(), data, bare=True)
             else:
                 self.spool.write_atomic(path, data)
         except OSError as exc:

@@ -15,6 +15,12 @@ every row in one transaction; only then is the journal space given back.
 Recording a stream's rows together rather than one by one takes most of
 the syncs off the disk that the C-STOREs' own ``fdatasync`` calls wait on.
 
+The handler appends the data set as pynetdicom received it, without the
+preamble and File Meta Information of a Part 10 file (a *bare* record):
+the materialiser adds them (:func:`part10_head`, the elements pynetdicom's
+own ``Event.encoded_dataset`` would write) when it writes the file, off the
+C-STORE path.
+
 Crash safety (POSIX, no filesystem ordering assumed):
 
 * a record is acknowledged only after ``fdatasync`` of the segment covers it
@@ -55,6 +61,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
+
+from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicom_node.spool import Spool
 from dicom_node.spool.layout import digest
@@ -80,6 +90,29 @@ GATHER_S = 0.05
 Recorded = Callable[[ReceivedInstance, str], None]
 
 
+class Journaled(NamedTuple):
+    """A record read back from a segment (or handed to the materialiser)."""
+
+    record: ReceivedInstance
+    received_at: float
+    offset: int  # of the instance bytes in the segment
+    size: int  # of those bytes
+    bare: bool  # the bytes are the data set alone: the file's preamble and File Meta Information are added
+
+
+def part10_head(record: ReceivedInstance) -> bytes:
+    """The preamble, ``DICM`` and File Meta Information that make a received data set a Part 10 file.
+
+    The same bytes as pynetdicom's ``Event.encoded_dataset(include_meta=True)``
+    writes: its ``create_file_meta`` from the request's SOP Class and Instance
+    UIDs and the presentation context's transfer syntax, encoded by its
+    ``encode_file_meta``.
+    """
+    meta = create_file_meta(sop_class_uid=UID(record.sop_class_uid), sop_instance_uid=UID(record.sop_uid),
+                            transfer_syntax=UID(record.transfer_syntax))
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+
+
 @dataclass(frozen=True)
 class _Entry:
     segment: _Segment
@@ -89,6 +122,7 @@ class _Entry:
     received_at: float
     end: int  # offset just past the record
     queued: float  # time.monotonic() when it was handed to the materialiser
+    bare: bool  # see Journaled
 
 
 class _Segment:
@@ -121,21 +155,23 @@ def _run_callback(callback: Callable[[], None]) -> None:
         logger.exception("Intake: a callback after recording failed")
 
 
-def encode_record(record: ReceivedInstance, received_at: float, data: bytes | memoryview) -> tuple[bytes, bytes]:
+def encode_record(record: ReceivedInstance, received_at: float, data: bytes | memoryview,
+                  bare: bool = False) -> tuple[bytes, bytes]:
     """The record's fixed header plus JSON header, and nothing else: the data follows as given."""
-    header = json.dumps({**asdict(record), "received_at": received_at}, separators=(",", ":")).encode()
+    fields = {**asdict(record), "received_at": received_at, **({"bare": True} if bare else {})}
+    header = json.dumps(fields, separators=(",", ":")).encode()
     crc = zlib.crc32(data, zlib.crc32(header))
     return _HEAD.pack(_MAGIC, len(header), len(data), crc) + header, header
 
 
-def read_records(fd: int) -> tuple[list[tuple[ReceivedInstance, float, int, int]], int, int]:
-    """Every whole record of a segment: ``([(record, received_at, data offset, data size)], valid end, size)``.
+def read_records(fd: int) -> tuple[list[Journaled], int, int]:
+    """Every whole record of a segment: ``([Journaled], valid end, size)``.
 
     Reading stops at the first record that is incomplete or fails its CRC
     (a torn tail: it was never acknowledged).
     """
     size = os.fstat(fd).st_size
-    out: list[tuple[ReceivedInstance, float, int, int]] = []
+    out: list[Journaled] = []
     offset = 0
     while offset + _HEAD.size <= size:
         magic, header_len, data_len, crc = _HEAD.unpack(os.pread(fd, _HEAD.size, offset))
@@ -149,10 +185,11 @@ def read_records(fd: int) -> tuple[list[tuple[ReceivedInstance, float, int, int]
         try:
             fields = json.loads(header)
             received_at = float(fields.pop("received_at"))
+            bare = fields.pop("bare", False) is True
             record = ReceivedInstance(**fields)
         except (ValueError, TypeError, KeyError):
             break
-        out.append((record, received_at, start + header_len, data_len))
+        out.append(Journaled(record, received_at, start + header_len, data_len, bare))
         offset = start + header_len + data_len
     return out, offset, size
 
@@ -165,7 +202,7 @@ class Materializer:
         self.series = series
         self.on_recorded = on_recorded
 
-    def materialize(self, items: Sequence[tuple[ReceivedInstance, float, int, int]], fd: int) -> None:
+    def materialize(self, items: Sequence[Journaled], fd: int) -> None:
         """Make ``items`` (records with the offset and size of their bytes in ``fd``) files and rows, durably.
 
         Raises
@@ -175,25 +212,29 @@ class Materializer:
         """
         self.record(*self.write_files(items, fd))
 
-    def write_files(self, items: Sequence[tuple[ReceivedInstance, float, int, int]],
+    def write_files(self, items: Sequence[Journaled],
                     fd: int) -> tuple[list[tuple[ReceivedInstance, float]], set[Path]]:
         """First half of :meth:`materialize`: each instance's file written and synced, its digest taken.
 
-        Returns the records (digest filled in) with their arrival times, and
+        Returns the records (digest and, for a bare record, the file's size
+        filled in) with their arrival times, and
         the directories that got a new file (not yet synced), for :meth:`record`.
         """
         written: list[int] = []
         dirs: set[Path] = set()
         digested: list[tuple[ReceivedInstance, float]] = []
         try:
-            for record, at, offset, size in items:
+            for record, at, offset, size, bare in items:
                 data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
+                if bare:
+                    data = part10_head(record) + data
+                    record = replace(record, size=len(data))
                 if not record.sha256:
                     record = replace(record, sha256=digest(data))
                 digested.append((record, at))
                 path = self.spool.absolute(record.path)
                 if self.series.recorded_digest(record.sop_uid) == record.sha256 and path.is_file() \
-                        and path.stat().st_size == size:
+                        and path.stat().st_size == len(data):
                     continue  # materialised before a crash: the file and the row are there
                 written.append(self.spool.write_unsynced(path, data))
                 dirs.add(path.parent)
@@ -262,8 +303,13 @@ class IntakeJournal:
             return f"{self._backlog // (1024 * 1024)} MiB received but not yet recorded"
         return None
 
-    def append(self, record: ReceivedInstance, received_at: float, data: bytes | memoryview) -> None:
+    def append(self, record: ReceivedInstance, received_at: float, data: bytes | memoryview,
+               bare: bool = False) -> None:
         """Append one instance and return once it is durable (``fdatasync``).
+
+        ``data`` is the instance's file; with ``bare``, the data set alone as
+        received (its file's head is added when it is materialised, and the
+        record's ``size`` and ``sha256`` are filled in then).
 
         Raises
         ------
@@ -271,7 +317,7 @@ class IntakeJournal:
             The journal could not be written or synced (disk full, I/O error):
             the instance is not acknowledged.
         """
-        head, _ = encode_record(record, received_at, data)
+        head, _ = encode_record(record, received_at, data, bare)
         with self._append_lock:
             segment = self._segment
             if segment.size > SEGMENT_BYTES:
@@ -293,7 +339,8 @@ class IntakeJournal:
                 os.fdatasync(segment.fd)
                 self._synced = (segment, target)
         with self._state:
-            self._queue.append(_Entry(segment, data_offset, len(data), record, received_at, end, time.monotonic()))
+            self._queue.append(_Entry(segment, data_offset, len(data), record, received_at, end, time.monotonic(),
+                                      bare))
             self._queued += 1
             self._backlog += len(data)
             self._state.notify()
@@ -380,7 +427,8 @@ class IntakeJournal:
                 while stop < len(fresh) and fresh[stop].segment is fresh[start].segment:
                     stop += 1
                 records, new_dirs = self.materializer.write_files(
-                    [(e.record, e.received_at, e.offset, e.size) for e in fresh[start:stop]], fresh[start].segment.fd)
+                    [Journaled(e.record, e.received_at, e.offset, e.size, e.bare) for e in fresh[start:stop]],
+                    fresh[start].segment.fd)
                 written.extend(records)
                 dirs |= new_dirs
                 start = stop

@@ -13,6 +13,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -30,12 +31,13 @@ pytestmark = pytest.mark.integration
 class Running:
     """An in-process receiver on a free loopback port, with a controllable free-space gauge."""
 
-    def __init__(self, tmp: Path, min_free_mb: float = 100, **node: Any) -> None:
+    def __init__(self, tmp: Path, min_free_mb: float = 100, handler_class: type[StoreHandler] = StoreHandler,
+                 **node: Any) -> None:
         self.free = 10_000.0
         self.db = Database(tmp / "state.sqlite3")
         self.spool = Spool(tmp)
         self.series = SeriesStore(self.db)
-        self.handler = StoreHandler(self.spool, self.series, min_free_mb, free_mb=lambda: self.free)
+        self.handler = handler_class(self.spool, self.series, min_free_mb, free_mb=lambda: self.free)
         self.settings = NodeSettings(**{"host": "127.0.0.1", "port": free_port(), **node})
         self.receiver = Receiver(self.settings, self.handler)
         self.port = self.receiver.start()[1]
@@ -264,3 +266,38 @@ def test_unreadable_tls_files_are_a_startup_error_naming_the_key(tmp_path: Path)
     settings = NodeSettings(tls={"certificate": tmp_path / "missing.crt", "private_key": tmp_path / "missing.key"})
     with pytest.raises(StartupError, match=r"^node\.tls\.certificate: cannot read .*missing\.crt"):
         Receiver(settings, None)  # type: ignore[arg-type]
+
+
+
+class _Capturing(StoreHandler):
+    """The node's handler, keeping what pynetdicom itself would write as each C-STORE's file."""
+
+    held: dict[str, bytes] = {}
+
+    def __call__(self, event: Any) -> int:
+        self.held[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=True)
+        return super().__call__(event)
+
+
+def test_journaled_files_are_what_pynetdicom_holds_as_a_part10_file(receiver: Callable[..., Running],
+                                                                      slices: list[Path]) -> None:
+    # The handler journals the data set alone and the materialiser adds its file's head: each spooled file
+    # is byte for byte what pynetdicom's own Event.encoded_dataset() makes of the C-STORE, in either syntax.
+    r = receiver(handler_class=_Capturing)
+    held = r.handler.held = {}  # type: ignore[attr-defined]
+    r.handler.attach_journal()
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, [syntax])
+        assoc = ae.associate("127.0.0.1", r.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        for f in slices:
+            ds = pydicom.dcmread(f)
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+    r.handler.close()  # records what the journal still holds
+    files = {p.stem: p.read_bytes() for p in r.spool.incoming_files()}
+    assert len(files) == 2 * len(slices) and files == held
+    rows = {row["sop_uid"]: row["size"] for row in r.db.query("SELECT sop_uid, size FROM instances")}
+    assert rows == {uid: len(data) for uid, data in held.items()}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.filereader import read_file_meta_info
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicom_node.receive import journal as journal_module
 from dicom_node.receive.journal import IntakeJournal, read_records, replay_orphans
@@ -254,3 +257,52 @@ def test_a_full_batch_or_a_stop_ends_the_gathering_at_once(state: dict[str, Any]
     assert not closing.is_alive(), "close waited for the gathering to run out"
     assert sizes == [4, 2] and len(_rows(series)) == 6
     assert not list(spool.intake.glob("*"))
+
+
+def _bare_record(spool: Spool, i: int, data: bytes) -> ReceivedInstance:
+    """As the handler appends it: the data set alone, its size, no digest yet."""
+    return replace(_record(spool, i, data), size=len(data), sha256="")
+
+
+def test_a_bare_data_set_becomes_the_file_pynetdicom_would_write(state: dict[str, Any]) -> None:
+    spool, series = state["spool"], state["series"]
+    recorded: list[ReceivedInstance] = []
+    journal = IntakeJournal(spool.intake, spool, series, lambda r, outcome: recorded.append(r))
+    blobs = [os.urandom(3000 + i) for i in range(3)]
+    for i, blob in enumerate(blobs):
+        journal.append(_bare_record(spool, i, blob), 10.0, blob, bare=True)
+    journal.close()
+    rows = _rows(series)
+    for i, blob in enumerate(blobs):
+        record = _record(spool, i, blob)
+        meta = create_file_meta(sop_class_uid=record.sop_class_uid, sop_instance_uid=record.sop_uid,
+                                transfer_syntax=record.transfer_syntax)
+        expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta) + blob  # pynetdicom's encoded_dataset()
+        assert spool.absolute(record.path).read_bytes() == expected
+        assert rows[record.sop_uid] == (hashlib.sha256(expected).hexdigest(), len(expected))
+        file_meta = read_file_meta_info(spool.absolute(record.path))
+        assert file_meta.MediaStorageSOPInstanceUID == record.sop_uid
+        assert file_meta.TransferSyntaxUID == record.transfer_syntax
+    assert [r.size for r in recorded] == [rows[r.sop_uid][1] for r in recorded]
+
+
+def test_bare_and_whole_records_left_by_a_crash_are_both_replayed(state: dict[str, Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A journal written before bare records existed (whole files) and after, in one segment.
+    spool, series = state["spool"], state["series"]
+    journal = IntakeJournal(spool.intake, spool, series)
+    monkeypatch.setattr(journal.materializer, "write_files", lambda items, fd: (_ for _ in ()).throw(
+        OSError("the process is killed before it records anything")))
+    whole, bare = os.urandom(2000), os.urandom(2100)
+    journal.append(_record(spool, 0, whole), 10.0, whole)
+    journal.append(_bare_record(spool, 1, bare), 10.0, bare, bare=True)
+    fd = os.open(next(spool.intake.glob("*.journal")), os.O_RDONLY)
+    records, _, _ = read_records(fd)
+    os.close(fd)
+    assert [r.bare for r in records] == [False, True]
+    os.close(journal._lock_fd)
+    assert replay_orphans(spool.intake, spool, series) == 2
+    assert spool.absolute(_record(spool, 0, whole).path).read_bytes() == whole
+    second = spool.absolute(_record(spool, 1, bare).path).read_bytes()
+    assert second.endswith(bare) and second[128:132] == b"DICM"
+    assert _rows(series)["1.2.3.4.2"] == (hashlib.sha256(second).hexdigest(), len(second))
