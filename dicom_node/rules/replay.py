@@ -75,7 +75,7 @@ def replay(settings: Settings, db: Database, spool: Spool, since: float, *, appl
         items.append(item)
         paths = series.instance_paths(row["series_uid"])
         try:
-            attributes, facts = read_series([spool.absolute(p) for p in paths])
+            attributes, facts = read_series(spool.absolute_all(paths))
         except Exception as exc:  # noqa: BLE001 - files gone (retention) or unreadable: say so, go on
             item.error = f"cannot read the series from the spool ({type(exc).__name__}: {exc})" if paths \
                 else "no files left in the spool"

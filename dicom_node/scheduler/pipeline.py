@@ -174,7 +174,7 @@ def run_infer(task: InferTask, registry: ModelRegistry, spool: Spool, outputs: A
             sv = loaded[task.channels[0] if task.channels else task.inputs[0][0]]
             notes = [f"{role}: {note}" for role, one in loaded.items() for note in one.notes]
         else:
-            sv = load_series([spool.absolute(p) for p in task.paths], prefetch)
+            sv = load_series(spool.absolute_all(task.paths), prefetch)
             notes = list(sv.notes)
         prefetched = _release(prefetch, task, spool)  # a copied-out buffer must not outlive the load
         if not {OutputKind.SC, OutputKind.PDF} & set(task.outputs):  # overlay and PDF key images redraw them
@@ -248,7 +248,7 @@ def _release(prefetch: Prefetch | None, task: InferTask, spool: Spool) -> int:
     """Drop what the worker read ahead of the job's series; returns how many of the job's instances it held."""
     if prefetch is None:
         return 0
-    return prefetch.taken([spool.absolute(p) for _, paths in task.inputs or (("", task.paths),) for p in paths])
+    return prefetch.taken(spool.absolute_all(p for _, paths in task.inputs or (("", task.paths),) for p in paths))
 
 
 def _load_inputs(task: InferTask, spool: Spool, prefetch: Prefetch | None = None) -> dict[str, SeriesVolume]:
@@ -272,7 +272,7 @@ def _load_inputs(task: InferTask, spool: Spool, prefetch: Prefetch | None = None
             raise ModelError(f"study rule {task.rule!r}: input {role!r} has no instances in the spool "
                              "(removed by retention?); re-send the series")
         try:
-            loaded[role] = load_series([spool.absolute(p) for p in paths], prefetch)
+            loaded[role] = load_series(spool.absolute_all(paths), prefetch)
         except ImagingError as exc:
             raise ImagingError(f"input {role!r}: {exc}") from exc
     return loaded

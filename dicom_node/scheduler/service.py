@@ -106,8 +106,8 @@ class Pipeline:
             if len(paths) == done or not self.settings.rules:  # no rules: no job will need it soon
                 found.append((uid, paths, wanted))
                 continue
-            for path in paths[max(1, done):]:  # the new ones (the first is read whole by the summary)
-                self._geometry.get(self.spool.absolute(path))
+            for path in self.spool.absolute_all(paths[max(1, done):]):  # the new ones (the first: the summary)
+                self._geometry.get(path)
             if not wanted and paths and self.settings.rules:  # once wanted, wanted (it is only a hint)
                 try:
                     summary = self.summary(row)
@@ -133,7 +133,7 @@ class Pipeline:
         if cached is not None:
             return cached
         paths = self.series.instance_paths(row["series_uid"])
-        attributes, facts = read_series([self.spool.absolute(p) for p in paths], self._geometry)
+        attributes, facts = read_series(self.spool.absolute_all(paths), self._geometry)
         facts.update({"instance_count": row["instance_count"], "calling_ae": row["calling_ae"],
                       "called_ae": row["called_ae"], "source_host": row["source_host"]})
         summary = SeriesSummary(row["study_uid"], row["series_uid"], attributes, facts)
@@ -151,7 +151,7 @@ class Pipeline:
             self.series.set_state(series_uid, SeriesState.FAILED, now, f"cannot read series header: {exc}")
             return
         finally:  # read ahead for this summary; a later one (a study rule, an instance more) reads the files
-            self._geometry.forget(self.spool.absolute(p) for p in self.series.instance_paths(series_uid))
+            self._geometry.forget(self.spool.absolute_all(self.series.instance_paths(series_uid)))
         reason = never_process_reason(summary)
         if reason:
             logger.info("Series %s: ignored: %s", series_uid, reason)

@@ -153,7 +153,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
             registry.close()
             return
         if isinstance(task, PrefetchHint):
-            prefetch.hint(task.series_uid, [str(spool.absolute(p)) for p in task.paths])
+            prefetch.hint(task.series_uid, [str(p) for p in spool.absolute_all(task.paths)])
             continue
         if isinstance(task, ReadAheadQuery):
             conn.send(("held", {} if prefetch.busy else prefetch.held()))

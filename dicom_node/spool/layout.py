@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from dicom_node.errors import InvalidUIDError
@@ -110,6 +111,30 @@ class Spool:
         if path == self._resolved_root or not path.is_relative_to(self._resolved_root):
             raise InvalidUIDError(f"stored path {relative[:80]!r} is outside the spool")
         return path
+
+    def absolute_all(self, relatives: Iterable[str]) -> list[Path]:
+        """:meth:`absolute` of many stored paths (a series' instances): the same paths, the same refusals.
+
+        ``os.path.realpath`` looks at every component of every path (a dozen
+        ``lstat`` calls each: 6-10 ms for a 200-instance series, several
+        times per job); here each directory is resolved and checked once,
+        and each file is looked at once: a name that is a link, or not a
+        plain name, goes through :meth:`absolute` itself.
+        """
+        directories: dict[str, str | None] = {}  # relative directory -> its real path inside the spool, or None
+        out: list[Path] = []
+        for relative in relatives:
+            head, name = os.path.split(relative)
+            real = directories.get(head, "")
+            if real == "":
+                inside = Path(os.path.realpath(self.root / head))
+                real = directories[head] = str(inside) if inside.is_relative_to(self._resolved_root) else None
+            path = os.path.join(real, name) if real is not None and name not in {"", ".", ".."} else None
+            if path is None or os.path.islink(path):
+                out.append(self.absolute(relative))
+            else:
+                out.append(Path(path))
+        return out
 
     # -- writing -----------------------------------------------------------
     def write_atomic(self, path: Path, data: bytes | memoryview) -> None:

@@ -39,6 +39,41 @@ def test_absolute_refuses_paths_outside_the_spool(tmp_path: Path) -> None:
         spool.absolute("../../etc/passwd")
 
 
+def _absolute_or_refused(spool: Spool, relative: str) -> Path | str:
+    try:
+        return spool.absolute(relative)
+    except InvalidUIDError as exc:
+        return f"refused: {exc}"
+
+
+def test_absolute_all_gives_what_absolute_gives_links_and_traversals_included(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "state")
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "secret.dcm").write_bytes(b"x")
+    series = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.1").parent
+    series.mkdir(parents=True)
+    for i in range(1, 4):
+        spool.instance_path("1.2.3", "1.2.3.4", f"1.2.3.4.{i}").write_bytes(b"DICM")
+    (series / "to-outside.dcm").symlink_to(outside / "secret.dcm")  # a planted link: refused
+    (series / "to-inside.dcm").symlink_to(series / "1.2.3.4.1.dcm")  # resolved to its target
+    (spool.incoming / "1.2.3" / "linked-series").symlink_to(series)  # a directory link inside the spool
+    (spool.incoming / "1.2.3" / "escaping-series").symlink_to(outside / "dir")
+    (outside / "dir" / "a.dcm").write_bytes(b"x")
+    base = "incoming/1.2.3/1.2.3.4"
+    cases = [f"{base}/1.2.3.4.{i}.dcm" for i in range(1, 4)] + [
+        f"{base}/missing.dcm", f"{base}/to-inside.dcm", "incoming/1.2.3/linked-series/1.2.3.4.2.dcm",
+        f"{base}/../1.2.3.4/1.2.3.4.3.dcm", f"{base}/..", f"{base}/.", f"{base}/", "incoming",
+    ]
+    assert spool.absolute_all(cases) == [spool.absolute(c) for c in cases]
+    assert spool.absolute_all([f"{base}/to-inside.dcm"]) == [series / "1.2.3.4.1.dcm"]
+    for hostile in [f"{base}/to-outside.dcm", "incoming/1.2.3/escaping-series/a.dcm", "../../etc/passwd",
+                    str(outside / "secret.dcm"), "..", "", f"{base}/../../../../outside/secret.dcm"]:
+        assert str(_absolute_or_refused(spool, hostile)).startswith("refused"), hostile
+        with pytest.raises(InvalidUIDError):
+            spool.absolute_all([f"{base}/1.2.3.4.1.dcm", hostile])
+
+
 def test_atomic_write_leaves_no_temp_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     target = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
