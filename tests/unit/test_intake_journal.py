@@ -61,12 +61,18 @@ def test_appended_instances_become_files_and_rows_byte_for_byte(state: dict[str,
     assert not list(spool.intake.glob("*"))  # all recorded: the journal is gone
 
 
-def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[str, Any],
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    spool, series = state["spool"], state["series"]
+def _killed_before_recording(spool: Spool, series: SeriesStore, monkeypatch: pytest.MonkeyPatch) -> IntakeJournal:
+    """A journal whose process dies before it materialises anything: its appends stay in the journal."""
     journal = IntakeJournal(spool.intake, spool, series)
     monkeypatch.setattr(journal.materializer, "write_files", lambda items, fd: (_ for _ in ()).throw(
         OSError("the process is killed before it records anything")))
+    return journal
+
+
+def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    journal = _killed_before_recording(spool, series, monkeypatch)
     blobs = [os.urandom(5000) for _ in range(3)]
     for i, blob in enumerate(blobs):
         journal.append(_record(spool, i, blob), 10.0, blob)
@@ -290,9 +296,7 @@ def test_bare_and_whole_records_left_by_a_crash_are_both_replayed(state: dict[st
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # A journal written before bare records existed (whole files) and after, in one segment.
     spool, series = state["spool"], state["series"]
-    journal = IntakeJournal(spool.intake, spool, series)
-    monkeypatch.setattr(journal.materializer, "write_files", lambda items, fd: (_ for _ in ()).throw(
-        OSError("the process is killed before it records anything")))
+    journal = _killed_before_recording(spool, series, monkeypatch)
     whole, bare = os.urandom(2000), os.urandom(2100)
     journal.append(_record(spool, 0, whole), 10.0, whole)
     journal.append(_bare_record(spool, 1, bare), 10.0, bare, bare=True)
