@@ -42,6 +42,24 @@ MARGIN = 0.10
 KEPT = 8
 
 
+def out_of_memory_error(exc: BaseException) -> BaseException | None:
+    """The CUDA out-of-memory error ``exc`` is, or was raised from; None if none.
+
+    ``torch.cuda.OutOfMemoryError`` (by its name: also as a model's own
+    environment reports it), found through ``raise ... from`` chains: MONAI's
+    ``Compose`` re-raises a transform's error as ``RuntimeError("applying
+    transform ...")`` from it.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if type(cause).__name__ == "OutOfMemoryError":
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
+
+
 class GpuAdmissionRefused(Exception):
     """The model's measured need does not fit on its GPU now (after unloading this worker's other models)."""
 
@@ -189,4 +207,4 @@ class GpuAdmission:
         return max((m.working_bytes for m in self._measured.get(model, ())), default=0)
 
 
-__all__ = ["CudaMemory", "DeviceMemory", "GpuAdmission", "GpuAdmissionRefused", "cuda_device"]
+__all__ = ["CudaMemory", "DeviceMemory", "GpuAdmission", "GpuAdmissionRefused", "cuda_device", "out_of_memory_error"]

@@ -10,7 +10,10 @@ file, and :func:`to_volume_order` turns a result on that grid back into
 
 Execution: :func:`resolve_device` (``auto`` -> ``cuda`` when available),
 :func:`inference_context` (``torch.inference_mode`` plus ``torch.autocast``
-in float16 on CUDA when AMP is on).
+in float16 on CUDA when AMP is on), :func:`amp_context` (the autocast alone:
+the models put it around the network's forward passes only, so that their
+transforms, resampling grids and inversion included, run in full precision,
+as MONAI's own evaluators do).
 """
 
 from __future__ import annotations
@@ -60,14 +63,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def inference_context(device: torch.device, amp: bool) -> Iterator[None]:
-    """``torch.inference_mode``, with ``torch.autocast`` (float16) on CUDA when ``amp`` is on."""
-    with torch.inference_mode():
-        if amp and device.type == "cuda":
-            with torch.autocast(device_type="cuda", dtype=torch.float16):
-                yield
-        else:
+def amp_context(device: torch.device, amp: bool) -> Iterator[None]:
+    """``torch.autocast`` (float16) on CUDA when ``amp`` is on; nothing otherwise.
+
+    For the network's forward passes only.  Under autocast every float32
+    ``matmul``/``bmm`` on CUDA runs in float16, ``affine_grid``'s inside
+    ``grid_sample`` too: a resampling grid of a 512-voxel axis in float16 is
+    off by up to a tenth of a voxel, enough to move a nearest-neighbour label
+    at a border when the prediction is inverted to the source grid.
+    """
+    if amp and device.type == "cuda":
+        with torch.autocast(device_type="cuda", dtype=torch.float16):
             yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device, amp: bool) -> Iterator[None]:
+    """``torch.inference_mode``, with :func:`amp_context` around all of it (a bare forward pass)."""
+    with torch.inference_mode(), amp_context(device, amp):
+        yield
 
 
 def affine_ras(volume: Volume) -> np.ndarray:

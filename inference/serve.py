@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 from inference import wire
+from inference.gpu_memory import out_of_memory_error
 
 logger = logging.getLogger("inference.serve")
 
@@ -77,7 +78,7 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - the model's failure is the job's, not this process's
             logger.error("%s", traceback.format_exc(limit=8))
             answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                      "out_of_memory": type(exc).__name__ == "OutOfMemoryError"}
+                      "out_of_memory": out_of_memory_error(exc) is not None}
         wire.send(stdout, answer)
 
 

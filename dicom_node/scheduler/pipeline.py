@@ -37,7 +37,7 @@ from dicom_node.results.sr import build_sr
 from dicom_node.scheduler.forked import Forked
 from dicom_node.spool import Spool
 from inference.boxes import with_box_segments
-from inference.gpu_memory import GpuAdmission, GpuAdmissionRefused, cuda_device
+from inference.gpu_memory import GpuAdmission, GpuAdmissionRefused, cuda_device, out_of_memory_error
 from inference.registry import ModelRegistry
 from inference.types import Model, Prediction, Task
 
@@ -320,12 +320,15 @@ def _require_modality(name: str, card: Any, volume: Any) -> None:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """``torch.cuda.OutOfMemoryError`` (raised here or in a model's own environment), or a refused admission."""
-    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, GpuAdmissionRefused)
+    """``torch.cuda.OutOfMemoryError`` (raised here, in a model's own environment, or inside a MONAI transform), or
+    a refused admission."""
+    return out_of_memory_error(exc) is not None or isinstance(exc, GpuAdmissionRefused)
 
 
 def _oom_words(exc: BaseException) -> str:
     """The first line of an out-of-memory error or a refused admission, as the job's reason says it."""
+    if not isinstance(exc, GpuAdmissionRefused):
+        exc = out_of_memory_error(exc) or exc
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return first if isinstance(exc, GpuAdmissionRefused) else f"CUDA out of memory ({first[:200]})"
 

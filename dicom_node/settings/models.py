@@ -291,6 +291,10 @@ class MonaiBundleModel(_NetworkModel):
     the labels / classes default to the bundle's ``metadata.json``.  For
     segmentation the bundle's postprocessing decides the labels;
     ``activation`` applies to classification scores only.
+    ``transforms_on``: where the bundle's preprocessing and postprocessing
+    run: ``device`` (the model's: on a GPU the volume is uploaded once and
+    resampled, inverted and counted there; a bundle whose transforms fail on
+    the GPU is moved to the CPU by itself, with a warning) or ``cpu``.
     """
 
     type: Literal["monai_bundle"]
@@ -299,6 +303,7 @@ class MonaiBundleModel(_NetworkModel):
     version: Annotated[str, BeforeValidator(text_or_int), Field(min_length=1, max_length=64)] | None = None
     overlap: Annotated[Float, Field(ge=0.0, lt=1.0)] | None = None
     sw_batch_size: Annotated[Int, Field(ge=1, le=256)] | None = None
+    transforms_on: Literal["device", "cpu"] = "device"
 
 
 class ChainModel(BaseModel):

@@ -60,10 +60,11 @@ from monai.transforms import Invertd
 from inference import anatomy
 from inference.anatomy import PRIVATE_SCHEME  # noqa: F401 - where callers found it
 from inference.boxes import as_float_tensor, detections_from_boxes
+from inference.gpu_memory import out_of_memory_error
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
+    amp_context,
     classify,
-    inference_context,
     labelmap_from_output,
     resolve_device,
     to_metatensor,
@@ -272,6 +273,9 @@ class MonaiBundleModel(Model):
             raise FileNotFoundError(f"model {name}: bundle directory {bundle} not found")
         metadata = read_metadata(bundle)
         self.device = resolve_device(spec.device)
+        #: Where the bundle's transforms run (``transforms_on``); the CPU after they failed on the device.
+        self.transforms_device = (self.device if getattr(spec, "transforms_on", "device") == "device"
+                                  else torch.device("cpu"))
         self.amp = bool(spec.amp)
         self.activation = spec.activation
         self.threshold = float(spec.threshold)
@@ -349,17 +353,17 @@ class MonaiBundleModel(Model):
                                 "or models/model.ts")
 
     def predict(self, volume: Volume) -> Prediction:
-        with self.imports, inference_context(self.device, self.amp):
-            data: dict[str, Any] = self._inputs(volume)
-            if self.preprocessing is not None:
-                data = self.preprocessing(data)
+        with self.imports, torch.inference_mode():
+            data = self._preprocessed(volume)
             image = data["image"] if "image" in data else data[self.input_keys[0]]
             if image.ndim == 3:  # a bundle without EnsureChannelFirstd
                 image = image[None]
             batch = image.unsqueeze(0).to(self.device).contiguous()
+            with amp_context(self.device, self.amp):  # the network in float16 (AMP), its transforms not
+                outputs = self.inferer(batch, self.network)
             if self.card.task is Task.DETECTION:
-                return self._detections(self.inferer(batch, self.network), image)
-            pred = self.inferer(batch, self.network)[0].float()
+                return self._detections(outputs, image)
+            pred = outputs[0].float()
             if self.card.task is Task.CLASSIFICATION:
                 return Prediction(card=self.card,
                                   classifications=classify(pred, self.card, self.activation, self.threshold))
@@ -367,12 +371,47 @@ class MonaiBundleModel(Model):
         labelmap = labelmap_from_output(out, self.card, volume.shape)
         return Prediction(card=self.card, labelmap=labelmap, measurements=segment_volumes(labelmap, self.card, volume))
 
-    def _inputs(self, volume: Volume) -> dict[str, Any]:
+    def _preprocessed(self, volume: Volume) -> dict[str, Any]:
+        """The bundle's preprocessing of the volume, on :attr:`transforms_device`.
+
+        On a GPU the volume is uploaded once, as stored, and every transform
+        after it (orientation, resampling, intensity) runs there; the
+        postprocessing then inverts and the label map is counted there too.
+        A bundle whose own transforms need host memory (NumPy, SciPy) fails
+        there: its preprocessing is run again on the CPU, and if that
+        succeeds the model stays on the CPU for its transforms from then on
+        (a warning says so).  Running out of memory is not such a failure:
+        it is raised as it is (the job is retried or moved by the node).
+        """
+        device = self.transforms_device
+        if device.type == "cpu":
+            return self._preprocess(self._inputs(volume, None))
+        try:
+            return self._preprocess(self._inputs(volume, device))
+        except Exception as exc:
+            if out_of_memory_error(exc) is not None or isinstance(exc, MemoryError):
+                raise
+            root: BaseException = exc
+            while root.__cause__ is not None and root.__cause__ is not root:  # MONAI's "applying transform ..."
+                root = root.__cause__
+            failure = f"{type(root).__name__}: {str(root)[:300]}"
+        data = self._preprocess(self._inputs(volume, None))  # a failure here is the job's, as before
+        self.transforms_device = torch.device("cpu")
+        logger.warning("Model %s: the bundle's preprocessing failed on %s (%s) and succeeded on the CPU; its "
+                       "transforms run on the CPU from now on (transforms_on: cpu starts there)",
+                       self.card.name, device, failure)
+        return data
+
+    def _preprocess(self, data: dict[str, Any]) -> dict[str, Any]:
+        return self.preprocessing(data) if self.preprocessing is not None else data
+
+    def _inputs(self, volume: Volume, device: torch.device | None) -> dict[str, Any]:
         """What the bundle's LoadImaged would have produced: one key per input file key of the bundle.
 
         A bundle that loads each channel under its own key (renalStructures_CECT:
         ``artery``, ``vein``, ``excret``) gets channel ``c`` under key ``c``; one
         image key (brats: a list of four files) gets the channels stacked.
+        ``device``: where the images go (None: host memory, as a loader leaves them).
         """
         keys = self.input_keys
         if volume.channels and len(keys) > 1:
@@ -380,9 +419,9 @@ class MonaiBundleModel(Model):
                 raise ValueError(f"model {self.card.name}: the bundle loads {len(keys)} images ({', '.join(keys)}); "
                                  f"it was given {len(volume.channels)} channels ({', '.join(volume.channels)})")
             images = {key: to_metatensor(Volume(volume.array[c], volume.spacing, volume.origin, volume.direction,
-                                                volume.modality)) for c, key in enumerate(keys)}
+                                                volume.modality), device=device) for c, key in enumerate(keys)}
         else:
-            images = {keys[0] if keys else "image": to_metatensor(volume)}
+            images = {keys[0] if keys else "image": to_metatensor(volume, device=device)}
         # LoadImaged(image_only=False) also gives "<key>_meta_dict"; some bundles' own transforms read it.
         return {**images, **{f"{key}_meta_dict": dict(image.meta) for key, image in images.items()}}
 

@@ -31,9 +31,9 @@ from monai.transforms import (
 from inference.boxes import as_float_tensor, detections_from_boxes
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
+    amp_context,
     classify,
     decode_segmentation,
-    inference_context,
     labelmap_from_output,
     resolve_device,
     to_metatensor,
@@ -154,23 +154,26 @@ class TorchscriptModel(Model):
     def _detect(self, image: MetaTensor) -> Prediction:
         """The network's boxes (on the whole preprocessed image) as patient-coordinate detections."""
         batch = image.as_tensor().unsqueeze(0).to(self.device).contiguous()
-        boxes, labels, scores = box_outputs(self.network(batch), self.card.name)
+        with amp_context(self.device, self.amp):
+            outputs = self.network(batch)
+        boxes, labels, scores = box_outputs(outputs, self.card.name)
         return Prediction(card=self.card, detections=detections_from_boxes(
             self.card.name, boxes, labels, scores, mode=self.box_mode, image=image, classes=self.card.classes,
             threshold=self.threshold, limit=self.max_detections))
 
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
         batch = image.unsqueeze(0).to(self.device).contiguous()  # strided input makes convolutions slow
-        if self.pre.roi_size:
-            out = sliding_window_inference(batch, roi_size=tuple(self.pre.roi_size),
-                                           sw_batch_size=self.pre.sw_batch_size, predictor=self.network,
-                                           overlap=self.pre.overlap)
-        else:
-            out = self.network(batch)
+        with amp_context(self.device, self.amp):  # the network in float16 (AMP), its transforms not
+            if self.pre.roi_size:
+                out = sliding_window_inference(batch, roi_size=tuple(self.pre.roi_size),
+                                               sw_batch_size=self.pre.sw_batch_size, predictor=self.network,
+                                               overlap=self.pre.overlap)
+            else:
+                out = self.network(batch)
         return out[0].float()  # type: ignore[index]
 
     def predict(self, volume: Volume) -> Prediction:
-        with inference_context(self.device, self.amp):
+        with torch.inference_mode():
             # Preprocess on the model's device: intensity and resampling of a large volume are GPU work too.
             data = self.transforms({"image": to_metatensor(volume, channel=True, device=self.device)})
             image = data["image"]

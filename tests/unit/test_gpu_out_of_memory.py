@@ -48,6 +48,16 @@ def first_calls(array, geometry):
     return (array > 0).astype(np.uint8)
 
 
+def in_a_transform(array, geometry):
+    """Out of GPU memory inside a MONAI transform: Compose re-raises it as RuntimeError from it."""
+    if geometry["device"] != "cpu":
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        except torch.cuda.OutOfMemoryError as exc:
+            raise RuntimeError("applying transform <monai.transforms.spatial.dictionary.Spacingd>") from exc
+    return (array > 0).astype(np.uint8)
+
+
 def fine(array, geometry):
     return (array > 0).astype(np.uint8)
 '''
@@ -76,6 +86,7 @@ def _settings(tmp: Path, policy: str) -> Settings:
         "workers": {"gpu_out_of_memory": policy, "gpu_retry_s": 60},
         "models": {"greedy": {**model, "callable": "oom_models:greedy"},
                    "first": {**model, "callable": "oom_models:first_calls"},
+                   "in_a_transform": {**model, "callable": "oom_models:in_a_transform"},
                    "fine": {**model, "callable": "oom_models:fine", "device": "auto"}},
         "rules": [],
     })
@@ -111,6 +122,18 @@ def test_cpu_policy_runs_the_job_again_on_the_cpu(node: dict[str, Any]) -> None:
     registry = node["runner"].registry
     assert registry.get("greedy", device="cpu").device == "cpu"  # kept warm beside the GPU copy
     assert registry.get("greedy").device == "cuda"
+
+
+@pytest.mark.parametrize("node", ["cpu"], indirect=True)
+def test_out_of_memory_raised_inside_a_monai_transform_is_out_of_memory(node: dict[str, Any]) -> None:
+    p = node["pipeline"]
+    job = _job(node, "in_a_transform")
+    assert p.drain_infer(lambda: 101.0) == 1
+    done = p.jobs.get(job)
+    assert done.state == JobState.DONE, done.reason
+    notes = " ".join(done.payload["notes"])
+    assert "CUDA out of memory (CUDA out of memory. Tried to allocate 1.50 GiB)" in notes, notes
+    assert "ran on the CPU instead" in notes
 
 
 @pytest.mark.parametrize("node", ["retry"], indirect=True)

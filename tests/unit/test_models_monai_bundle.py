@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
 from dicom_node.settings import load_settings_text
+from inference.gpu_memory import out_of_memory_error
 from inference.models.monai_bundle import MonaiBundleModel
 from inference.registry import ModelRegistry
 from inference.runner import affine_ras
@@ -130,3 +131,108 @@ def test_bundle_without_weights_is_a_clear_error(tmp_path: Path) -> None:
         ModelRegistry(_spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, device: cpu}}}}")).get("b")
     with pytest.raises(FileNotFoundError, match="not found"):
         ModelRegistry(_spec(f"models: {{b: {{type: monai_bundle, path: {tmp_path / 'nope'}}}}}")).get("b")
+
+
+HOST_TRANSFORMS = '''
+"""Transforms of a test bundle that need host memory, as some bundles' own scripts do."""
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+
+
+class NumpyStatsd(MapTransform):
+    """Reads the image through NumPy (fails for an image in accelerator memory) and passes it on."""
+
+    seen = []
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            NumpyStatsd.seen.append(float(np.asarray(d[key]).mean()))
+        return d
+
+
+class Exhaustsd(MapTransform):
+    """Runs out of accelerator memory (raised the way torch raises it) for an image that is not on the CPU."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].device.type != "cpu":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return d
+'''
+
+
+def _bundle_with_script(tmp_path: Path, transform: str) -> Path:
+    """The threshold bundle with one of :data:`HOST_TRANSFORMS` after EnsureChannelFirstd."""
+    bundle = write_bundle(tmp_path / "b", threshold_conv(0.25025, scale=10.0), CONV_DEF, pixdim=(0.9, 0.8, 2.5))
+    (bundle / "scripts").mkdir()
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "host_transforms.py").write_text(HOST_TRANSFORMS)
+    config_path = bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["preprocessing"]["transforms"].insert(2, {"_target_": f"scripts.host_transforms.{transform}",
+                                                      "keys": "image"})
+    config_path.write_text(json.dumps(config))
+    return bundle
+
+
+def _on_accelerator(model: MonaiBundleModel) -> MonaiBundleModel:
+    """The model as on a GPU, for its transforms: torch's ``meta`` device stands in for CUDA on a CPU-only machine
+    (a tensor there has no host memory either: NumPy refuses it with the same TypeError)."""
+    model.transforms_device = torch.device("meta")
+    return model
+
+
+def test_transforms_that_fail_on_the_device_run_again_on_the_cpu_and_stay_there(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bundle = _bundle_with_script(tmp_path, "NumpyStatsd")
+    spec = _spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, device: cpu}}}}")["b"]
+    model = MonaiBundleModel("b", bundle, spec)
+    assert model.transforms_device == torch.device("cpu")  # transforms_on: device, on the model's device
+    _on_accelerator(model)
+    volume = _volume(seed=2)
+    with caplog.at_level("WARNING", logger="inference.models.monai_bundle"):
+        first = model.predict(volume).labelmap
+    np.testing.assert_array_equal(first, (volume.array > -499.5).astype(np.uint8))
+    assert model.transforms_device == torch.device("cpu")
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "failed on meta (TypeError: can't convert meta device type tensor to numpy" in warning
+    assert "run on the CPU from now on" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inference.models.monai_bundle"):
+        np.testing.assert_array_equal(model.predict(volume).labelmap, first)
+    assert not caplog.records  # said once
+
+
+def test_out_of_memory_on_the_device_is_raised_not_moved_to_the_cpu(tmp_path: Path) -> None:
+    bundle = _bundle_with_script(tmp_path, "Exhaustsd")
+    spec = _spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, device: cpu}}}}")["b"]
+    model = _on_accelerator(MonaiBundleModel("b", bundle, spec))
+    with pytest.raises(RuntimeError, match="applying transform") as raised:  # MONAI's Compose wraps it
+        model.predict(_volume(seed=2))
+    assert isinstance(out_of_memory_error(raised.value), torch.cuda.OutOfMemoryError)
+    assert model.transforms_device == torch.device("meta")  # the node retries or moves the job, not the model
+
+
+def test_a_failure_on_both_device_and_cpu_is_the_jobs_and_leaves_the_model_where_it_was(tmp_path: Path) -> None:
+    bundle = _bundle_with_script(tmp_path, "NumpyStatsd")
+    spec = _spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, device: cpu}}}}")["b"]
+    model = _on_accelerator(MonaiBundleModel("b", bundle, spec))
+    model.preprocessing.transforms[-1].keys = ("no such key",)  # EnsureTyped: now fails on either device
+    with pytest.raises(RuntimeError, match="applying transform <monai.*EnsureTyped") as raised:
+        model.predict(_volume(seed=3))
+    assert isinstance(raised.value.__cause__, KeyError)  # the CPU's error: the job fails with it
+    assert model.transforms_device == torch.device("meta")
+
+
+def test_transforms_on_cpu_and_a_wrong_value(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "b", threshold_conv(0.5), CONV_DEF, pixdim=None)
+    spec = _spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, device: cpu, transforms_on: cpu}}}}")["b"]
+    assert spec.transforms_on == "cpu"
+    assert MonaiBundleModel("b", bundle, spec).transforms_device == torch.device("cpu")
+    from dicom_node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transforms_on"):
+        _spec(f"models: {{b: {{type: monai_bundle, path: {bundle}, transforms_on: gpu}}}}")
