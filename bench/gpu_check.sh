@@ -8,8 +8,9 @@
 #
 # It installs the wheels into a private folder (nothing system-wide), prints the GPU, driver, torch and
 # CUDA, then runs tests/gpu (the CUDA device, AMP, GPU-side transforms, measured GPU memory admission,
-# a worker bound to its GPU) and `bench inference` on a 300 x 512x512 CT (node job against the bare
-# sliding window, with and without AMP). Everything printed is also written under $OUT (default
+# a worker bound to its GPU, a MONAI bundle's transforms on the GPU) and `bench inference --bundle` on a
+# 300 x 512x512 CT (node job against the bare sliding window, with and without AMP; the same UNet as a
+# MONAI bundle with its transforms on the GPU and on the CPU). Everything printed is also written under $OUT (default
 # /tmp/gpu-check). Exit status: that of the tests (3 when the wheels do not install).
 # GPU_CHECK_SHAPE / GPU_CHECK_REPEAT override the volume (Z,Y,X) and the repeats; GPU_CHECK_DEVICE=cpu
 # runs the same steps on the CPU (to try this script on a machine without a GPU).
@@ -46,7 +47,7 @@ EOF
 tests=${PIPESTATUS[0]}
 
 for amp in on off; do
-    flags=(--device "$DEVICE" --shape "$SHAPE" --repeat "$REPEAT")
+    flags=(--device "$DEVICE" --shape "$SHAPE" --repeat "$REPEAT" --bundle)
     [ "$amp" = off ] && flags+=(--no-amp)
     echo "== bench inference ${flags[*]}"
     "$PY" -m bench inference "${flags[@]}" 2>&1 | tee "$OUT/bench_inference_amp_$amp.txt"

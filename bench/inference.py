@@ -17,6 +17,15 @@ Prints the median of ``--repeat`` runs (after a warm-up), the node's
 breakdown (load / model / encode), the ratio node / bare, and on CUDA the
 peak GPU memory of each.
 
+``--bundle`` adds MONAI bundle rows: the same UNet as a bundle in the Model
+Zoo layout (``network_def`` and a state dict) with spleen_ct_segmentation's
+transforms (``Orientationd``, ``Spacingd`` to 1.5 x 1.5 x 2.0 mm,
+``ScaleIntensityRanged``; ``Activationsd``, ``Invertd``, ``AsDiscreted``);
+**bare** is the bundle's ``SlidingWindowInferer`` and network on its
+preprocessed tensor already on the device; **node** is the whole job with the
+bundle's transforms on the device (``transforms_on: device``) and, on a GPU,
+on the CPU (``transforms_on: cpu``) beside it.
+
 ``--nnunet PYTHON`` adds an nnU-Net v2 row: a trained-model folder with
 nnU-Net's own random initialisation (PlainConvUNet, instance norm, 4 stages),
 built with that Python (one that has nnunetv2: a managed environment's
@@ -51,6 +60,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sw-batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
+    parser.add_argument("--bundle", action="store_true", help="also time the UNet as a MONAI bundle with "
+                        "spleen_ct_segmentation's transforms (on the device, and on a GPU also on the CPU)")
     parser.add_argument("--nnunet", metavar="PYTHON", help="also time an nnU-Net v2 model in this Python "
                         "(one with nnunetv2, e.g. a managed environment's bin/python)")
     args = parser.parse_args(argv)
@@ -125,6 +136,7 @@ models:
         bare_s, bare_peak = _timed(bare, args.repeat, cuda, device)
         node_runs: list[dict[str, float]] = []
         node_s, node_peak = _timed(lambda: node_runs.append(node()), args.repeat, cuda, device)
+        bundle_rows = _bundle_rows(args, net, tmp, spool, rel, files, device, amp) if args.bundle else []
 
     voxels = int(np.prod(args.shape))
     print(f"volume: {args.shape[0]} slices of {args.shape[1]}x{args.shape[2]} ({voxels / 1e6:.1f} Mvoxel), "
@@ -140,9 +152,80 @@ models:
     if cuda:
         print(f"peak GPU memory: bare {bare_peak / 2**20:.0f} MiB, node {node_peak / 2**20:.0f} MiB "
               "(torch.cuda.max_memory_allocated)")
+    for line in bundle_rows:
+        print(line)
     if args.nnunet:
         _nnunet_row(args, device)
     return 0
+
+
+def _bundle_rows(args: argparse.Namespace, net: Any, tmp: Path, spool: Any, rel: tuple[str, ...], files: list[Path],
+                 device: Any, amp: bool) -> list[str]:
+    """The UNet as a MONAI bundle: node job (transforms on the device; on a GPU also on the CPU) vs bare inferer."""
+    import json
+
+    import torch
+
+    from dicom_node.imaging import load_series
+    from dicom_node.scheduler.pipeline import InferTask, run_infer
+    from dicom_node.settings import load_settings_text
+    from inference.registry import ModelRegistry
+    from inference.runner import inference_context, to_metatensor
+    from tests.models_factory import write_bundle
+
+    network_def = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
+                   "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2}
+    bundle = write_bundle(tmp / "spleen_like_bundle", net, network_def, pixdim=(1.5, 1.5, 2.0),
+                          window=(-1000.0, 400.0), channel_def={"0": "background", "1": "liver", "2": "spleen"})
+    config_path = bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["inferer"].update(roi_size=[args.roi] * 3, sw_batch_size=args.sw_batch_size, overlap=0.25)
+    config_path.write_text(json.dumps(config))
+    cuda = device.type == "cuda"
+    places = ("device", "cpu") if cuda else ("device",)
+    models = {f"bundle_{place}": {"type": "monai_bundle", "path": str(bundle), "device": str(device),
+                                  "amp": amp, "transforms_on": place} for place in places}
+    settings = load_settings_text(json.dumps({"models": models}))
+    registry = ModelRegistry(settings.models)
+
+    model = registry.get(f"bundle_{places[0]}")
+    with inference_context(device, False):
+        data = model.preprocessing({"image": to_metatensor(load_series(files).volume, device=device)})
+    prepared = data["image"].as_tensor()[None].to(device).contiguous()
+    shape = tuple(prepared.shape[2:])
+
+    def bare() -> None:
+        with inference_context(device, amp):
+            out = model.inferer(prepared, model.network)
+            torch.argmax(out, dim=1)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    bare_s, _ = _timed(bare, args.repeat, cuda, device)
+    lines = [f"MONAI bundle (the same UNet; Orientationd, Spacingd 1.5x1.5x2.0 mm -> {shape}, ScaleIntensityRanged; "
+             "Activationsd, Invertd, AsDiscreted):",
+             f"bare SlidingWindowInferer on the preprocessed tensor : {bare_s:8.3f} s (median of {args.repeat})"]
+    for place in places:
+        task = InferTask(1, str(_series_uid(files[0])), f"bundle_{place}", rel, ("seg", "sr"))
+        runs: list[dict[str, float]] = []
+
+        def node(task: InferTask = task, runs: list[dict[str, float]] = runs) -> None:
+            outcome = run_infer(task, registry, spool, settings.outputs)
+            if not outcome.ok:
+                raise RuntimeError(outcome.error)
+            if cuda:
+                torch.cuda.synchronize(device)
+            runs.append(outcome.seconds)
+
+        node_s, _ = _timed(node, args.repeat, cuda, device)
+        where = "the CPU" if place == "cpu" or not cuda else str(device)
+        model_s = statistics.median([r.get("model", 0.0) for r in runs[1:]] or [0.0])
+        lines += [f"node job, transforms on {where:<12}          : {node_s:8.3f} s (median of {args.repeat})",
+                  f"    model step (pre, inferer, post, labels)      : {model_s:8.3f} s",
+                  f"    ratio node / bare                            : {node_s / bare_s:8.2f}x",
+                  f"    ratio model step / bare                      : {model_s / bare_s:8.2f}x"]
+    registry.close()
+    return lines
 
 
 _BARE_NNUNET = r'''

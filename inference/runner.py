@@ -157,6 +157,19 @@ def reordered(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
         return np.ascontiguousarray(array.transpose(axes))
 
 
+def channel_argmax(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``torch.argmax(t, dim=0)``: the same indices (the first of equal maxima, NaN as the maximum), in a tenth of
+    the time on the CPU.
+
+    torch's CPU ``argmax`` over a leading axis of a few channels walks the
+    volume one voxel at a time; ``max(dim=0)`` reduces it in blocks: for
+    3 x 3.5 Mvoxel float32 (2 cores) 0.27 s against 0.027 s, 0.67 s against
+    0.03 s when the channels are not contiguous (as an inverted prediction
+    is).  On CUDA both are fast.
+    """
+    return torch.max(t, dim=0, keepdim=keepdim).indices
+
+
 def decode_segmentation(pred: torch.Tensor, activation: str) -> torch.Tensor:
     """Network output ``[C, x, y, z]`` (no batch axis) to a label map ``[1, x, y, z]`` (float).
 
@@ -167,7 +180,7 @@ def decode_segmentation(pred: torch.Tensor, activation: str) -> torch.Tensor:
     """
     pred = pred.float()
     if pred.shape[0] > 1 and activation != "sigmoid":
-        return torch.argmax(pred, dim=0, keepdim=True).float()
+        return channel_argmax(pred, keepdim=True).float()
     probs = torch.sigmoid(pred) if activation == "sigmoid" or pred.shape[0] == 1 and activation != "none" else pred
     labels = torch.zeros_like(pred[:1])
     for c in range(pred.shape[0]):
@@ -213,7 +226,7 @@ def _labels_on_device(pred: torch.Tensor, card: ModelCard, known: np.ndarray, to
     """
     t = (pred.as_tensor() if isinstance(pred, MetaTensor) else pred).detach()
     if t.ndim == 4:
-        t = torch.argmax(t, dim=0) if t.shape[0] != 1 else t[0]
+        t = channel_argmax(t) if t.shape[0] != 1 else t[0]
     if t.ndim != 3:
         raise ValueError(f"model {card.name}: output shape {tuple(pred.shape)} is not a label map [1, x, y, z] or "
                          "[x, y, z]; the model's postprocessing must invert its spatial transforms")

@@ -64,6 +64,7 @@ from inference.gpu_memory import out_of_memory_error
 from inference.models.python_callable import segment_volumes
 from inference.runner import (
     amp_context,
+    channel_argmax,
     classify,
     labelmap_from_output,
     resolve_device,
@@ -440,7 +441,7 @@ class MonaiBundleModel(Model):
         if on_network_grid and self.preprocessing is not None and isinstance(out, MetaTensor):
             logger.debug("Model %s: postprocessing left the output on the network grid; inverting", self.card.name)
             if out.shape[0] > 1:
-                out = MetaTensor(torch.argmax(out, dim=0, keepdim=True).float(), meta=dict(out.meta),
+                out = MetaTensor(channel_argmax(out.as_tensor(), keepdim=True).float(), meta=dict(out.meta),
                                  applied_operations=list(out.applied_operations))
             data["pred"] = out
             invert = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)

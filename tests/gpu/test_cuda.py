@@ -117,3 +117,93 @@ def test_admission_measures_a_model_on_the_gpu_and_refuses_what_cannot_fit(tmp_p
     with pytest.raises(GpuAdmissionRefused, match="not started on GPU cuda:0"):
         admission.admit("ts", device, volume.array.size * (total // working + 2), lambda: None)
     print(f"GPU admission: {working / 2**20:.1f} MiB working memory measured for a {volume.array.shape} volume")
+
+
+PROBES = '''
+"""Probes of a test bundle: where its transforms and its network run, and under autocast or not."""
+import json
+
+import torch
+from monai.transforms import MapTransform
+
+
+def _note(path, what, tensor):
+    with open(path, "a") as f:
+        f.write(json.dumps({"what": what, "device": tensor.device.type, "dtype": str(tensor.dtype),
+                            "autocast": torch.is_autocast_enabled("cuda")}) + "\\n")
+
+
+class Probed(MapTransform):
+    def __init__(self, keys, path, what):
+        super().__init__(keys)
+        self.path, self.what = path, what
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            _note(self.path, self.what, d[key])
+        return d
+
+
+class ProbeConv(torch.nn.Conv3d):
+    def __init__(self, path, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+
+    def forward(self, x):
+        _note(self.path, "network", x)
+        return super().forward(x)
+'''
+
+
+def _probed_bundle(tmp_path: Path, notes: Path) -> Path:
+    """The threshold bundle (spacing 1.2 x 1.1 x 3 mm), probed after EnsureChannelFirstd, after Spacingd, in the
+    network and after the postprocessing's Invertd."""
+    import json
+
+    from tests.models_factory import CONV_DEF, write_bundle
+
+    bundle = write_bundle(tmp_path / "probed", threshold_conv(0.25025, scale=10.0), CONV_DEF, pixdim=(1.2, 1.1, 3.0))
+    (bundle / "scripts").mkdir()
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "probes.py").write_text(PROBES)
+    config_path = bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    probe = {"_target_": "scripts.probes.Probed", "path": str(notes)}
+    pre = config["preprocessing"]["transforms"]
+    pre.insert(2, {**probe, "keys": "image", "what": "uploaded"})
+    pre.insert(5, {**probe, "keys": "image", "what": "resampled"})
+    post = config["postprocessing"]["transforms"]
+    post.insert(2, {**probe, "keys": "pred", "what": "inverted"})
+    config["network_def"] = {**CONV_DEF, "_target_": "scripts.probes.ProbeConv", "path": str(notes)}
+    config_path.write_text(json.dumps(config))
+    return bundle
+
+
+def test_bundle_transforms_run_on_the_gpu_in_full_precision_and_match_the_cpu(tmp_path: Path) -> None:
+    import json
+
+    notes = tmp_path / "notes.jsonl"
+    bundle = _probed_bundle(tmp_path, notes)
+    _, files, _ = _series(tmp_path)
+    volume = load_series(files).volume
+    torch.cuda.set_device(0)
+    text = json.dumps({"models": {
+        "gpu": {"type": "monai_bundle", "path": str(bundle), "device": "cuda", "amp": True},
+        "cpu": {"type": "monai_bundle", "path": str(bundle), "device": "cpu", "transforms_on": "cpu"}}})
+    registry = ModelRegistry(load_settings_text(text).models)
+    gpu = registry.get("gpu").predict(volume).labelmap
+    seen = [json.loads(line) for line in notes.read_text().splitlines()]
+    assert registry.get("gpu").transforms_device.type == "cuda"  # nothing fell back to the CPU
+    assert list(dict.fromkeys((n["what"], n["device"], n["autocast"]) for n in seen)) == [
+        ("uploaded", "cuda", False), ("resampled", "cuda", False), ("network", "cuda", True),
+        ("inverted", "cuda", False)]
+    notes.unlink()
+    cpu = registry.get("cpu").predict(volume).labelmap
+    assert {json.loads(line)["device"] for line in notes.read_text().splitlines()} == {"cpu"}
+    assert gpu is not None and cpu is not None and gpu.shape == cpu.shape == volume.array.shape
+    # The same resampling on both; float16 convolution may flip voxels within a hair of the threshold only.
+    differ = np.count_nonzero(gpu != cpu)
+    assert 0 < np.count_nonzero(cpu) < cpu.size
+    assert differ <= cpu.size * 1e-3, f"{differ} of {cpu.size} voxels differ between GPU and CPU"
+    print(f"bundle on {torch.cuda.get_device_name(0)}: transforms on the GPU, {differ} voxels differ from the CPU")

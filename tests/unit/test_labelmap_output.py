@@ -20,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 
 from inference.models.python_callable import segment_volumes
-from inference.runner import labelmap_from_output, reordered, to_metatensor
+from inference.runner import channel_argmax, labelmap_from_output, reordered, to_metatensor
 from inference.types import SCT_ANATOMICAL_STRUCTURE, Code, ModelCard, SegmentSpec, Volume
 
 SHAPE_XYZ = (6, 5, 4)  # MONAI's [x, y, z]: the node's map is (4, 5, 6)
@@ -154,3 +154,17 @@ def test_nan_is_background_on_both_ways() -> None:
     labels[0, 0, 0, 0] = float("nan")
     out = _both(labels, _card(1))
     assert out[0, 0, 0] == 0 and int(out.sum()) == out.size - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.int64])
+def test_channel_argmax_is_torch_argmax_for_ties_nan_and_strided_channels(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 3, (4, 9, 10, 11), generator=g).to(dtype)  # three values in four channels: ties everywhere
+    if dtype.is_floating_point:
+        t[2, 0, 0, 0] = float("nan")
+        t[0, 1, 1, 1] = t[3, 1, 1, 1] = float("nan")  # the first NaN wins, as argmax has it
+    for x in (t, t.permute(0, 3, 2, 1), t[:, ::2]):  # channels not contiguous, as an inverted prediction's are
+        assert torch.equal(channel_argmax(x), torch.argmax(x, dim=0))
+        assert torch.equal(channel_argmax(x, keepdim=True), torch.argmax(x, dim=0, keepdim=True))
+    if dtype.is_floating_point:
+        assert int(channel_argmax(t)[0, 0, 0]) == 2 and int(channel_argmax(t)[1, 1, 1]) == 0
