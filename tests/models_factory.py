@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,21 @@ def write_bundle(root: Path, network: torch.nn.Module, network_def: dict[str, An
     (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
     torch.save(network.state_dict(), str(root / "models" / "model.pt"))
     return root
+
+
+def add_bundle_script(bundle: Path, module: str, source: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Give a bundle its own ``scripts/<module>.py`` (importable as ``scripts.<module>``, as a Model Zoo bundle's
+    code is) and let ``edit`` change its ``configs/inference.json`` to use it."""
+    scripts = bundle / "scripts"
+    scripts.mkdir(exist_ok=True)
+    if not (scripts / "__init__.py").exists():
+        (scripts / "__init__.py").write_text("")
+    (scripts / f"{module}.py").write_text(source)
+    config_path = bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    edit(config)
+    config_path.write_text(json.dumps(config, indent=2))
+    return bundle
 
 
 CONV_DEF: dict[str, Any] = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}

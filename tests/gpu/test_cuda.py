@@ -8,6 +8,7 @@ CI machines have none. Run them on a GPU machine with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,25 +160,18 @@ class ProbeConv(torch.nn.Conv3d):
 def _probed_bundle(tmp_path: Path, notes: Path) -> Path:
     """The threshold bundle (spacing 1.2 x 1.1 x 3 mm), probed after EnsureChannelFirstd, after Spacingd, in the
     network and after the postprocessing's Invertd."""
-    import json
+    from tests.models_factory import CONV_DEF, add_bundle_script, write_bundle
 
-    from tests.models_factory import CONV_DEF, write_bundle
+    def probed(config: dict[str, Any]) -> None:
+        probe = {"_target_": "scripts.probes.Probed", "path": str(notes)}
+        pre = config["preprocessing"]["transforms"]
+        pre.insert(2, {**probe, "keys": "image", "what": "uploaded"})
+        pre.insert(5, {**probe, "keys": "image", "what": "resampled"})
+        config["postprocessing"]["transforms"].insert(2, {**probe, "keys": "pred", "what": "inverted"})
+        config["network_def"] = {**CONV_DEF, "_target_": "scripts.probes.ProbeConv", "path": str(notes)}
 
     bundle = write_bundle(tmp_path / "probed", threshold_conv(0.25025, scale=10.0), CONV_DEF, pixdim=(1.2, 1.1, 3.0))
-    (bundle / "scripts").mkdir()
-    (bundle / "scripts" / "__init__.py").write_text("")
-    (bundle / "scripts" / "probes.py").write_text(PROBES)
-    config_path = bundle / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
-    probe = {"_target_": "scripts.probes.Probed", "path": str(notes)}
-    pre = config["preprocessing"]["transforms"]
-    pre.insert(2, {**probe, "keys": "image", "what": "uploaded"})
-    pre.insert(5, {**probe, "keys": "image", "what": "resampled"})
-    post = config["postprocessing"]["transforms"]
-    post.insert(2, {**probe, "keys": "pred", "what": "inverted"})
-    config["network_def"] = {**CONV_DEF, "_target_": "scripts.probes.ProbeConv", "path": str(notes)}
-    config_path.write_text(json.dumps(config))
-    return bundle
+    return add_bundle_script(bundle, "probes", PROBES, probed)
 
 
 def test_bundle_transforms_run_on_the_gpu_in_full_precision_and_match_the_cpu(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from inference.models.monai_bundle import MonaiBundleModel
 from inference.registry import ModelRegistry
 from inference.runner import affine_ras
 from inference.types import Code, Volume
-from tests.models_factory import CONV_DEF, UNET_DEF, threshold_conv, write_bundle
+from tests.models_factory import CONV_DEF, UNET_DEF, add_bundle_script, threshold_conv, write_bundle
 
 AXIAL = np.array([[0, 0, 1.0], [0, 1.0, 0], [1.0, 0, 0]])
 
@@ -167,15 +167,8 @@ class Exhaustsd(MapTransform):
 def _bundle_with_script(tmp_path: Path, transform: str) -> Path:
     """The threshold bundle with one of :data:`HOST_TRANSFORMS` after EnsureChannelFirstd."""
     bundle = write_bundle(tmp_path / "b", threshold_conv(0.25025, scale=10.0), CONV_DEF, pixdim=(0.9, 0.8, 2.5))
-    (bundle / "scripts").mkdir()
-    (bundle / "scripts" / "__init__.py").write_text("")
-    (bundle / "scripts" / "host_transforms.py").write_text(HOST_TRANSFORMS)
-    config_path = bundle / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
-    config["preprocessing"]["transforms"].insert(2, {"_target_": f"scripts.host_transforms.{transform}",
-                                                      "keys": "image"})
-    config_path.write_text(json.dumps(config))
-    return bundle
+    return add_bundle_script(bundle, "host_transforms", HOST_TRANSFORMS, lambda config: config["preprocessing"][
+        "transforms"].insert(2, {"_target_": f"scripts.host_transforms.{transform}", "keys": "image"}))
 
 
 def _on_accelerator(model: MonaiBundleModel) -> MonaiBundleModel:
