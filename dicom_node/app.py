@@ -492,9 +492,9 @@ class Node:
         checks["workers"] = f"{alive}/{len(self.workers)} alive"
         ok = ok and alive == len(self.workers) and not self._stopping.is_set()
         if isinstance(self.receiver, ReceiverPool):
-            listening = self.receiver.alive
-            checks["receivers"] = f"{listening}/{self.receiver.count} alive"
-            ok = ok and listening == self.receiver.count
+            serving = self.receiver.serving
+            checks["receivers"] = f"{serving}/{self.receiver.count} serving"
+            ok = ok and serving == self.receiver.count
         return ok, checks
 
     def refresh_gauges(self) -> None:

@@ -114,7 +114,7 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
     except BaseException as exc:  # certificate unreadable...: the parent reports it
         events.put(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    events.put(("listening", *address))
+    events.put(("listening", index, os.getpid()))
     logger.info("Receiver process %d (pid %d) serves connections accepted on %s:%d", index, os.getpid(), *address)
     freeze_startup_objects(f"receiver-{index}")
     _take_connections(channel, receiver)  # until the main process closes the channel: stop
@@ -188,6 +188,11 @@ class ReceiverPool:
         self._procs: list[Any] = [None] * processes
         self._channels: list[socket.socket | None] = [None] * processes
         self._started = [0.0] * processes  # monotonic time each process was (re)started
+        # The pid of each process once it has said it serves ("listening"); 0 while it starts.  A process
+        # started again is handed connections only when no serving one is alive: its start-up (imports, the
+        # database, the journal's replay) takes seconds, tens of them on a loaded machine, which a peer
+        # would spend waiting for the answer to its association request.
+        self._serving = [0] * processes
         self._address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -212,9 +217,10 @@ class ReceiverPool:
         address = self._address = (str(self._listener.getsockname()[0]), int(self._listener.getsockname()[1]))
         for i in range(self.count):
             self._spawn(i)
-        for _ in range(self.count):
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not all(self._serving):
             try:
-                event = self._events.get(timeout=_START_TIMEOUT_S)
+                event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.stop()
                 raise StartupError(f"node.receivers: the receiver processes did not start within "
@@ -222,8 +228,7 @@ class ReceiverPool:
             if event[0] == "failed":
                 self.stop()
                 raise StartupError(f"node.receivers: a receiver process could not start: {event[1]}")
-            if event[0] != "listening":  # a very early event: hand it to the hooks like the rest
-                self._dispatch(event)
+            self._dispatch(event)  # "listening", or a very early event of another kind
         self._threads = [threading.Thread(target=self._drain_events, name="receiver-events", daemon=True),
                          threading.Thread(target=self._accept, name="dicom-listener", daemon=True),
                          threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)]
@@ -246,6 +251,7 @@ class ReceiverPool:
         theirs.close()
         old = self._channels[i]
         self._procs[i], self._channels[i], self._started[i] = proc, ours, time.monotonic()
+        self._serving[i] = 0
         self._handed[i] = self._finished[i]  # what a dead process was running has ended with it
         with self._hosts_lock:
             self.caps.forget(self._hosts[i])
@@ -291,9 +297,13 @@ class ReceiverPool:
                 conn.close()  # the receiver process holds its own descriptor now
 
     def _hand_over(self, conn: socket.socket, host: str) -> bool:
-        """Give ``conn`` (from ``host``) to the live receiver process running the fewest associations."""
-        running = self.running
-        for i in sorted(range(self.count), key=lambda i: running[i]):
+        """Give ``conn`` (from ``host``) to the serving receiver process running the fewest associations.
+
+        A process still starting (started again after it died) comes after every serving one: it gets the
+        connection only when none of them is alive, and answers it once it serves.
+        """
+        running, serving = self.running, self._serving_now()
+        for i in sorted(range(self.count), key=lambda i: (not serving[i], running[i])):
             proc, channel = self._procs[i], self._channels[i]
             if channel is None or not proc.is_alive():
                 continue
@@ -327,6 +337,12 @@ class ReceiverPool:
         if event[0] == "failed":  # a process started again could not serve
             logger.error("A receiver process could not start: %s", event[1])
             return
+        if event[0] == "listening":
+            index, pid = int(event[1]), int(event[2])
+            proc = self._procs[index]
+            if proc is not None and proc.pid == pid:  # not a message of an earlier process of that index
+                self._serving[index] = pid
+            return
         if event[0] == "closed":
             self._closed(int(event[1]), str(event[2]))
             return
@@ -352,6 +368,15 @@ class ReceiverPool:
     def alive(self) -> int:
         """How many receiver processes are running."""
         return sum(p is not None and p.is_alive() for p in self._procs)
+
+    def _serving_now(self) -> list[bool]:
+        """For each receiver process: alive, and it has said it serves since it was last started."""
+        return [p is not None and p.pid == pid and p.is_alive() for p, pid in zip(self._procs, self._serving)]
+
+    @property
+    def serving(self) -> int:
+        """How many receiver processes are alive and serve (started, not still starting)."""
+        return sum(self._serving_now())
 
     @property
     def running(self) -> list[int]:

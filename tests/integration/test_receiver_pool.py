@@ -104,7 +104,7 @@ def test_a_dead_receiver_is_passed_over_and_started_again(tmp_path: Path, node_f
     def ready_again() -> bool:
         try:
             with urllib.request.urlopen(ready, timeout=10) as answer:
-                return answer.status == 200 and "2/2 alive" in answer.read().decode()
+                return answer.status == 200 and "2/2 serving" in answer.read().decode()
         except urllib.error.HTTPError:
             return False
 
