@@ -13,7 +13,12 @@ one process one time in 8, and 3 on one process half the time.)
 Each receiver writes to the spool and records in the state database itself
 (a file lock orders the writers), so an instance is still durable before
 its success status.  What the main process needs to know (metrics, audit
-trail) comes back as events on a queue.
+trail, the end of each connection for the connection caps) comes back as
+events, each process over a pipe of its own: a process killed while it
+writes one (SIGKILL, the OOM killer) breaks only its own pipe.  (One
+``multiprocessing.Queue`` shared by all used to carry them: its writers
+share a lock, and a process killed holding it stopped every other
+process's events for good, the node's start included.)
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, cast
 
 import pydicom.config
 
@@ -74,7 +81,36 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socket.socket,
+class _Events:
+    """A receiver process's events to the main process, over its own pipe.
+
+    :meth:`put` never waits on the main process: a writer thread sends, in
+    order, what the association threads put.  :meth:`close` sends what is left.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="receiver-events", daemon=True)
+        self._thread.start()
+
+    def put(self, event: tuple[Any, ...]) -> None:
+        self._queue.put(event)
+
+    def _write(self) -> None:
+        while (event := self._queue.get()) is not None:
+            try:
+                self._conn.send(event)
+            except (OSError, ValueError):  # the main process has gone or closed its end
+                return
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._conn.close()
+
+
+def _child_main(settings: Settings, events_conn: Connection, parent_pid: int, channel: socket.socket,
                 index: int, finished: Any, address: tuple[str, int]) -> None:
     """Entry point of one receiver process: serve the connections handed over ``channel`` until it closes.
 
@@ -82,6 +118,15 @@ def _child_main(settings: Settings, events: Any, parent_pid: int, channel: socke
     this process writes it (under a lock of its own), the main process reads it.
     """
     _die_with_parent(parent_pid)
+    events = _Events(events_conn)
+    try:
+        _serve(settings, events, channel, index, finished, address)
+    finally:
+        events.close()
+
+
+def _serve(settings: Settings, events: _Events, channel: socket.socket, index: int, finished: Any,
+           address: tuple[str, int]) -> None:
     configure_logging(settings.logging.level, settings.logging.journald, process=f"receiver-{index}")
     # The main process owns shutdown (it sets ``stop``); Ctrl-C in a terminal must not cut a C-STORE.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -176,7 +221,10 @@ class ReceiverPool:
         if on_released is not None:
             self.hooks["released"] = on_released
         self._ctx = mp.get_context("spawn")
-        self._events: Any = self._ctx.Queue()
+        # Each process's end of its event pipe; replaced ones are closed by the thread that reads them.
+        self._readers: list[Connection | None] = [None] * processes
+        self._retired: list[Connection] = []
+        self._readers_lock = threading.Lock()
         # Associations handed to each process (written here only) and ended by it (written there only):
         # no lock shared between processes, which one that died holding it would leave locked.
         self._handed = [0] * processes
@@ -219,16 +267,20 @@ class ReceiverPool:
             self._spawn(i)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not all(self._serving):
-            try:
-                event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            if time.monotonic() > deadline:
                 self.stop()
                 raise StartupError(f"node.receivers: the receiver processes did not start within "
-                                   f"{_START_TIMEOUT_S:.0f} s (an overloaded machine?)") from None
-            if event[0] == "failed":
-                self.stop()
-                raise StartupError(f"node.receivers: a receiver process could not start: {event[1]}")
-            self._dispatch(event)  # "listening", or a very early event of another kind
+                                   f"{_START_TIMEOUT_S:.0f} s (an overloaded machine?)")
+            for event in self._poll_events(0.2):
+                if event[0] == "failed":
+                    self.stop()
+                    raise StartupError(f"node.receivers: a receiver process could not start: {event[1]}")
+                self._dispatch(event)  # "listening", or a very early event of another kind
+            for i, proc in enumerate(self._procs):
+                if not self._serving[i] and not proc.is_alive():  # died before it said anything
+                    self.stop()
+                    raise StartupError(f"node.receivers: receiver process {i} ended while starting "
+                                       f"(exit code {proc.exitcode})")
         self._threads = [threading.Thread(target=self._drain_events, name="receiver-events", daemon=True),
                          threading.Thread(target=self._accept, name="dicom-listener", daemon=True),
                          threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)]
@@ -243,12 +295,18 @@ class ReceiverPool:
     def _spawn(self, i: int) -> None:
         """Start receiver process ``i`` (again) with a new channel."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per connection
+        reader, writer = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_child_main, name=f"dicom-node-receiver-{i}",
-            args=(self.settings, self._events, os.getpid(), theirs, i, self._finished, self._address),
+            args=(self.settings, writer, os.getpid(), theirs, i, self._finished, self._address),
             daemon=True)
         proc.start()
         theirs.close()
+        writer.close()
+        with self._readers_lock:  # what the dead process had not sent is lost with it
+            if self._readers[i] is not None:
+                self._retired.append(self._readers[i])  # type: ignore[arg-type]
+            self._readers[i] = reader
         old = self._channels[i]
         self._procs[i], self._channels[i], self._started[i] = proc, ours, time.monotonic()
         self._serving[i] = 0
@@ -354,15 +412,35 @@ class ReceiverPool:
         except Exception:
             logger.exception("Receiver event %s: a metrics/audit hook failed", event[0])
 
+    def _poll_events(self, timeout_s: float) -> list[tuple[Any, ...]]:
+        """The events that arrive within ``timeout_s``, one per pipe that has one (from one thread at a time).
+
+        A pipe whose process has ended (or died in the middle of an event)
+        is closed and left; the process started again has a new one.
+        """
+        with self._readers_lock:
+            retired, self._retired = self._retired, []
+            readers = [r for r in self._readers if r is not None]
+        for reader in retired:
+            reader.close()
+        if not readers:
+            time.sleep(timeout_s)
+            return []
+        events = []
+        for ready in wait(readers, timeout_s):
+            reader = cast(Connection, ready)
+            try:
+                events.append(reader.recv())
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                with self._readers_lock:
+                    self._readers = [None if r is reader else r for r in self._readers]
+                reader.close()
+        return events
+
     def _drain_events(self) -> None:
         while not self._closing.is_set():
-            try:
-                event = self._events.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            except (EOFError, OSError):
-                return
-            self._dispatch(event)
+            for event in self._poll_events(0.5):
+                self._dispatch(event)
 
     @property
     def alive(self) -> int:
@@ -406,9 +484,11 @@ class ReceiverPool:
                 proc.kill()
                 proc.join(5)
         # Events the processes sent while stopping still reach the hooks.
-        while True:
-            try:
-                self._dispatch(self._events.get_nowait())
-            except (queue.Empty, EOFError, OSError):
-                break
+        while any(r is not None for r in self._readers) and (events := self._poll_events(0.05)):
+            for event in events:
+                self._dispatch(event)
+        for reader in self._readers:
+            if reader is not None:
+                reader.close()
+        self._readers = [None] * self.count
         self._procs, self._channels, self._threads = [], [], []

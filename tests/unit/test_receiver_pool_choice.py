@@ -10,6 +10,8 @@ socket pairs for the channels, so each case is decided, not raced.
 
 from __future__ import annotations
 
+import os
+import pickle
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +101,30 @@ def test_a_starting_process_still_takes_connections_when_no_serving_one_is_alive
     assert _handed_to(p, theirs) == 1  # answered once it serves, rather than closed unanswered
     p._procs[1].alive = False
     assert _handed_to(p, theirs) is None  # no process at all: closed
+
+
+def test_a_process_killed_in_the_middle_of_an_event_breaks_only_its_own_pipe(
+        pool: tuple[ReceiverPool, list[socket.socket]]) -> None:
+    """Each process has its own event pipe: one that died half-way through writing an event (its length sent,
+    part of it not) is closed and left, and the other's events go on arriving, in order."""
+    import multiprocessing as mp
+    import struct
+
+    p, _ = pool
+    readers, writers = zip(*(mp.Pipe(duplex=False) for _ in range(2)))
+    p._readers = list(readers)
+    payload = pickle.dumps(("recorded", "a record", "stored"))
+    os.write(writers[1].fileno(), struct.pack("!i", len(payload)) + payload[:5])  # then SIGKILL
+    writers[1].close()
+    writers[0].send(("closed", 0, "10.0.0.9"))
+    writers[0].send(("association", True, "MODALITY", "10.0.0.9", ""))
+    got: list[tuple[object, ...]] = []
+    for _ in range(10):
+        got += p._poll_events(0.2)
+        if p._readers[1] is None and len(got) == 2:
+            break
+    assert got == [("closed", 0, "10.0.0.9"), ("association", True, "MODALITY", "10.0.0.9", "")]
+    assert p._readers[0] is readers[0] and p._readers[1] is None and readers[1].closed
+    writers[0].send(("listening", 0, 101))
+    assert p._poll_events(1.0) == [("listening", 0, 101)]
+    writers[0].close()
