@@ -478,10 +478,15 @@ class ReceiverPool:
         for channel in self._channels:  # a receiver process stops when its channel closes
             if channel is not None:
                 channel.close()
+        # Their events are read while they stop (a process waits for its last ones to be taken).
+        deadline = time.monotonic() + timeout_s
+        while any(p is not None and p.is_alive() for p in self._procs) and time.monotonic() < deadline:
+            for event in self._poll_events(0.1):
+                self._dispatch(event)
         for proc in self._procs:
             if proc is None:
                 continue
-            proc.join(timeout_s)
+            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 logger.warning("Receiver process %d did not stop in %.0f s; killing it", proc.pid, timeout_s)
                 proc.kill()
