@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from dicom_node.results.seg import build_seg
 from dicom_node.results.sr import build_sr
 from dicom_node.scheduler.forked import Forked
 from dicom_node.spool import Spool
+from dicom_node.spool.layout import WARM_UP_PREFIX
 from inference.boxes import with_box_segments
 from inference.gpu_memory import GpuAdmission, GpuAdmissionRefused, cuda_device, out_of_memory_error
 from inference.registry import ModelRegistry
@@ -486,7 +488,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
     return [*seg_objects, *sr_objects, *side_produced]
 
 
-def warm_up(outputs: Any) -> float:
+def warm_up(outputs: Any, scratch: Path | None = None) -> float:
     """Run a job's non-model path once on a tiny synthetic CT, off the spool; returns the seconds it took.
 
     A worker's first job otherwise pays the one-time costs of that path in
@@ -498,8 +500,13 @@ def warm_up(outputs: Any) -> float:
     at most this long, as it would have in its own run.  Three 16x16 slices
     of a made-up patient in a temporary folder go through the series load,
     the header check and the SEG + SR encoders and writers (the built-in
-    ``lungs-ct`` model's card, two small segments); nothing is written to
-    the spool, nothing is sent, no model runs.
+    ``lungs-ct`` model's card, two small segments); nothing is sent, no
+    model runs.
+
+    ``scratch``: where that folder is made (``warm-up-*``; the worker passes
+    its spool's ``tmp/``, so that a folder left by a worker killed during
+    its warm-up is removed by :meth:`Spool.clean_tmp` at the next start);
+    default the system's temporary directory.
 
     Raises
     ------
@@ -508,13 +515,12 @@ def warm_up(outputs: Any) -> float:
         worker logs it and serves on).
     """
     import tempfile
-    from pathlib import Path
 
     from dicom_node.imaging.synthetic import write_ct_series
     from inference.models.lungs_ct_card import LUNGS_CT_CARD
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dicom-node-warm-up-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix=WARM_UP_PREFIX, dir=scratch) as tmp_name:
         spool = Spool(Path(tmp_name))
         hu = np.full((3, 16, 16), -1000, np.int16)
         hu[:, 2:14, 2:14] = 40

@@ -133,7 +133,7 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
     parallel_encode = settings.workers.parallel_encode and cpu_count() >= 2
     conn.send(("ready", None))
     try:
-        logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs))
+        logger.debug("Worker warmed up in %.2f s", warm_up(settings.outputs, spool.tmp))
     except Exception:  # a defect of the results path; the first job will show it too: serve on
         logger.exception("Worker warm-up failed (the first job pays the one-time costs instead)")
     freeze_startup_objects("worker")  # before the models: an unloaded model must stay collectable

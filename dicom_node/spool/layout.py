@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 # multi-digit component, at most 64 characters.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A worker's warm-up folder under ``tmp/`` (removed by Spool.clean_tmp when a killed worker left it).
+WARM_UP_PREFIX = "warm-up-"
 
 
 def validate_uid(value: object, what: str = "UID") -> str:
@@ -212,13 +214,24 @@ class Spool:
                 os.close(dir_fd)
 
     def clean_tmp(self) -> int:
-        """Remove half-written temp files left by a crash; returns how many."""
+        """Remove half-written temp files and warm-up folders left by a crash; returns how many.
+
+        A worker's warm-up (:func:`dicom_node.scheduler.pipeline.warm_up`)
+        works in ``tmp/warm-up-*``; a worker stopped or killed during it
+        leaves that folder behind.  Called at the node's start, before any
+        worker runs.
+        """
         count = 0
         for leftover in self.tmp.glob("*.part"):
             leftover.unlink(missing_ok=True)
             count += 1
+        for folder in self.tmp.glob(f"{WARM_UP_PREFIX}*"):
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+                count += 1
         if count:
-            logger.warning("Spool: removed %d half-written temp file(s) left by an earlier crash", count)
+            logger.warning("Spool: removed %d half-written temp file(s) or warm-up folder(s) left by an earlier "
+                           "crash", count)
         return count
 
     def free_mb(self) -> float:

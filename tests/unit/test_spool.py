@@ -87,3 +87,18 @@ def test_clean_tmp_removes_half_written_files(tmp_path: Path) -> None:
     (spool.tmp / "abc.part").write_bytes(b"half")
     assert spool.clean_tmp() == 1
     assert list(spool.tmp.iterdir()) == []
+
+
+def test_clean_tmp_removes_warm_up_folders_left_by_a_killed_worker(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    left = spool.tmp / "warm-up-k2j4x0"
+    (left / "incoming").mkdir(parents=True)
+    (left / "incoming" / "CT0001.dcm").write_bytes(b"DICM")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.dcm").write_bytes(b"DICM")
+    (spool.tmp / "warm-up-link").symlink_to(outside)  # a link is not followed into what it points at
+    (spool.tmp / "warm-up-file").write_bytes(b"not ours")  # nor is a file of that name a folder of ours
+    assert spool.clean_tmp() == 1
+    assert sorted(p.name for p in spool.tmp.iterdir()) == ["warm-up-file", "warm-up-link"]
+    assert (outside / "keep.dcm").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from dicom_node.scheduler import pipeline
 from dicom_node.settings import Settings
+from dicom_node.spool import Spool
 
 
 def test_warm_up_encodes_a_seg_and_an_sr_and_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch,
@@ -24,8 +26,9 @@ def test_warm_up_encodes_a_seg_and_an_sr_and_leaves_nothing_behind(monkeypatch: 
         return objects
 
     monkeypatch.setattr(pipeline, "_encode", keep)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    seconds = pipeline.warm_up(Settings().outputs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "nowhere"))  # not used when a scratch is given
+    spool = Spool(tmp_path / "spool")
+    seconds = pipeline.warm_up(Settings().outputs, spool.tmp)
 
     assert seconds > 0
     kinds = {kind: ds for kind, ds in made}
@@ -34,12 +37,37 @@ def test_warm_up_encodes_a_seg_and_an_sr_and_leaves_nothing_behind(monkeypatch: 
     assert seg.Modality == "SEG" and seg.NumberOfFrames == 3  # segment 1 on one slice, segment 2 on two
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Right lung", "Left lung"]
     assert kinds["sr"].Modality == "SR" and seg.PatientID == "WARMUP"
-    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone with everything in it
+    assert list(spool.tmp.iterdir()) == []  # the warm-up folder is gone with everything in it
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_worker_stopped_during_its_warm_up_leaves_a_folder_the_next_start_removes(tmp_path: Path) -> None:
+    """The worker's warm-up works under the spool's ``tmp/``: the node's start cleans what a kill left there."""
+    from dicom_node.scheduler.worker import WorkerProcess
+
+    settings = Settings.model_validate({"storage": {"path": str(tmp_path / "state")},
+                                        "workers": {"preload_models": False}})
+    spool = Spool(settings.storage.resolved_path())
+    left: list[Path] = []
+    for _attempt in range(3):  # a warm-up that ends before the kill (a stalled machine) leaves nothing: again
+        worker = WorkerProcess(settings)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not list(spool.tmp.glob("warm-up-*")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            worker.stop(force=True)  # SIGKILL, as the OOM killer or a timed-out stop does
+        finally:
+            worker.close()
+        left = [p for p in spool.tmp.glob("warm-up-*") if p.is_dir()]
+        if left:
+            break
+    assert left, f"no warm-up folder was left under {spool.tmp} by a worker killed during its warm-up"
+    assert spool.clean_tmp() >= 1  # what the node's start does before its workers start
+    assert list(spool.tmp.glob("warm-up-*")) == []
 
 
 def test_a_worker_loads_the_rules_models_at_its_first_start_only(tmp_path: Path) -> None:
-    import time
-
     from dicom_node.scheduler.worker import WorkerProcess
 
     code = tmp_path / "code"
