@@ -230,7 +230,18 @@ def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
         "instances": instance_count,
         "last_received": last,
         "send_jobs": float(len(sends)),
+        # Each SEND job's queuing and end, from the last instance received (minus the quiet period):
+        # with a SEG sent while the SR is built, the first ends before the job does.
+        "send_timeline": [(", ".join(sorted({_kind_of(f) for f in json.loads(j["payload"]).get("files", [])})),
+                           j["created_at"] - last - quiet - seconds.get("model", 0.0),
+                           j["updated_at"] - last - quiet - seconds.get("model", 0.0)) for j in sends],
+        "infer_done_s": infer["updated_at"] - last - quiet - seconds.get("model", 0.0),
     }
+
+
+def _kind_of(path: str) -> str:
+    """The kind of a result file from its spool name (``.../seg.dcm``, ``.../sc-0001.dcm``)."""
+    return Path(path).stem.split("-")[0]
 
 
 def _reference_send(state: Path, series_uid: str, port: int) -> float:
@@ -265,6 +276,10 @@ def _print_row(row: dict[str, Any]) -> None:
           f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}] "
           f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)"
           + (f"; {row['send_jobs']:.0f} SEND jobs, the figures of the last" if row["send_jobs"] > 1 else ""))
+    if row["send_jobs"] > 1:
+        print("  SEND jobs (queued -> done, on the overhead's clock): "
+              + "; ".join(f"{kinds} {queued:.2f} -> {done:.2f}" for kinds, queued, done in row["send_timeline"])
+              + f"; the INFER job done at {row['infer_done_s']:.2f}")
     if "seg_sr_s" in row:
         print(f"  in Orthanc's change log (minus {'the model' if row['cfind'] else 'quiet period and model'}): "
               f"SEG + SR stored after {row['seg_sr_s']:.2f} s, the other {row['rest_objects']:.0f} objects "

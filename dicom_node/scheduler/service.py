@@ -252,20 +252,9 @@ class Pipeline:
                   "model_version": outcome.model_version, "seconds": outcome.seconds,
                   "prefetched": outcome.prefetched}
         # SEND jobs first, then DONE: a crash in between re-runs the model, never loses a send.
-        produced = [(o.kind, o.path) for o in outcome.objects]
-        for dest in job.payload.get("destinations", []):
-            route = job.payload.get("routes", {}).get(dest)
-            plan = Route.from_payload(route) if route else None
-            dest_files, fallback = files_for(plan, produced) if plan else (files, [])
-            dest_files = [f for f in dest_files if f not in sent_early.get(dest, ())]
-            sends_seg = any(k == OutputKind.SEG.value and p in dest_files for k, p in produced)
-            extra: dict[str, Any] = {}
-            if plan and plan.seg_fallback and sends_seg:
-                # Overlay files when produced up front; otherwise rendered on a first refusal.
-                extra = {"fallback": {"seg": fallback, "kind": plan.seg_fallback}}
-            if dest_files:
-                self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
-                                  destination=dest, payload={"files": dest_files, **extra})
+        for dest, payload in self._send_payloads(job, outcome.objects, sent_early):
+            self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
+                              destination=dest, payload=payload)
         self.jobs.complete(job.id, now, payload=result)
         logger.info("Job %d: model %s produced %s%s", job.id, job.model,
                     ", ".join(o.kind for o in outcome.objects) or "no objects",
@@ -280,29 +269,55 @@ class Pipeline:
                     " created_at=excluded.created_at",
                     (obj.sop_uid, job.series_uid, job.model, obj.kind, obj.series_uid, obj.path, now))
 
+    def _send_payloads(self, job: Job, objects: Sequence[ProducedObject], sent_early: dict[str, set[str]],
+                       early: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """``(destination, SEND payload)`` for each destination that gets some of ``objects``.
+
+        Files in ``sent_early`` (per destination) are left out.  A SEG sent to
+        a destination with a ``seg_fallback`` carries its fallback: the
+        overlay files when the job makes them up front (the destination is
+        known to refuse the SEG), otherwise none, and the overlay series is
+        rendered by a job of its own on a first refusal.  ``early``: the job
+        is still running; a destination whose fallback files the job makes is
+        left out (they do not exist yet: it gets its files with the rest).
+        """
+        produced = [(o.kind, o.path) for o in objects]
+        outputs = set(job.payload.get("outputs", ()))
+        out: list[tuple[str, dict[str, Any]]] = []
+        for dest in job.payload.get("destinations", []):
+            route = job.payload.get("routes", {}).get(dest)
+            plan = Route.from_payload(route) if route else None
+            if early and plan is not None and plan.seg_fallback and plan.seg_fallback in outputs:
+                continue
+            dest_files, fallback = files_for(plan, produced) if plan else ([p for _, p in produced], [])
+            dest_files = [f for f in dest_files if f not in sent_early.get(dest, ())]
+            sends_seg = any(k == OutputKind.SEG.value and p in dest_files for k, p in produced)
+            extra: dict[str, Any] = {}
+            if plan and plan.seg_fallback and sends_seg:
+                # Overlay files when produced up front; otherwise rendered on a first refusal.
+                extra = {"fallback": {"seg": fallback, "kind": plan.seg_fallback}}
+            if dest_files:
+                out.append((dest, {"files": dest_files, **extra}))
+        return out
+
     def _send_early(self, job: Job, objects: list[ProducedObject], now: float,
                     sent_early: dict[str, set[str]]) -> None:
-        """Queue the SEND of objects a running job has finished (SEG and SR, then overlay batches) at once.
+        """Queue the SEND of objects a running job has finished (its SEG, its SR, overlay batches) at once.
 
         A destination whose route sends an overlay series instead of a refused
-        SEG (``seg_fallback``) waits for the whole job, as its fallback needs
-        those files.  What is queued here is left out of the job's last SEND
-        jobs (``sent_early``).  Never raises: on any error the objects simply
-        go with the rest at the end.
+        SEG (``seg_fallback``) waits for the whole job when the job makes that
+        series up front (the SEG's SEND job carries those files); otherwise
+        its SEG goes early too, with the same fallback as at the job's end (an
+        overlay series rendered on a first refusal).  What is queued here is
+        left out of the job's last SEND jobs (``sent_early``).  Never raises:
+        on any error the objects simply go with the rest at the end.
         """
         try:
             self._record_results(job, objects, now)
-            produced = [(o.kind, o.path) for o in objects]
-            for dest in job.payload.get("destinations", []):
-                route = job.payload.get("routes", {}).get(dest)
-                plan = Route.from_payload(route) if route else None
-                if plan is not None and plan.seg_fallback:
-                    continue
-                dest_files = files_for(plan, produced)[0] if plan else [o.path for o in objects]
-                if dest_files:
-                    self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
-                                      destination=dest, payload={"files": dest_files})
-                    sent_early.setdefault(dest, set()).update(dest_files)
+            for dest, payload in self._send_payloads(job, objects, sent_early, early=True):
+                self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
+                                  destination=dest, payload=payload)
+                sent_early.setdefault(dest, set()).update(payload["files"])
         except Exception:
             logger.exception("Job %d: queuing its first results early failed; they go with the rest", job.id)
             return

@@ -6,8 +6,10 @@ node as soon as the SEG and SR are written; the node queues their SEND at once
 own.  Checked here: the moment of the call (before any overlay file exists,
 on the serial path), no call without an overlay series, the SEND jobs the
 node makes from it (a destination with a SEG fallback waits for the whole
-job), a send that really happens while the job runs, and a job that fails
-after its SEG and SR went out (they stand; the job is failed with its reason).
+job when the job makes the fallback's overlay series, and goes early with the
+fallback rendered on refusal when it does not), a send that really happens
+while the job runs, and a job that fails after its SEG and SR went out (they
+stand; the job is failed with its reason).
 """
 
 from __future__ import annotations
@@ -136,9 +138,15 @@ class Sender:
         self.spool = spool
         self.calls: list[tuple[str, list[str], int]] = []  # destination, files, overlay files on disk then
 
-    def __call__(self, files: list[Path], destination: Any, node_ae_title: str, **_: Any) -> SendReport:
+    refuse: set[str] = set()  # SOP classes the destination accepts no presentation context for
+
+    def __call__(self, files: list[Path], destination: Any, node_ae_title: str, **options: Any) -> SendReport:
         self.calls.append((destination.ae_title, sorted(p.name for p in files), len(_overlay_files(self.spool))))
-        return SendReport(sent=len(files))
+        classes = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files]
+        refused = tuple(dict.fromkeys(c for c in classes if c in self.refuse))
+        if refused and not options.get("skip_refused"):
+            raise AssertionError("a refused SOP class sent without skip_refused")
+        return SendReport(sent=sum(c not in self.refuse for c in classes), refused=refused)
 
 
 class InlineRunner:
@@ -160,7 +168,8 @@ class InlineRunner:
                          self.case["settings"].outputs, ready=handed_over)
 
 
-def _pipeline(case: dict[str, Any], tmp_path: Path, destinations: list[str]) -> tuple[Pipeline, InlineRunner, Sender]:
+def _pipeline(case: dict[str, Any], tmp_path: Path, destinations: list[str],
+              outputs: list[str] | None = None) -> tuple[Pipeline, InlineRunner, Sender]:
     db = Database(tmp_path / "state.sqlite3")
     spool: Spool = case["spool"]
     runner = InlineRunner(case)
@@ -175,7 +184,8 @@ def _pipeline(case: dict[str, Any], tmp_path: Path, destinations: list[str]) -> 
             path=spool.relative(path), size=1, sha256=ds.SOPInstanceUID, calling_ae="MOD", called_ae="NODE",
             source_host="127.0.0.1"), 90.0)
     p.series.complete_quiet(100, 5)
-    rule = case["settings"].rules[0].model_copy(update={"send_to": destinations})
+    rule = case["settings"].rules[0].model_copy(update={"send_to": destinations,
+                                                        **({"outputs": outputs} if outputs else {})})
     p._queue_rule(case["series"], rule, 100.0, {})
     return p, runner, sender
 
@@ -208,6 +218,38 @@ def test_a_destination_with_a_seg_fallback_waits_for_the_whole_job(case: dict[st
     old = [c for c in sender.calls if c[0] == "OLD"]
     assert len(old) == 1 and len(old[0][1]) == 2, "OLD: SEG + SR in one SEND job after the job"
     assert sum(c[0] == "PACS" for c in sender.calls) == 2
+
+
+def test_a_seg_fallback_the_job_does_not_make_goes_early_with_the_seg(case: dict[str, Any], tmp_path: Path) -> None:
+    """A job with a PDF and no overlay series: the destinations' SEG fallback (``seg_fallback: sc``, the
+    default) is an overlay series rendered on a first refusal, so their SEG + SR need not wait for the PDF."""
+    from pydicom.uid import SegmentationStorage
+
+    p, runner, sender = _pipeline(case, tmp_path, ["pacs", "old"], outputs=["seg", "sr", "pdf"])
+    routes = p.jobs.in_state(JobState.QUEUED)[0].payload["routes"]
+    assert routes["old"]["seg_fallback"] == "sc" and routes["pacs"]["seg_fallback"] == "sc"
+    p.drain_infer(lambda: 101.0)
+    assert runner.sent_during_job == 2 and sorted(c[0] for c in sender.calls) == ["OLD", "PACS"]
+    early = sorted((j for j in p.jobs.in_state(JobState.DONE) if j.kind == JobKind.SEND), key=lambda j: j.id)
+    for job in early:  # the SEG's SEND job carries the same fallback as at the job's end: rendered when refused
+        assert [Path(f).name for f in job.payload["files"]] == ["seg.dcm", "sr.dcm"]
+        assert job.payload["fallback"] == {"seg": [], "kind": "sc"}
+    p.drain_send(lambda: 102.0)
+    assert sender.calls[2:] == [("PACS", ["pdf.dcm"], 0)], "the PDF after the job, without the SEG or its fallback"
+
+    # A destination that refuses the SEG in negotiation: the early SEND job queues the overlay's rendering.
+    refusing, runner2, sender2 = _pipeline(case, tmp_path / "again", ["pacs"], outputs=["seg", "sr", "pdf"])
+    sender2.refuse = {str(SegmentationStorage)}
+    refusing.drain_infer(lambda: 101.0)
+    assert runner2.sent_during_job == 1
+    assert sender2.calls[0][1] == ["seg.dcm", "sr.dcm"], "the SEG and SR went early, the SEG refused"
+    seg_send = next(j for j in refusing.jobs.in_state(JobState.DONE) if j.kind == JobKind.SEND)
+    render = seg_send.payload["seg_fallback"]["rendering_job"]
+    renders = [j for j in refusing.jobs.in_state(JobState.DONE) if j.kind == JobKind.INFER and j.id == render]
+    assert len(renders) == 1 and renders[0].payload["outputs"] == ["sc"]  # run by the same drain_infer
+    waiting = sorted(tuple(Path(f).name for f in j.payload["files"])
+                     for j in refusing.jobs.in_state(JobState.QUEUED) if j.kind == JobKind.SEND)
+    assert waiting[0] == ("pdf.dcm",) and len(waiting[1]) == 4 and all(n.startswith("sc-") for n in waiting[1])
 
 
 def test_a_job_failing_after_its_seg_and_sr_went_out(case: dict[str, Any], tmp_path: Path,
