@@ -380,8 +380,8 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
 
     ``parallel``: part of the work runs in a forked child process beside the
     rest (:mod:`dicom_node.scheduler.forked`): the overlay series and the PDF
-    when asked for, else the SEG's writing while the SR is built (the SR
-    needs the SEG's dataset, not its file).  The objects are the same.
+    when asked for, else the SR while the SEG is written (the SR needs the
+    SEG's dataset, not its file).  The objects are the same.
 
     ``ready``: when the job also makes an overlay series or a PDF, it is
     called with the SEG and SR as soon as both are written, before those are
@@ -454,18 +454,29 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         seg_ds: Dataset | None = None
         segment_numbers: dict[int, int] | None = None
         seg_objects: list[ProducedObject] = []
-        seg_writing: Forked[ProducedObject] | None = None
+        sr_building: Forked[list[ProducedObject]] | None = None
+
+        def sr_objects_of(seg_ds: Dataset | None, segment_numbers: dict[int, int] | None) -> list[ProducedObject]:
+            made = []
+            for kind, form in ((OutputKind.SR.value, "viewer"), (SR_MEASUREMENTS, "measurements")):
+                if kind in task.outputs:  # each form its own object (own UIDs): a destination gets one of them
+                    made.append(write(kind, build_sr(prediction, sources, identity(kind, OutputKind.SR),
+                                                     seg=seg_ds, segment_numbers=segment_numbers, form=form)))
+            return made
+
         if OutputKind.SEG in task.outputs and (card.task is Task.SEGMENTATION or prediction.labelmap is not None):
             seg_identity = identity(OutputKind.SEG)
             if present:
                 seg = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
                                 omit_empty_segments=outputs.empty_segments == "drop")
                 seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
-                built = seg_ds
-                if parallel and side is None and OutputKind.SR in task.outputs:
-                    seg_writing = stack.enter_context(Forked(lambda: write(OutputKind.SEG, built), "the SEG"))
-                else:
-                    seg_objects.append(write(OutputKind.SEG, seg_ds))
+                if parallel and side is None and (OutputKind.SR in task.outputs or SR_MEASUREMENTS in task.outputs):
+                    # The SR (it needs the SEG's dataset, not its file) is built and written in a child while
+                    # this process writes the SEG: the child touches fewer of the worker's pages than the
+                    # SEG's writing would (copy-on-write), so both end sooner than the other way round.
+                    built, numbers = seg_ds, segment_numbers
+                    sr_building = stack.enter_context(Forked(lambda: sr_objects_of(built, numbers), "the SR"))
+                seg_objects.append(write(OutputKind.SEG, seg_ds))
             elif seg_identity.sop_instance_uid in replaces:
                 # An earlier run's SEG showed segments this run does not find: replace it with an empty one.
                 cleared = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
@@ -475,13 +486,7 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
                                task.job_id)
             else:
                 logger.info("Job %d: no segment present; no SEG produced", task.job_id)
-        sr_objects = []
-        for kind, form in ((OutputKind.SR.value, "viewer"), (SR_MEASUREMENTS, "measurements")):
-            if kind in task.outputs:  # each form its own object (own UIDs): a destination gets one of them
-                sr_objects.append(write(kind, build_sr(prediction, sources, identity(kind, OutputKind.SR),
-                                                       seg=seg_ds, segment_numbers=segment_numbers, form=form)))
-        if seg_writing is not None:
-            seg_objects.append(seg_writing.result())
+        sr_objects = sr_building.result() if sr_building is not None else sr_objects_of(seg_ds, segment_numbers)
         if ready is not None and wants_side and (seg_objects or sr_objects):
             ready([*seg_objects, *sr_objects])  # on their way while the overlay series / PDF are made
         side_produced = side.result(progress=ready) if side is not None else side_objects(ready)

@@ -1,7 +1,7 @@
 """Encoding a job's results in two processes (``workers.parallel_encode``) gives the same objects.
 
 The worker forks a child for the overlay series and the PDF (or, without
-them, for writing the SEG while it builds the SR).  Checked here: the same
+them, for building and writing the SR while it writes the SEG).  Checked here: the same
 objects in the same order as the serial path, element for element but the
 creation times; a failure in the child fails the job with its message; a
 failure in the worker's own part kills the child; a child killed by a signal
@@ -104,7 +104,8 @@ def _no_child_left() -> None:
             os.waitpid(pid, os.WNOHANG)  # reaped already: no zombie, nothing running
 
 
-@pytest.mark.parametrize("outputs", [("seg", "sr"), ("seg", "sr", "sc", "pdf"), ("sr", "pdf"), ("seg",)])
+@pytest.mark.parametrize("outputs", [("seg", "sr"), ("seg", "sr_measurements"), ("seg", "sr", "sc", "pdf"),
+                                     ("sr", "pdf"), ("seg",)])
 def test_two_processes_make_the_same_objects_as_one(case: dict[str, Any], outputs: tuple[str, ...]) -> None:
     serial = _objects(case, _run(case, outputs, parallel=False))
     parallel = _objects(case, _run(case, outputs, parallel=True))
@@ -112,14 +113,15 @@ def test_two_processes_make_the_same_objects_as_one(case: dict[str, Any], output
     assert {kind for kind, _, _ in serial} == set(outputs)
     for (kind, _, one), (_, _, two) in zip(serial, parallel):
         assert one == two, f"{kind} differs between the serial and the parallel encode"
-    if "sr" in outputs and ("seg" in outputs or "pdf" in outputs):
+    if any(k.startswith("sr") for k in outputs) and ("seg" in outputs or "pdf" in outputs):
         _no_child_left()
     else:
         assert not _FORKED  # nothing to share out: one process
 
 
-def test_the_seg_is_written_by_the_child_while_the_sr_is_built(case: dict[str, Any],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("outputs", [("seg", "sr"), ("seg", "sr", "sr_measurements")])
+def test_the_sr_is_built_and_written_by_the_child_while_the_seg_is_written(
+        case: dict[str, Any], monkeypatch: pytest.MonkeyPatch, outputs: tuple[str, ...]) -> None:
     parent = os.getpid()
     writers: list[int] = []
     original = Spool.write_atomic
@@ -131,12 +133,13 @@ def test_the_seg_is_written_by_the_child_while_the_sr_is_built(case: dict[str, A
         writers.append(os.getpid())
 
     monkeypatch.setattr(Spool, "write_atomic", write_atomic)
-    outcome = _run(case, ("seg", "sr"), parallel=True)
+    outcome = _run(case, outputs, parallel=True)
     assert outcome.ok, outcome.error
-    seg, sr = outcome.objects
-    assert Path(str(case["spool"].absolute(seg.path)) + ".child").exists()
-    assert not Path(str(case["spool"].absolute(sr.path)) + ".child").exists()
-    assert writers == [parent]  # the parent wrote the SR only
+    seg, *srs = outcome.objects
+    assert [o.kind for o in outcome.objects] == list(outputs)
+    assert not Path(str(case["spool"].absolute(seg.path)) + ".child").exists()
+    assert all(Path(str(case["spool"].absolute(sr.path)) + ".child").exists() for sr in srs)
+    assert writers == [parent]  # the parent wrote the SEG only
     _no_child_left()
 
 
