@@ -223,8 +223,11 @@ class Materializer:
         written: list[int] = []
         dirs: set[Path] = set()
         digested: list[tuple[ReceivedInstance, float]] = []
+        # Resolved together: each directory once, not a dozen lstat calls per instance (Spool.absolute).
+        paths = self.spool.absolute_all(item.record.path for item in items)
+        recorded = self.series.recorded_digests(item.record.sop_uid for item in items)  # one query, not one each
         try:
-            for record, at, offset, size, bare in items:
+            for (record, at, offset, size, bare), path in zip(items, paths):
                 data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
                 if bare:
                     data = part10_head(record) + data
@@ -232,8 +235,7 @@ class Materializer:
                 if not record.sha256:
                     record = replace(record, sha256=digest(data))
                 digested.append((record, at))
-                path = self.spool.absolute(record.path)
-                if self.series.recorded_digest(record.sop_uid) == record.sha256 and path.is_file() \
+                if recorded.get(record.sop_uid) == record.sha256 and path.is_file() \
                         and path.stat().st_size == len(data):
                     continue  # materialised before a crash: the file and the row are there
                 written.append(self.spool.write_unsynced(path, data))

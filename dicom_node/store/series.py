@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from dicom_node.domain import SeriesState
@@ -97,10 +97,16 @@ class SeriesStore:
                 logger.warning("Instance %s received again with different content; replaced", inst.sop_uid)
         return outcomes
 
-    def recorded_digest(self, sop_uid: str) -> str | None:
-        """The sha256 recorded for an instance, or ``None`` when it has no row."""
-        rows = self.db.query("SELECT sha256 FROM instances WHERE sop_uid=?", (sop_uid,))
-        return str(rows[0]["sha256"]) if rows else None
+    def recorded_digests(self, sop_uids: Iterable[str]) -> dict[str, str]:
+        """The sha256 recorded for each of these instances that has a row (one query per 500)."""
+        uids = list(dict.fromkeys(sop_uids))
+        out: dict[str, str] = {}
+        for start in range(0, len(uids), 500):
+            part = uids[start:start + 500]
+            rows = self.db.query(f"SELECT sop_uid, sha256 FROM instances WHERE sop_uid IN ({','.join('?' * len(part))})",
+                                 tuple(part))
+            out.update((str(r["sop_uid"]), str(r["sha256"])) for r in rows)
+        return out
 
     def _record(self, c: sqlite3.Connection, inst: ReceivedInstance, now: float) -> str:
         old = c.execute("SELECT sha256, series_uid FROM instances WHERE sop_uid=?", (inst.sop_uid,)).fetchone()

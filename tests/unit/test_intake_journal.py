@@ -130,6 +130,44 @@ def test_a_crash_after_the_files_before_the_rows_is_recorded_at_the_next_start(
     assert not list(spool.intake.glob("*.journal"))
 
 
+def test_a_crash_after_the_rows_leaves_files_and_rows_as_they_are_at_the_next_start(
+        state: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after recording, before its segment was removed: the replay finds each file and row there
+    (one query for the batch) and writes none again; one file lost meanwhile, and one whose row has another
+    digest, are written again."""
+    spool, series = state["spool"], state["series"]
+    journal = IntakeJournal(spool.intake, spool, series)
+    recorded = threading.Event()
+    real_record = journal.materializer.record
+
+    def record(digested: Any, dirs: Any) -> None:
+        real_record(digested, dirs)
+        if len(_rows(series)) == 4:
+            recorded.set()
+        raise OSError("the process is killed after the rows, before its segment is removed")
+
+    monkeypatch.setattr(journal.materializer, "record", record)
+    blobs = [os.urandom(3000) for _ in range(4)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 10.0, blob)
+    assert recorded.wait(10)
+    os.close(journal._lock_fd)  # the process is gone: its journal is an orphan
+    paths = [spool.absolute(_record(spool, i, blob).path) for i, blob in enumerate(blobs)]
+    inodes = [p.stat().st_ino for p in paths]
+    paths[1].unlink()  # lost since
+    with series.db.transaction() as c:  # not this content's row
+        c.execute("UPDATE instances SET sha256='0' WHERE sop_uid='1.2.3.4.3'")
+    queries: list[str] = []
+    real_query = series.db.query
+    monkeypatch.setattr(series.db, "query", lambda sql, *a, **k: queries.append(sql) or real_query(sql, *a, **k))
+    assert replay_orphans(spool.intake, spool, series) == 4
+    assert sum("sha256 FROM instances WHERE sop_uid IN" in q for q in queries) == 1
+    assert [p.read_bytes() for p in paths] == blobs
+    assert paths[0].stat().st_ino == inodes[0] and paths[3].stat().st_ino == inodes[3], "not written again"
+    assert paths[2].stat().st_ino != inodes[2], "its row had another digest: written again"
+    assert len(_rows(series)) == 4 and not list(spool.intake.glob("*.journal"))
+
+
 def test_a_live_receivers_journal_is_not_replayed(state: dict[str, Any]) -> None:
     spool, series = state["spool"], state["series"]
     journal = IntakeJournal(spool.intake, spool, series)
