@@ -308,6 +308,25 @@ def _bare_record(spool: Spool, i: int, data: bytes) -> ReceivedInstance:
     return replace(_record(spool, i, data), size=len(data), sha256="")
 
 
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.3.45", "2.25.1", "1.2.826.0.1.3680043.8.498." + "1" * 38,
+                                     "1.2.826.0.1.3680043.8.498." + "1" * 37])
+@pytest.mark.parametrize(("sop_class", "syntax"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2"),  # CT, implicit VR
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1"),  # MR, explicit VR
+    ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.1.2.4.50"),  # SEG, JPEG baseline
+    ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.1.2.1.99")])  # Comprehensive SR, deflated
+def test_the_file_head_is_pynetdicoms_for_every_uid_length(sop_uid: str, sop_class: str, syntax: str) -> None:
+    """The File Meta Information is encoded once per (class, syntax) and takes each instance's UID and group
+    length: the bytes are pynetdicom's, for odd and even UID lengths up to 64 characters."""
+    record = ReceivedInstance(
+        study_uid="1.2.3", series_uid="1.2.3.4", sop_uid=sop_uid, sop_class_uid=sop_class, transfer_syntax=syntax,
+        modality="OT", path="incoming/x.dcm", size=0, sha256="", calling_ae="MOD", called_ae="NODE",
+        source_host="127.0.0.1")
+    for _ in range(2):  # encoded, then from the remembered encoding
+        meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=syntax)
+        assert journal_module.part10_head(record) == b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+
+
 def test_a_bare_data_set_becomes_the_file_pynetdicom_would_write(state: dict[str, Any]) -> None:
     spool, series = state["spool"], state["series"]
     recorded: list[ReceivedInstance] = []
