@@ -61,18 +61,21 @@ def _past_last_read(tag: int, vr: str | None, length: int) -> bool:
     return tag > _LAST_TAG_READ
 
 
-def header_elements(event: evt.Event) -> Dataset:
+def header_elements(event: evt.Event, encoded: bytes | None = None) -> Dataset:
     """The received data set's elements up to Series Instance UID, parsed from the bytes pynetdicom holds.
 
     pynetdicom's ``event.dataset`` parses every element (pixel data
     included, as a copy) to find them; this stops after (0020,000E).  A
     deflated data set, or one whose UIDs are not where a data set's
-    ascending order puts them, is parsed whole as before.
+    ascending order puts them, is parsed whole as before.  ``encoded``: the
+    data set's bytes when the caller has them already
+    (``event.encoded_dataset(include_meta=False)`` copies them each time).
     """
     syntax = UID(str(event.context.transfer_syntax))
     if syntax != DeflatedExplicitVRLittleEndian:
-        ds = read_dataset(BytesIO(event.encoded_dataset(include_meta=False)), syntax.is_implicit_VR,
-                          syntax.is_little_endian, stop_when=_past_last_read)
+        data = encoded if encoded is not None else event.encoded_dataset(include_meta=False)
+        ds = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
+                          stop_when=_past_last_read)
         if all(keyword in ds for keyword in _UIDS_READ):
             return ds
     return event.dataset
@@ -169,8 +172,12 @@ class StoreHandler:
             self._low_space_logged = False
 
         requestor = event.assoc.requestor
+        journal = self.journal
+        # The journal takes the data set as received (its file's head, the File Meta Information, is added
+        # behind); the header is read from the same bytes (one copy out of pynetdicom's buffer, not two).
+        data = event.encoded_dataset(include_meta=journal is None)
         try:
-            ds = header_elements(event)
+            ds = header_elements(event, data if journal is not None else None)
             study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -190,13 +197,10 @@ class StoreHandler:
                            "the request's %s", requestor.ae_title, sop_uid, affected)
             return DOES_NOT_MATCH
 
-        journal = self.journal
         refusal = journal.refusal() if journal is not None else None
         if refusal is not None:
             logger.error("C-STORE of %s refused (0xA700): %s", sop_uid, refusal)
             return OUT_OF_RESOURCES
-        # The journal takes the data set as received; its file's head (File Meta Information) is added behind.
-        data = event.encoded_dataset(include_meta=journal is None)
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
         record = ReceivedInstance(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,

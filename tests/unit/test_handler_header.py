@@ -52,9 +52,11 @@ class _Event:
         self.context = SimpleNamespace(transfer_syntax=pydicom.uid.UID(syntax))
         self._data = data
         self.full_decodes = 0
+        self.copies = 0  # pynetdicom copies its buffer at each call
 
     def encoded_dataset(self, include_meta: bool = True) -> bytes:
         assert not include_meta
+        self.copies += 1
         return self._data
 
     @property
@@ -76,6 +78,9 @@ def test_the_uids_and_modality_are_read_and_nothing_past_series_uid(syntax: str)
     assert event.full_decodes == 0
     assert max(header.keys()) == 0x0020000E  # Instance Number, the geometry, the pixels: not parsed
     assert "PixelData" not in header and "InstanceNumber" not in header
+    assert event.copies == 1
+    again = header_elements(event, event._data)  # type: ignore[arg-type]  # the bytes the handler journals
+    assert event.copies == 1 and {k: str(again.get(k)) for k in KEYWORDS} == {k: str(ds.get(k)) for k in KEYWORDS}
 
 
 def test_uids_out_of_their_place_are_found_by_the_whole_decode() -> None:
