@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -245,29 +246,31 @@ class Pipeline:
                                ", ".join(sorted(sent_early)), outcome.error)
             self.jobs.fail(job.id, outcome.error, now)
             return
-        self._record_results(job, outcome.objects, now)
         files = [o.path for o in outcome.objects]
         findings = "; ".join(outcome.findings)
         result = {**job.payload, "files": files, "findings": outcome.findings, "notes": outcome.notes,
                   "model_version": outcome.model_version, "seconds": outcome.seconds,
                   "prefetched": outcome.prefetched}
-        # SEND jobs first, then DONE: a crash in between re-runs the model, never loses a send.
-        for dest, payload in self._send_payloads(job, outcome.objects, sent_early):
-            self.jobs.enqueue(JobKind.SEND, job.series_uid, now, rule=job.rule, model=job.model,
-                              destination=dest, payload=payload)
-        self.jobs.complete(job.id, now, payload=result)
+        # Result rows, SEND jobs and DONE in one transaction: a crash re-runs the model or finds all three.
+        self.jobs.complete_with(job.id, now, payload=result,
+                                sends=self._send_payloads(job, outcome.objects, sent_early),
+                                also=lambda c: self._insert_results(c, job, outcome.objects, now))
         logger.info("Job %d: model %s produced %s%s", job.id, job.model,
                     ", ".join(o.kind for o in outcome.objects) or "no objects",
                     f" ({findings})" if findings else "")
 
     def _record_results(self, job: Job, objects: Sequence[ProducedObject], now: float) -> None:
         with self.db.transaction() as c:
-            for obj in objects:
-                c.execute(
-                    "INSERT INTO results (sop_uid, source_series, model, kind, series_uid, path, created_at)"
-                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
-                    " created_at=excluded.created_at",
-                    (obj.sop_uid, job.series_uid, job.model, obj.kind, obj.series_uid, obj.path, now))
+            self._insert_results(c, job, objects, now)
+
+    @staticmethod
+    def _insert_results(c: sqlite3.Connection, job: Job, objects: Sequence[ProducedObject], now: float) -> None:
+        for obj in objects:
+            c.execute(
+                "INSERT INTO results (sop_uid, source_series, model, kind, series_uid, path, created_at)"
+                " VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
+                " created_at=excluded.created_at",
+                (obj.sop_uid, job.series_uid, job.model, obj.kind, obj.series_uid, obj.path, now))
 
     def _send_payloads(self, job: Job, objects: Sequence[ProducedObject], sent_early: dict[str, set[str]],
                        early: bool = False) -> list[tuple[str, dict[str, Any]]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,29 +112,64 @@ class JobStore:
         This happens when an INFER job is re-run after a crash between
         queuing its sends and completing.
         """
-        text = json.dumps(payload or {})
         with self.db.transaction() as c:
-            if kind == JobKind.SEND:
-                twin = c.execute(
-                    "SELECT id FROM jobs WHERE kind=? AND state IN (?,?) AND series_uid=? AND model=?"
-                    " AND destination=? AND payload=? ORDER BY id LIMIT 1",
-                    (kind, JobState.QUEUED, JobState.RETRYING, series_uid, model, destination, text),
-                ).fetchone()
-                if twin is not None:
-                    c.execute("UPDATE jobs SET next_attempt_at=MIN(next_attempt_at, ?), updated_at=? WHERE id=?",
-                              (now, now, twin["id"]))
-                    logger.info("Job %d: already in the outbox for %s; not queued twice", twin["id"], destination)
-                    return int(twin["id"])
-            cur = c.execute(
-                "INSERT INTO jobs (kind, state, series_uid, rule, model, destination, payload, priority,"
-                " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (kind, JobState.QUEUED, series_uid, rule, model, destination,
-                 text, priority, now, now, now),
-            )
-            job_id = int(cur.lastrowid or 0)
-            self._refresh_series(c, series_uid, now)
+            job_id = self._enqueue(c, kind, series_uid, now, rule=rule, model=model, destination=destination,
+                                   payload=payload, priority=priority)
+        if job_id < 0:
+            return -job_id
         logger.info("Job %d: %s queued for series %s (%s)", job_id, kind, series_uid, model or destination)
         return job_id
+
+    def complete_with(self, job_id: int, now: float, *, payload: dict[str, Any] | None = None,
+                      sends: Sequence[tuple[str, dict[str, Any]]] = (),
+                      also: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
+        """Complete an INFER job, queue its SEND jobs and whatever ``also`` writes, in one transaction.
+
+        ``sends`` are ``(destination, payload)``; each SEND job takes the
+        job's series, rule and model (a twin still waiting is made due, as
+        :meth:`enqueue` does).  ``also(connection)`` runs first in the same
+        transaction (the job's result rows).  All of it is committed together
+        or not at all: a crash leaves the job running (re-run at the next
+        start) or done with its sends queued, never one without the other.
+        Returns the SEND jobs' ids.
+        """
+        with self.db.transaction() as c:
+            if also is not None:
+                also(c)
+            row = c.execute("SELECT series_uid, rule, model FROM jobs WHERE id=?", (job_id,)).fetchone()
+            ids = [self._enqueue(c, JobKind.SEND, row["series_uid"], now, rule=row["rule"], model=row["model"],
+                                 destination=destination, payload=send) for destination, send in sends]
+            self._set_in(c, job_id, JobState.DONE, now, "", payload)
+        for send_id, (destination, _) in zip(ids, sends):
+            if send_id > 0:
+                logger.info("Job %d: %s queued for series %s (%s)", send_id, JobKind.SEND, row["series_uid"],
+                            destination)
+        return [abs(i) for i in ids]
+
+    def _enqueue(self, c: sqlite3.Connection, kind: JobKind, series_uid: str, now: float, *, rule: str = "",
+                 model: str = "", destination: str = "", payload: dict[str, Any] | None = None,
+                 priority: int = 0) -> int:
+        """:meth:`enqueue` inside a transaction; a twin made due is returned as its id negated."""
+        text = json.dumps(payload or {})
+        if kind == JobKind.SEND:
+            twin = c.execute(
+                "SELECT id FROM jobs WHERE kind=? AND state IN (?,?) AND series_uid=? AND model=?"
+                " AND destination=? AND payload=? ORDER BY id LIMIT 1",
+                (kind, JobState.QUEUED, JobState.RETRYING, series_uid, model, destination, text),
+            ).fetchone()
+            if twin is not None:
+                c.execute("UPDATE jobs SET next_attempt_at=MIN(next_attempt_at, ?), updated_at=? WHERE id=?",
+                          (now, now, twin["id"]))
+                logger.info("Job %d: already in the outbox for %s; not queued twice", twin["id"], destination)
+                return -int(twin["id"])
+        cur = c.execute(
+            "INSERT INTO jobs (kind, state, series_uid, rule, model, destination, payload, priority,"
+            " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (kind, JobState.QUEUED, series_uid, rule, model, destination,
+             text, priority, now, now, now),
+        )
+        self._refresh_series(c, series_uid, now)
+        return int(cur.lastrowid or 0)
 
     # -- transitions -------------------------------------------------------
     def claim(self, kind: JobKind, now: float, *, skip_destinations: Collection[str] = (),
@@ -315,14 +350,18 @@ class JobStore:
     def _set(self, job_id: int, state: JobState, now: float, reason: str,
              payload: dict[str, Any] | None = None) -> None:
         with self.db.transaction() as c:
-            row = c.execute("SELECT series_uid FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if payload is None:
-                c.execute("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?",
-                          (state, reason, now, job_id))
-            else:
-                c.execute("UPDATE jobs SET state=?, reason=?, payload=?, updated_at=? WHERE id=?",
-                          (state, reason, json.dumps(payload), now, job_id))
-            self._refresh_series(c, row["series_uid"], now)
+            self._set_in(c, job_id, state, now, reason, payload)
+
+    def _set_in(self, c: sqlite3.Connection, job_id: int, state: JobState, now: float, reason: str,
+                payload: dict[str, Any] | None = None) -> None:
+        row = c.execute("SELECT series_uid FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if payload is None:
+            c.execute("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?",
+                      (state, reason, now, job_id))
+        else:
+            c.execute("UPDATE jobs SET state=?, reason=?, payload=?, updated_at=? WHERE id=?",
+                      (state, reason, json.dumps(payload), now, job_id))
+        self._refresh_series(c, row["series_uid"], now)
 
     @staticmethod
     def _refresh_series(c: sqlite3.Connection, series_uid: str, now: float) -> None:

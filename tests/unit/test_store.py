@@ -73,6 +73,41 @@ def test_job_transitions_drive_series_state(db: Database) -> None:
     assert series.get("1.2.3.4")["state"] == SeriesState.DONE
 
 
+def test_an_infer_job_completes_with_its_sends_and_rows_in_one_transaction(db: Database) -> None:
+    series, jobs = SeriesStore(db), JobStore(db)
+    series.record_instance(_inst("1.1"), 0)
+    series.complete_quiet(100, 30)
+    infer = jobs.enqueue(JobKind.INFER, "1.2.3.4", 100, rule="ct", model="lungs")
+    jobs.claim(JobKind.INFER, 101)
+
+    def broken(c: object) -> None:
+        c.execute("INSERT INTO results (sop_uid, source_series, model, kind, series_uid, path, created_at)"  # type: ignore[attr-defined]
+                  " VALUES ('9.1', '1.2.3.4', 'lungs', 'seg', '9', 'results/seg.dcm', 102)")
+        raise OSError("the disk fails in the middle")
+
+    with pytest.raises(OSError):
+        jobs.complete_with(infer, 102, payload={"files": ["a"]}, sends=[("pacs", {"files": ["a"]})], also=broken)
+    assert jobs.get(infer).state == JobState.RUNNING, "nothing of it committed: the job is run again"
+    assert [j.kind for j in jobs.for_series("1.2.3.4")] == [JobKind.INFER]
+    assert db.query("SELECT COUNT(*) AS n FROM results")[0]["n"] == 0
+
+    waiting = jobs.enqueue(JobKind.SEND, "1.2.3.4", 101, rule="ct", model="lungs", destination="old",
+                           payload={"files": ["a"]})  # left by an earlier run of the job
+    ids = jobs.complete_with(infer, 103, payload={"files": ["a"]},
+                             sends=[("pacs", {"files": ["a"]}), ("old", {"files": ["a"]})],
+                             also=lambda c: c.execute(
+                                 "INSERT INTO results (sop_uid, source_series, model, kind, series_uid, path,"
+                                 " created_at) VALUES ('9.1', '1.2.3.4', 'lungs', 'seg', '9', 'results/seg.dcm', 103)"))
+    done = jobs.get(infer)
+    assert done.state == JobState.DONE and done.payload == {"files": ["a"]}
+    assert ids[1] == waiting, "a twin still waiting is made due, not queued twice"
+    sends = [j for j in jobs.for_series("1.2.3.4") if j.kind == JobKind.SEND]
+    assert sorted((j.id, j.destination, j.rule, j.model) for j in sends) == sorted(
+        [(waiting, "old", "ct", "lungs"), (ids[0], "pacs", "ct", "lungs")])
+    assert db.query("SELECT COUNT(*) AS n FROM results")[0]["n"] == 1
+    assert series.get("1.2.3.4")["state"] == SeriesState.SENDING
+
+
 def test_send_dies_after_max_attempts_and_can_be_requeued(db: Database) -> None:
     series, jobs = SeriesStore(db), JobStore(db)
     series.record_instance(_inst("1.1"), 0)
