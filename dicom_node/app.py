@@ -284,7 +284,7 @@ class Node:
         """Pipeline events feed the metrics and the audit trail; neither may stop the pipeline."""
         if name == "series_completed":
             self._receiving.discard(str(data.get("series", "")))
-        elif name == "results_ready":  # a job's SEG/SR are queued while it still makes its overlay series
+        elif name == "results_ready":  # SEND jobs were queued (a job's end, or its SEG/SR while it makes the rest)
             self._wake("send")
         for sink in (self.metrics.on_event, self.audit.on_pipeline_event):
             try:

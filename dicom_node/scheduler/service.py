@@ -252,9 +252,11 @@ class Pipeline:
                   "model_version": outcome.model_version, "seconds": outcome.seconds,
                   "prefetched": outcome.prefetched}
         # Result rows, SEND jobs and DONE in one transaction: a crash re-runs the model or finds all three.
-        self.jobs.complete_with(job.id, now, payload=result,
-                                sends=self._send_payloads(job, outcome.objects, sent_early),
+        sends = self._send_payloads(job, outcome.objects, sent_early)
+        self.jobs.complete_with(job.id, now, payload=result, sends=sends,
                                 also=lambda c: self._insert_results(c, job, outcome.objects, now))
+        if sends:  # the node's send loop goes now, not after this worker's next jobs or its next interval
+            self.on_event("results_ready", {"series": job.series_uid, "job": job.id, "model": job.model})
         logger.info("Job %d: model %s produced %s%s", job.id, job.model,
                     ", ".join(o.kind for o in outcome.objects) or "no objects",
                     f" ({findings})" if findings else "")

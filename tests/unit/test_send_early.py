@@ -285,3 +285,30 @@ def test_a_worker_process_hands_seg_and_sr_over_through_its_pipe(case: dict[str,
     assert outcome.ok, outcome.error
     assert len(handed) == 1 and [o.kind for o in handed[0]] == ["seg", "sr"]
     assert outcome.objects[:2] == handed[0] and len(outcome.objects) > 2
+
+
+def test_a_jobs_sends_are_announced_once_committed_before_the_next_job_runs(case: dict[str, Any],
+                                                                              tmp_path: Path) -> None:
+    """A rule running two models: the first job's SEND jobs wake the node's send loop (``results_ready``) as
+    soon as they are committed, not when this worker has run its other jobs (or at the next interval)."""
+    settings = case["settings"]
+    models = {**settings.models, "bright2": settings.models["bright"]}
+    case = {**case, "settings": settings.model_copy(update={"models": models})}
+    p, runner, sender = _pipeline(case, tmp_path, ["pacs"], outputs=["seg", "sr"])
+    rule = case["settings"].rules[0].model_copy(update={"send_to": ["pacs"], "outputs": ["seg", "sr"],
+                                                        "run": ["bright2"]})
+    p._queue_rule(case["series"], rule, 100.0, {})
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        if name in ("results_ready", "infer_finished"):
+            jobs = p.jobs.for_series(case["series"])
+            seen.append((name, [(str(j.kind), str(j.state)) for j in jobs]))
+
+    p.on_event = on_event
+    assert p.drain_infer(lambda: 101.0) == 2
+    names = [name for name, _ in seen]
+    assert names == ["infer_finished", "results_ready", "infer_finished", "results_ready"]
+    first_ready = seen[1][1]
+    assert ("send", "queued") in first_ready, "the SEND job is committed when it is announced"
+    assert first_ready.count(("infer", "queued")) == 1, "announced before the second model's job ran"
