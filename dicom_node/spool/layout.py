@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -124,19 +125,45 @@ class Spool:
         plain name, goes through :meth:`absolute` itself.
         """
         directories: dict[str, str | None] = {}  # relative directory -> its real path inside the spool, or None
+        root, inside_root = str(self.root), str(self._resolved_root)
+        prefix = inside_root if inside_root.endswith(os.sep) else inside_root + os.sep
         out: list[Path] = []
-        for relative in relatives:
+        for relative in relatives:  # strings, not pathlib, on the way: this runs for every received instance
             head, name = os.path.split(relative)
             real = directories.get(head, "")
             if real == "":
-                inside = Path(os.path.realpath(self.root / head))
-                real = directories[head] = str(inside) if inside.is_relative_to(self._resolved_root) else None
+                resolved = self._plain_directory(inside_root, head)
+                if resolved is None:  # a link or an odd name on the way: resolved and checked in full
+                    resolved = os.path.realpath(os.path.join(root, head))
+                real = directories[head] = resolved if resolved == inside_root or resolved.startswith(prefix) \
+                    else None
             path = os.path.join(real, name) if real is not None and name not in {"", ".", ".."} else None
             if path is None or os.path.islink(path):
                 out.append(self.absolute(relative))
             else:
                 out.append(Path(path))
         return out
+
+    @staticmethod
+    def _plain_directory(inside_root: str, head: str) -> str | None:
+        """``inside_root/head`` when every component of ``head`` is a plain name and none is a link, else ``None``.
+
+        One ``lstat`` per existing component (what ``os.path.realpath`` does
+        for every component of the whole path, the spool's own ancestors
+        included); a component that does not exist ends the walk: nothing
+        below it can be a link.
+        """
+        names = head.split(os.sep)
+        if any(name in {"", ".", ".."} for name in names):
+            return None
+        for depth in range(1, len(names) + 1):
+            try:
+                mode = os.lstat(os.path.join(inside_root, *names[:depth])).st_mode
+            except FileNotFoundError:
+                break
+            if not stat.S_ISDIR(mode):
+                return None
+        return os.path.join(inside_root, *names)
 
     # -- writing -----------------------------------------------------------
     def write_atomic(self, path: Path, data: bytes | memoryview) -> None:

@@ -64,6 +64,7 @@ def test_absolute_all_gives_what_absolute_gives_links_and_traversals_included(tm
     cases = [f"{base}/1.2.3.4.{i}.dcm" for i in range(1, 4)] + [
         f"{base}/missing.dcm", f"{base}/to-inside.dcm", "incoming/1.2.3/linked-series/1.2.3.4.2.dcm",
         f"{base}/../1.2.3.4/1.2.3.4.3.dcm", f"{base}/..", f"{base}/.", f"{base}/", "incoming",
+        "incoming/9.9/9.9.9/9.9.9.1.dcm", f"{base}/1.2.3.4.1.dcm/x.dcm", f"{base}//1.2.3.4.2.dcm",
     ]
     assert spool.absolute_all(cases) == [spool.absolute(c) for c in cases]
     assert spool.absolute_all([f"{base}/to-inside.dcm"]) == [series / "1.2.3.4.1.dcm"]
