@@ -37,7 +37,7 @@ from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import StartupError
 from dicom_node.receive.guard import ConnectionCaps, ConnectionGuard
 from dicom_node.receive.handlers import StoreHandler
-from dicom_node.receive.responder import StoreResponder
+from dicom_node.receive.store_dimse import StoreDimseProvider
 from dicom_node.settings import NodeSettings, TlsSettings
 from dicom_node.tcp import listen_error, set_nodelay
 
@@ -119,12 +119,12 @@ class _JoiningRequestHandler(RequestHandler):
     pynetdicom's handler returns once the association thread started; this
     one joins it, so the server knows when each connection is over (caps,
     the receiver pool's counts).  The server's ``node`` gives the deadlines.
-    Its DIMSE provider is a :class:`~dicom_node.receive.responder.StoreResponder`.
+    Its DIMSE provider is a :class:`~dicom_node.receive.store_dimse.StoreDimseProvider`.
     """
 
     def handle(self) -> None:
         assoc = self._create_association()
-        assoc.dimse = StoreResponder(assoc)  # before the association starts: nothing holds the one it replaces
+        assoc.dimse = StoreDimseProvider(assoc)  # before the association starts: nothing holds the one it replaces
         node: NodeSettings = self.server.node  # type: ignore[attr-defined]
         guard = ConnectionGuard(assoc.dul.socket, str(self.client_address[0]), acse_timeout_s=node.acse_timeout_s,
                                 pdu_timeout_s=node.network_timeout_s, max_pdata_bytes=node.max_pdu_bytes)
