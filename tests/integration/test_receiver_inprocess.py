@@ -15,10 +15,12 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.receive.handlers import StoreHandler
 from dicom_node.receive.server import Receiver
+from dicom_node.receive.store_dimse import StoreDimseProvider
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.store import Database, SeriesStore
@@ -301,3 +303,47 @@ def test_journaled_files_are_what_pynetdicom_holds_as_a_part10_file(receiver: Ca
     assert len(files) == 2 * len(slices) and files == held
     rows = {row["sop_uid"]: row["size"] for row in r.db.query("SELECT sop_uid, size FROM instances")}
     assert rows == {uid: len(data) for uid, data in held.items()}
+
+
+def test_store_command_sets_of_real_senders_take_the_struct_path(receiver: Callable[..., Running],
+                                                                  slices: list[Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the node runs (pynetdicom's standard log handlers unbound): every C-STORE from DCMTK's storescu (both
+    # little-endian syntaxes) and from pynetdicom with Move Originator fields (what a C-MOVE's sub-operations
+    # carry) has its command sets read and written by StoreDimseProvider, and the stored files are byte for
+    # byte what pynetdicom's own Event.encoded_dataset() makes of each C-STORE.
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
+    decoded: list[bool] = []
+    start = StoreDimseProvider._start_request
+
+    def counting(incoming: Any, context_id: int) -> bool:
+        decoded.append(start(incoming, context_id))
+        return decoded[-1]
+
+    monkeypatch.setattr(StoreDimseProvider, "_start_request", staticmethod(counting))
+    r = receiver(handler_class=_Capturing)
+    held = r.handler.held = {}  # type: ignore[attr-defined]
+    r.handler.attach_journal()
+    exe = require_tool("storescu")
+    for syntax_option in ("-xe", "-xi"):
+        copies = []
+        for i, f in enumerate(slices):
+            ds = pydicom.dcmread(f)
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            copies.append(r.spool.root.parent / f"{syntax_option}-{i}.dcm")
+            ds.save_as(copies[-1], enforce_file_format=True)
+        out = subprocess.run([exe, syntax_option, "-aec", "DICOMNODE", "127.0.0.1", str(r.port), *map(str, copies)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", r.port, ae_title="DICOMNODE")
+    ds = pydicom.dcmread(slices[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    status = assoc.send_c_store(ds, originator_aet="PACS", originator_id=17)
+    assert status.Status == 0x0000
+    assoc.release()
+    r.handler.close()
+    assert decoded == [True] * (2 * len(slices) + 1)
+    files = {p.stem: p.read_bytes() for p in r.spool.incoming_files()}
+    assert len(files) == 2 * len(slices) + 1 and files == held
