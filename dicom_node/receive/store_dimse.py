@@ -40,8 +40,9 @@ Element or an Error Comment, or that would not fit the peer's maximum PDU in
 one fragment; whatever arrives while ``STORE_RECV_CHUNKED_DATASET`` is set
 or a handler is bound to ``EVT_DIMSE_RECV`` / ``EVT_DIMSE_SENT`` (those want
 pynetdicom's message objects).  A command fragment inside a data set this
-class is gathering ends the association as pynetdicom ends a message it
-cannot decode (``Evt19``: A-ABORT).  ``tests/unit/test_store_dimse.py``
+class is gathering, or command fragments past :data:`MAX_COMMAND_BYTES`,
+end the association as pynetdicom ends a message it cannot decode
+(``Evt19``: A-ABORT).  ``tests/unit/test_store_dimse.py``
 compares both directions with pynetdicom's own.
 """
 
@@ -62,6 +63,9 @@ _C_STORE_RSP: Final = 0x8001
 _NO_DATA_SET: Final = 0x0101
 #: Message control header of a PDV holding a whole command (bit 0: command, bit 1: last fragment).
 _LAST_COMMAND_FRAGMENT: Final = b"\x03"
+#: Longest command set gathered before the association is aborted (a C-STORE-RQ's is ~200 bytes; pynetdicom
+#: itself would gather command fragments without end).
+MAX_COMMAND_BYTES: Final = 65536
 #: A PDV item adds 6 bytes to its fragment inside the PDU: item length (4), context ID (1), control header (1).
 _PDV_OVERHEAD: Final = 6
 
@@ -196,6 +200,10 @@ class StoreDimseProvider(DIMSEServiceProvider):
                     self.dul.event_queue.put("Evt19")  # as pynetdicom ends a message it cannot decode: A-ABORT
                     return
                 incoming.command += pdv[1:]
+                if len(incoming.command) > MAX_COMMAND_BYTES:  # command fragments without end: a hostile peer
+                    self._incoming = None
+                    self.dul.event_queue.put("Evt19")
+                    return
                 if control & 2 and not self._start_request(incoming, context_id):
                     self._hand_over()
                     return

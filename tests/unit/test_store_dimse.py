@@ -295,3 +295,9 @@ def test_requests_go_to_pynetdicom_with_a_receive_handler_or_chunked_data_sets(m
     provider = StoreDimseProvider(_receiving())
     provider.receive_primitive(pdatas[0])  # the command set: pynetdicom's
     assert seen == [pdatas[0]]
+
+
+def test_command_fragments_without_end_abort() -> None:
+    fragment = _pdata(1, 0x01, b"\x00" * 16_000)  # command, not the last fragment
+    assert _received(StoreDimseProvider, [fragment] * 4) == ([], [])  # 64,000 bytes: still gathered
+    assert _received(StoreDimseProvider, [fragment] * 5) == ([], ["Evt19"])
