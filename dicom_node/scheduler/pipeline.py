@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from dicom_node.results.content import result_words
 from dicom_node.results.header_check import Change, check_sources, record_changes
 from dicom_node.results.identity import derive_identity
 from dicom_node.results.overlay import OverlayStyle
+from dicom_node.results.part10 import part10_bytes
 from dicom_node.results.pdf import build_pdf
 from dicom_node.results.routing import SR_MEASUREMENTS
 from dicom_node.results.sc import iter_overlays
@@ -402,12 +402,11 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         path = (spool.result_path(task.series_uid, task.model, kind) if index is None
                 else spool.result_part_path(task.series_uid, task.model, kind, index))
         record_changes(ds, changes)
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
+        data = part10_bytes(ds)  # save_as's bytes, in a quarter of its time
         if unsynced is None:
-            spool.write_atomic(path, buf.getvalue())
+            spool.write_atomic(path, data)
         else:
-            unsynced.append(spool.write_unsynced(path, buf.getvalue()))
+            unsynced.append(spool.write_unsynced(path, data))
         return ProducedObject(kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), spool.relative(path))
 
     present = bool(prediction.present_segments())  # one pass over the label map for every output
