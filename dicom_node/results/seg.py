@@ -223,6 +223,40 @@ def _segment_description(
     return description
 
 
+def _plan(
+    prediction: Prediction,
+    source_images: Sequence[Dataset],
+    segmentation_type: str | hd.seg.SegmentationTypeValues,
+    content_label: str,
+    omit_empty_segments: bool,
+    clearing: bool,
+) -> tuple[hd.seg.SegmentationTypeValues, tuple[SegmentSpec, ...], np.ndarray]:
+    """The checks of :func:`build_seg` and what follows from them: the type, the segments made, the label counts."""
+    card = prediction.card
+    labelmap = prediction.labelmap
+    try:
+        seg_type = hd.seg.SegmentationTypeValues(
+            segmentation_type.upper() if isinstance(segmentation_type, str) else segmentation_type
+        )
+    except ValueError:
+        raise ResultError(f"Segmentation type {segmentation_type!r} must be BINARY or LABELMAP") from None
+    if seg_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        raise ResultError("FRACTIONAL segmentations are not produced: model outputs are label maps")
+    if labelmap is None:
+        raise ResultError(f"Model {card.name!r} produced no label map; no SEG produced")
+    if labelmap.ndim != 3:
+        raise ResultError(f"Label map must be 3D (z, y, x), got shape {labelmap.shape}")
+    if not _CONTENT_LABEL_PATTERN.match(content_label):
+        raise ResultError(
+            f"Content label {content_label!r} must be 1-16 characters of A-Z, 0-9, '_' or space"
+        )
+    _check_frames(source_images, labelmap.shape)
+    per_slice = prediction.slice_label_counts()  # counted once for every output of the job
+    counts = per_slice.sum(axis=0) if per_slice is not None else _label_counts(labelmap)
+    specs = _select_segments(prediction, counts, omit_empty_segments, clearing)
+    return seg_type, specs, counts
+
+
 def build_seg(
     prediction: Prediction,
     source_images: Sequence[Dataset],
@@ -283,27 +317,10 @@ def build_seg(
         inconsistent with the label map, or highdicom rejects the input.
     """
     card = prediction.card
+    seg_type, specs, counts = _plan(prediction, source_images, segmentation_type, content_label,
+                                    omit_empty_segments, clearing)
     labelmap = prediction.labelmap
-    try:
-        seg_type = hd.seg.SegmentationTypeValues(
-            segmentation_type.upper() if isinstance(segmentation_type, str) else segmentation_type
-        )
-    except ValueError:
-        raise ResultError(f"Segmentation type {segmentation_type!r} must be BINARY or LABELMAP") from None
-    if seg_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
-        raise ResultError("FRACTIONAL segmentations are not produced: model outputs are label maps")
-    if labelmap is None:
-        raise ResultError(f"Model {card.name!r} produced no label map; no SEG produced")
-    if labelmap.ndim != 3:
-        raise ResultError(f"Label map must be 3D (z, y, x), got shape {labelmap.shape}")
-    if not _CONTENT_LABEL_PATTERN.match(content_label):
-        raise ResultError(
-            f"Content label {content_label!r} must be 1-16 characters of A-Z, 0-9, '_' or space"
-        )
-    _check_frames(source_images, labelmap.shape)
-    per_slice = prediction.slice_label_counts()  # counted once for every output of the job
-    counts = per_slice.sum(axis=0) if per_slice is not None else _label_counts(labelmap)
-    specs = _select_segments(prediction, counts, omit_empty_segments, clearing)
+    assert labelmap is not None  # _plan checked it
     content_description = f"{card.name} {card.version}"
     if clearing and not counts[1:].any():
         content_description += ": no segment found"
@@ -350,3 +367,75 @@ def build_seg(
         card.version,
     )
     return SegResult(dataset=seg, segment_numbers=segment_numbers)
+
+
+#: SOP Class UID of each segmentation type made (PS3.4 B.5): what highdicom gives the SEG.
+_SOP_CLASSES: Final[dict[hd.seg.SegmentationTypeValues, str]] = {
+    hd.seg.SegmentationTypeValues.BINARY: "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+    hd.seg.SegmentationTypeValues.LABELMAP: "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
+}
+
+
+def seg_outline(
+    prediction: Prediction,
+    source_images: Sequence[Dataset],
+    identity: OutputIdentity,
+    *,
+    omit_empty_segments: bool = True,
+    segmentation_type: str | hd.seg.SegmentationTypeValues = hd.seg.SegmentationTypeValues.BINARY,
+) -> SegResult:
+    """What an SR needs of the SEG that :func:`build_seg` makes from the same arguments, without making it.
+
+    A data set of the SEG's identity (SOP Class, SOP Instance, Study and
+    Series Instance UIDs), its referenced source series and, per segment, its
+    number, Tracking UID and Tracking ID; and the label -> segment number
+    mapping.  :func:`~dicom_node.results.sr.build_sr` given it makes the same
+    SR as given the SEG itself, so the SR can be built while the SEG is
+    (a few milliseconds instead of a highdicom build); :func:`outline_differs`
+    checks the outline against the SEG once it is built.
+
+    Raises
+    ------
+    ResultError
+        As :func:`build_seg` for the same arguments (its checks are the same).
+    """
+    seg_type, specs, _ = _plan(prediction, source_images, segmentation_type, "AI_SEG", omit_empty_segments, False)
+    segment_numbers = {spec.label: number for number, spec in enumerate(specs, start=1)}
+    outline = Dataset()
+    outline.SOPClassUID = _SOP_CLASSES[seg_type]
+    outline.SOPInstanceUID = identity.sop_instance_uid
+    outline.StudyInstanceUID = source_images[0].StudyInstanceUID
+    outline.SeriesInstanceUID = identity.series_instance_uid
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = source_images[0].SeriesInstanceUID
+    outline.ReferencedSeriesSequence = [referenced]
+    segments = []
+    for spec in specs:
+        item = Dataset()
+        item.SegmentNumber = segment_numbers[spec.label]
+        item.TrackingUID = segment_tracking_uid(identity, spec.label)
+        item.TrackingID = spec.name
+        segments.append(item)
+    outline.SegmentSequence = segments
+    return SegResult(dataset=outline, segment_numbers=segment_numbers)  # type: ignore[arg-type]
+
+
+def outline_differs(outline: SegResult, seg: SegResult) -> str | None:
+    """How the SEG differs from its outline in what an SR takes from it (``None``: in nothing).
+
+    The segments compared are those the label map's labels became (a label
+    map SEG's background segment 0 is no label's).
+    """
+    numbers = set(outline.segment_numbers.values()) | set(seg.segment_numbers.values())
+
+    def described(ds: Dataset) -> tuple[object, ...]:
+        referenced = ds.get("ReferencedSeriesSequence") or [Dataset()]
+        return (str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                str(referenced[0].get("SeriesInstanceUID", "")),
+                sorted((int(item.SegmentNumber), str(item.get("TrackingUID", "")), str(item.get("TrackingID", "")))
+                       for item in ds.get("SegmentSequence", []) if int(item.SegmentNumber) in numbers))
+    expected, made = described(outline.dataset), described(seg.dataset)
+    if expected != made or dict(outline.segment_numbers) != dict(seg.segment_numbers):
+        return f"SEG {seg.dataset.SOPInstanceUID}: outline {expected} {dict(outline.segment_numbers)}, " \
+               f"made {made} {dict(seg.segment_numbers)}"
+    return None

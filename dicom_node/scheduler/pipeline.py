@@ -33,7 +33,7 @@ from dicom_node.results.part10 import part10_bytes
 from dicom_node.results.pdf import build_pdf
 from dicom_node.results.routing import SR_MEASUREMENTS
 from dicom_node.results.sc import iter_overlays
-from dicom_node.results.seg import build_seg
+from dicom_node.results.seg import SegResult, build_seg, outline_differs, seg_outline
 from dicom_node.results.sr import build_sr
 from dicom_node.scheduler.forked import Forked
 from dicom_node.spool import Spool
@@ -380,8 +380,9 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
 
     ``parallel``: part of the work runs in a forked child process beside the
     rest (:mod:`dicom_node.scheduler.forked`): the overlay series and the PDF
-    when asked for, else the SR while the SEG is written (the SR needs the
-    SEG's dataset, not its file).  The objects are the same.
+    when asked for, else the SR (from the SEG's outline,
+    :func:`~dicom_node.results.seg.seg_outline`) while the SEG is built and
+    written.  The objects are the same.
 
     ``ready``: when the job also makes an overlay series or a PDF, it is
     called with the SEG and SR as soon as both are written, before those are
@@ -466,15 +467,25 @@ def _encode(task: InferTask, prediction: Prediction, sources: list[Dataset], spo
         if OutputKind.SEG in task.outputs and (card.task is Task.SEGMENTATION or prediction.labelmap is not None):
             seg_identity = identity(OutputKind.SEG)
             if present:
-                seg = build_seg(prediction, sources, seg_identity, segmentation_type=outputs.seg_type.upper(),
-                                omit_empty_segments=outputs.empty_segments == "drop")
-                seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
+                shape = {"segmentation_type": outputs.seg_type.upper(),
+                         "omit_empty_segments": outputs.empty_segments == "drop"}
+                outline: SegResult | None = None
                 if parallel and side is None and (OutputKind.SR in task.outputs or SR_MEASUREMENTS in task.outputs):
-                    # The SR (it needs the SEG's dataset, not its file) is built and written in a child while
-                    # this process writes the SEG: the child touches fewer of the worker's pages than the
-                    # SEG's writing would (copy-on-write), so both end sooner than the other way round.
-                    built, numbers = seg_ds, segment_numbers
-                    sr_building = stack.enter_context(Forked(lambda: sr_objects_of(built, numbers), "the SR"))
+                    # The SR needs of the SEG only its identity and its segments' numbers and tracking UIDs: it is
+                    # built from that outline and written in a child while this process builds and writes the
+                    # SEG (the larger part), and checked against the SEG once it is built.
+                    outline = seg_outline(prediction, sources, seg_identity, **shape)
+                    planned = outline
+                    sr_building = stack.enter_context(
+                        Forked(lambda: sr_objects_of(planned.dataset, dict(planned.segment_numbers)), "the SR"))
+                seg = build_seg(prediction, sources, seg_identity, **shape)
+                seg_ds, segment_numbers = seg.dataset, dict(seg.segment_numbers)
+                differs = outline_differs(outline, seg) if outline is not None else None
+                if differs is not None and sr_building is not None:
+                    sr_building.result()  # the SR it wrote is written again below, from the SEG itself
+                    sr_building = None
+                    logger.error("Job %d: the SR built from the SEG's outline would not match the SEG (%s); "
+                                 "it is built again from the SEG", task.job_id, differs)
                 seg_objects.append(write(OutputKind.SEG, seg_ds))
             elif seg_identity.sop_instance_uid in replaces:
                 # An earlier run's SEG showed segments this run does not find: replace it with an empty one.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def test_two_processes_make_the_same_objects_as_one(case: dict[str, Any], output
 
 
 @pytest.mark.parametrize("outputs", [("seg", "sr"), ("seg", "sr", "sr_measurements")])
-def test_the_sr_is_built_and_written_by_the_child_while_the_seg_is_written(
+def test_the_sr_is_built_and_written_by_the_child_while_the_seg_is_built_and_written(
         case: dict[str, Any], monkeypatch: pytest.MonkeyPatch, outputs: tuple[str, ...]) -> None:
     parent = os.getpid()
     writers: list[int] = []
@@ -140,6 +141,44 @@ def test_the_sr_is_built_and_written_by_the_child_while_the_seg_is_written(
     assert not Path(str(case["spool"].absolute(seg.path)) + ".child").exists()
     assert all(Path(str(case["spool"].absolute(sr.path)) + ".child").exists() for sr in srs)
     assert writers == [parent]  # the parent wrote the SEG only
+    _no_child_left()
+
+
+def test_the_child_builds_the_sr_from_the_segs_outline_before_the_seg_is_built(
+        case: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    original = pipeline.build_seg
+
+    def build_seg_once_the_sr_is_written(prediction: Any, sources: Any, identity: Any, **kwargs: Any) -> Any:
+        sr = case["spool"].result_path(case["series"], "bright", "sr")
+        deadline = time.monotonic() + 60
+        while not sr.exists():  # the child has the outline before this process builds the SEG
+            assert time.monotonic() < deadline, "the SR was not written while the SEG waited"
+            time.sleep(0.01)
+        return original(prediction, sources, identity, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_seg", build_seg_once_the_sr_is_written)
+    parallel = _objects(case, _run(case, ("seg", "sr"), parallel=True))
+    monkeypatch.setattr(pipeline, "build_seg", original)
+    serial = _objects(case, _run(case, ("seg", "sr"), parallel=False))
+    assert [(kind, obj) for kind, _, obj in parallel] == [(kind, obj) for kind, _, obj in serial]
+    _no_child_left()
+
+
+def test_an_outline_that_does_not_fit_the_seg_gives_an_sr_built_from_the_seg(
+        case: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    original = pipeline.seg_outline
+
+    def wrong_outline(*args: Any, **kwargs: Any) -> Any:
+        outline = original(*args, **kwargs)
+        outline.dataset.SegmentSequence[0].TrackingID = "not the SEG's"
+        return outline
+
+    monkeypatch.setattr(pipeline, "seg_outline", wrong_outline)
+    parallel = _objects(case, _run(case, ("seg", "sr"), parallel=True))
+    assert "would not match the SEG" in caplog.text and "not the SEG's" in caplog.text
+    monkeypatch.setattr(pipeline, "seg_outline", original)
+    serial = _objects(case, _run(case, ("seg", "sr"), parallel=False))
+    assert [(kind, obj) for kind, _, obj in parallel] == [(kind, obj) for kind, _, obj in serial]
     _no_child_left()
 
 

@@ -32,7 +32,7 @@ from dicom_node.results.identity import (
     OutputIdentity,
     derive_identity,
 )
-from dicom_node.results.seg import SegResult, build_seg
+from dicom_node.results.seg import SegResult, build_seg, outline_differs, seg_outline
 from dicom_node.results.source import character_set
 from dicom_node.results.sr import (
     NO_RESULT_FINDING,
@@ -377,6 +377,24 @@ def test_seg_keeps_empty_segments_when_asked(ct_slices: list[Dataset]) -> None:
     assert result.segment_numbers == {1: 1, 2: 2, 3: 3}
     labels = [item.SegmentLabel for item in result.dataset.SegmentSequence]
     assert labels == ["Liver", "Spleen", "Right kidney"]
+
+
+@pytest.mark.parametrize("shape", [{}, {"omit_empty_segments": False}, {"segmentation_type": "LABELMAP"}])
+def test_an_sr_built_from_the_segs_outline_is_the_sr_built_from_the_seg(ct_slices: list[Dataset],
+                                                                        shape: dict[str, object]) -> None:
+    from tests.unit.test_parallel_encode import _comparable
+
+    prediction = _ct_prediction()
+    identity = _identity(ct_slices, "seg", number=900)
+    seg = build_seg(prediction, ct_slices, identity, **shape)  # type: ignore[arg-type]
+    outline = seg_outline(prediction, ct_slices, identity, **shape)  # type: ignore[arg-type]
+    assert outline_differs(outline, seg) is None
+    assert len(outline.dataset.SegmentSequence) == len(seg.segment_numbers) >= 2  # a label map's background: no label
+    from_seg = _sr_with_seg(prediction, ct_slices, seg)
+    from_outline = _sr_with_seg(prediction, ct_slices, outline)
+    assert _comparable(from_outline) == _comparable(from_seg)
+    other = build_seg(prediction, ct_slices, _identity(ct_slices, "seg-other"), **shape)  # type: ignore[arg-type]
+    assert outline_differs(outline, other) is not None  # another SEG's identity and tracking UIDs
 
 
 def test_seg_renumbers_labels_consecutively(ct_slices: list[Dataset]) -> None:
