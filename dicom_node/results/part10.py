@@ -98,13 +98,13 @@ def part10_bytes(dataset: Dataset) -> bytes:
     validate_file_meta(file_meta, enforce_standard=True)
     if "PixelData" in dataset:
         dataset["PixelData"].is_undefined_length = False  # native pixel data: a defined length, as save_as sets
-    chunks: list[bytes] = []
-    _dataset(dataset, None, default_encoding, chunks)
     head = DicomBytesIO()
     head.is_implicit_VR, head.is_little_endian = _EXPLICIT_LE
     head.write((preamble or b"\x00" * 128) + b"DICM")
     write_file_meta_info(head, file_meta, enforce_standard=True)
-    return head.getvalue() + b"".join(chunks)
+    chunks = [head.getvalue()]
+    _dataset(dataset, None, default_encoding, chunks)
+    return b"".join(chunks)  # the one copy of the pixel data
 
 
 def _saved(dataset: Dataset) -> bytes:
