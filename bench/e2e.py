@@ -224,6 +224,11 @@ def _breakdown(state: Path, series_uid: str, quiet: float) -> dict[str, float]:
         "model_s": seconds.get("model", 0.0),
         "encode_s": seconds.get("encode", 0.0),
         "infer_other_s": infer_wall - sum(seconds.values()),
+        # The job's timeline (builds before 2026-12-07 have none): waiting in the queue, listing its inputs,
+        # the worker's time beyond its steps (the pipe both ways, the prefetch step it was in).
+        **({"queued_s": timeline["taken"] - infer["created_at"], "inputs_s": timeline["handed"] - timeline["taken"],
+            "worker_other_s": timeline["returned"] - timeline["handed"] - sum(seconds.values())}
+           if (timeline := payload.get("timeline")) else {}),
         "queue_to_send_s": send_created - infer["updated_at"],
         "send_s": send_done - send_created,
         "prefetched": payload.get("prefetched", 0),
@@ -273,7 +278,9 @@ def _print_row(row: dict[str, Any]) -> None:
     print(f"  total {row['total_s']:.2f} s = completion lag {row['completion_lag_s']:.2f} s (beyond quiet) "
           f"+ INFER {row['infer_wall_s']:.2f} s [load {row['load_s']:.2f} ({row['prefetched']} of "
           f"{row['instances']} instances read ahead), model {row['model_s']:.2f}, "
-          f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}] "
+          f"encode {row['encode_s']:.2f}, queue/IPC/db {row['infer_other_s']:.2f}"
+          + (f" (queued {row['queued_s']:.2f}, inputs {row['inputs_s']:.2f}, worker pipe {row['worker_other_s']:.2f})"
+             if "queued_s" in row else "") + "] "
           f"+ to SEND {row['queue_to_send_s']:.2f} s + SEND {row['send_s']:.2f} s (+ quiet)"
           + (f"; {row['send_jobs']:.0f} SEND jobs, the figures of the last" if row["send_jobs"] > 1 else ""))
     if row["send_jobs"] > 1:

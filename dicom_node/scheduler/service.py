@@ -209,6 +209,7 @@ class Pipeline:
         return done
 
     def _run_infer(self, job: Job, now_fn: Callable[[], float], runner: InferRunner) -> None:
+        taken = now_fn()
         paths = tuple(self.series.instance_paths(job.series_uid))
         inputs = study_inputs(job.series_uid, job.payload.get("inputs") or {}, self.series.instance_paths)
         earlier = self.db.query("SELECT sop_uid FROM results WHERE source_series=? AND model=?",
@@ -221,6 +222,7 @@ class Pipeline:
         logger.info("Job %d: running model %s on series %s (%d instances)", job.id, job.model,
                     job.series_uid, len(paths))
         sent_early: dict[str, set[str]] = {}  # destination -> files whose SEND job is queued already
+        handed = now_fn()
         outcome = runner.run(task, self.settings.workers.infer_timeout_s,
                              ready=lambda objects: self._send_early(job, objects, now_fn(), sent_early))
         now = now_fn()
@@ -250,7 +252,10 @@ class Pipeline:
         findings = "; ".join(outcome.findings)
         result = {**job.payload, "files": files, "findings": outcome.findings, "notes": outcome.notes,
                   "model_version": outcome.model_version, "seconds": outcome.seconds,
-                  "prefetched": outcome.prefetched}
+                  "prefetched": outcome.prefetched,
+                  # Where the job's time went outside the worker's own steps (epoch seconds): taken from the
+                  # queue, handed to the worker (its inputs listed), back from it.
+                  "timeline": {"taken": taken, "handed": handed, "returned": now}}
         # Result rows, SEND jobs and DONE in one transaction: a crash re-runs the model or finds all three.
         sends = self._send_payloads(job, outcome.objects, sent_early)
         self.jobs.complete_with(job.id, now, payload=result, sends=sends,

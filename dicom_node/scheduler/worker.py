@@ -14,6 +14,7 @@ waits for at most one instance's read.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import signal
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dicom_node.heap import freeze_startup_objects
+from dicom_node.heap import collect_after_job, freeze_startup_objects
 from dicom_node.imaging.prefetch import Prefetch
 from dicom_node.logs import configure_logging
 from dicom_node.scheduler.forked import cpu_count
@@ -158,9 +159,14 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
         if isinstance(task, ReadAheadQuery):
             conn.send(("held", {} if prefetch.busy else prefetch.held()))
             continue
-        outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode,
-                            ready=lambda objects: conn.send(("objects", objects)))
-        conn.send(("done", outcome))
+        gc.disable()  # no full collection in the middle of the job: one after it, once its result is sent
+        try:
+            outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode,
+                                ready=lambda objects: conn.send(("objects", objects)))
+            conn.send(("done", outcome))
+        finally:
+            gc.enable()
+        collect_after_job()
 
 
 class WorkerProcess:
