@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Final, cast
 
 from dicom_node.heap import collect_after_job, freeze_startup_objects
 from dicom_node.imaging.prefetch import Prefetch
@@ -92,21 +92,37 @@ def leave_to_reader(workers: Sequence[Any], me: Any, now: Callable[[], float]) -
     return leave
 
 
-def _preload(settings: Settings, registry: ModelRegistry, conn: Connection) -> None:
+#: What :func:`_preload` returns when no job (or stop) came while it loaded.
+_NOTHING: Final = object()
+
+
+def _preload(settings: Settings, registry: ModelRegistry, conn: Connection,
+             side: Callable[[object], bool]) -> object:
     """Load the models the rules run (at most ``max_warm_models``), so a first job does not pay the load.
 
-    Stops at once when a message waits on the pipe (a job: the rest load on
-    first use); a model that cannot be loaded is logged, and its jobs say why.
+    Messages that come meanwhile are taken between two loads: a read-ahead
+    hint or query is handled by ``side`` (which says whether it was one) and
+    loading goes on (the series being read ahead is the one whose job will
+    need the model); a job, or the stop, ends the preload and is returned
+    for the worker's loop to take next (the rest load on first use).
+    Returns :data:`_NOTHING` when none came.  A model that cannot be loaded
+    is logged, and its jobs say why.
     """
     names = list(dict.fromkeys(name for rule in settings.rules for name in rule.run))
     for name in names[:settings.workers.max_warm_models]:
-        if conn.poll(0):
-            return
+        try:
+            while conn.poll(0):
+                message = conn.recv()
+                if not side(message):
+                    return message
+        except (EOFError, OSError):
+            return None  # the node is gone: stop
         try:
             registry.get(name)
         except Exception as exc:  # its jobs load it again and fail with the reason
             logger.warning("Model %s: not loaded at the worker's start (%s: %s); its jobs try again",
                            name, type(exc).__name__, str(exc)[:200])
+    return _NOTHING
 
 
 def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: bool = False) -> None:
@@ -138,30 +154,39 @@ def _child_main(conn: Connection, settings: Settings, gpu: int | None, preload: 
     except Exception:  # a defect of the results path; the first job will show it too: serve on
         logger.exception("Worker warm-up failed (the first job pays the one-time costs instead)")
     freeze_startup_objects("worker")  # before the models: an unloaded model must stay collectable
-    if preload:
-        _preload(settings, registry, conn)
+
+    def side(message: object) -> bool:
+        """Handle a read-ahead hint or query; ``False`` for anything else (a job, the stop)."""
+        if isinstance(message, PrefetchHint):
+            prefetch.hint(message.series_uid, [str(p) for p in spool.absolute_all(message.paths)])
+            return True
+        if isinstance(message, ReadAheadQuery):
+            conn.send(("held", {} if prefetch.busy else prefetch.held()))
+            return True
+        return False
+
+    pending = _preload(settings, registry, conn, side) if preload else _NOTHING
     while True:
-        try:
-            if prefetch.busy and not conn.poll(0) and prefetch.step():
-                continue  # one instance read ahead; look at the pipe again
-            if not conn.poll(_IDLE_CHECK_S):
-                prefetch.expire()
-                continue
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
+        if pending is not _NOTHING:
+            task, pending = pending, _NOTHING
+        else:
+            try:
+                if prefetch.busy and not conn.poll(0) and prefetch.step():
+                    continue  # one instance read ahead; look at the pipe again
+                if not conn.poll(_IDLE_CHECK_S):
+                    prefetch.expire()
+                    continue
+                task = conn.recv()
+            except (EOFError, OSError):
+                return
         if task is None:
             registry.close()
             return
-        if isinstance(task, PrefetchHint):
-            prefetch.hint(task.series_uid, [str(p) for p in spool.absolute_all(task.paths)])
-            continue
-        if isinstance(task, ReadAheadQuery):
-            conn.send(("held", {} if prefetch.busy else prefetch.held()))
+        if side(task):
             continue
         gc.disable()  # no full collection in the middle of the job: one after it, once its result is sent
         try:
-            outcome = run_infer(task, registry, spool, settings.outputs, prefetch, parallel_encode,
+            outcome = run_infer(cast(InferTask, task), registry, spool, settings.outputs, prefetch, parallel_encode,
                                 ready=lambda objects: conn.send(("objects", objects)))
             conn.send(("done", outcome))
         finally:

@@ -116,3 +116,36 @@ def test_a_worker_loads_the_rules_models_at_its_first_start_only(tmp_path: Path)
         assert len(wait_for_lines(1)) == 1
     finally:
         off.close()
+
+
+def test_a_worker_goes_on_loading_its_models_while_a_series_is_read_ahead(tmp_path: Path) -> None:
+    """Read-ahead hints that come during the preload are taken between loads; only a job stops it."""
+    import numpy as np
+
+    from dicom_node.scheduler.worker import WorkerProcess
+    from tests.spooled import python_model_case
+
+    loads = tmp_path / "loads"
+    model_py = (f"import numpy as np\nopen({str(loads)!r}, 'a').write('loaded\\n')\n\n"
+                "def bright(array, geometry):\n    return (array > 500).astype(np.uint8)\n")
+    hu = np.full((4, 32, 32), 40, np.int16)
+    hu[1:3, 8:20, 8:20] = 900
+    case = python_model_case(tmp_path, model_py, hu)
+    assert case["settings"].workers.preload_models
+    worker = WorkerProcess(case["settings"])
+    worker.start()
+    try:
+        for count in range(1, len(case["paths"]) + 1):  # the series arriving: hints wait in the pipe
+            assert worker.prefetch(case["series"], list(case["paths"][:count]))
+        deadline = time.monotonic() + 60
+        while not loads.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loads.exists(), "the rule's model was not loaded: the read-ahead hints ended the preload"
+        held = None
+        while held != {case["series"]: len(case["paths"])} and time.monotonic() < deadline:
+            held = worker.read_ahead(timeout_s=30)  # the hints were taken: the series is read ahead
+            time.sleep(0.05)
+        assert held == {case["series"]: len(case["paths"])}
+    finally:
+        worker.close()
+    assert loads.read_text().splitlines() == ["loaded"]
