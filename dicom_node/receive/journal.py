@@ -240,33 +240,37 @@ class Materializer:
         """
         self.record(*self.write_files(items, fd))
 
-    def write_files(self, items: Sequence[Journaled],
-                    fd: int) -> tuple[list[tuple[ReceivedInstance, float]], set[Path]]:
+    def write_files(self, items: Sequence[Journaled], fd: int,
+                    fresh: bool = False) -> tuple[list[tuple[ReceivedInstance, float]], set[Path]]:
         """First half of :meth:`materialize`: each instance's file written and synced, its digest taken.
 
         Returns the records (digest and, for a bare record, the file's size
         filled in) with their arrival times, and
         the directories that got a new file (not yet synced), for :meth:`record`.
+        ``fresh``: the records were appended by this process since it
+        started (not replayed), so none can have been materialised before a
+        crash: the recorded digests are not looked up (an instance sent again
+        with the same bytes gets its file written again, the same bytes).
         """
         written: list[int] = []
         dirs: set[Path] = set()
         digested: list[tuple[ReceivedInstance, float]] = []
         # Resolved together: each directory once, not a dozen lstat calls per instance (Spool.absolute).
         paths = self.spool.absolute_all(item.record.path for item in items)
-        recorded = self.series.recorded_digests(item.record.sop_uid for item in items)  # one query, not one each
+        recorded = {} if fresh else self.series.recorded_digests(item.record.sop_uid for item in items)
         try:
             for (record, at, offset, size, bare), path in zip(items, paths):
                 data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
+                head = part10_head(record) if bare else b""  # written before the data set, not joined to it
                 if bare:
-                    data = part10_head(record) + data
-                    record = replace(record, size=len(data))
+                    record = replace(record, size=len(head) + len(data))
                 if not record.sha256:
-                    record = replace(record, sha256=digest(data))
+                    record = replace(record, sha256=digest(head, data))
                 digested.append((record, at))
                 if recorded.get(record.sop_uid) == record.sha256 and path.is_file() \
-                        and path.stat().st_size == len(data):
+                        and path.stat().st_size == len(head) + len(data):
                     continue  # materialised before a crash: the file and the row are there
-                written.append(self.spool.write_unsynced(path, data))
+                written.append(self.spool.write_unsynced(path, data, head))
                 dirs.add(path.parent)
             for file_fd in written:
                 os.fsync(file_fd)
@@ -458,7 +462,7 @@ class IntakeJournal:
                     stop += 1
                 records, new_dirs = self.materializer.write_files(
                     [Journaled(e.record, e.received_at, e.offset, e.size, e.bare) for e in fresh[start:stop]],
-                    fresh[start].segment.fd)
+                    fresh[start].segment.fd, fresh=True)
                 written.extend(records)
                 dirs |= new_dirs
                 start = stop

@@ -192,19 +192,25 @@ class Spool:
         finally:
             os.close(dir_fd)
 
-    def write_unsynced(self, path: Path, data: bytes | memoryview) -> int:
-        """Write ``data`` to a temp file renamed to ``path``; returns its open descriptor, not yet synced.
+    def write_unsynced(self, path: Path, data: bytes | memoryview, head: bytes = b"") -> int:
+        """Write ``head`` then ``data`` to a temp file renamed to ``path``; returns its open descriptor, not yet synced.
 
         For a caller that syncs many files at once (the intake journal's
         materialiser): ``os.fsync`` the descriptor, close it, then sync the
         directory.  Readers see the old file or the new one, never a part.
+        ``head`` saves the caller joining it to ``data`` (a copy of the whole).
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            parts = [memoryview(head), memoryview(data)]
+            while parts:
+                written = os.writev(fd, parts)
+                while parts and written >= len(parts[0]):  # whole parts written (and empty ones) drop off
+                    written -= len(parts[0])
+                    parts.pop(0)
+                if parts:
+                    parts[0] = parts[0][written:]
             os.replace(tmp_name, path)
         except BaseException:
             os.close(fd)
@@ -273,6 +279,9 @@ class Spool:
         shutil.rmtree(self.series_dir(study_uid, series_uid), ignore_errors=True)
 
 
-def digest(data: bytes | memoryview) -> str:
-    """SHA-256 of received bytes (identifies duplicates of the same SOP instance)."""
-    return hashlib.sha256(data).hexdigest()
+def digest(data: bytes | memoryview, *more: bytes | memoryview) -> str:
+    """SHA-256 of received bytes, ``more`` following ``data`` (identifies duplicates of the same SOP instance)."""
+    sha = hashlib.sha256(data)
+    for part in more:
+        sha.update(part)
+    return sha.hexdigest()

@@ -104,8 +104,8 @@ def test_a_crash_after_the_files_before_the_rows_is_recorded_at_the_next_start(
     files: list[Any] = []
     real_write = journal.materializer.write_files
 
-    def write_files(items: Any, fd: int) -> Any:
-        out = real_write(items, fd)
+    def write_files(items: Any, fd: int, fresh: bool = False) -> Any:
+        out = real_write(items, fd, fresh)
         files.extend(items)
         if len(files) == 3:
             written.set()
@@ -367,3 +367,25 @@ def test_bare_and_whole_records_left_by_a_crash_are_both_replayed(state: dict[st
     second = spool.absolute(_record(spool, 1, bare).path).read_bytes()
     assert second.endswith(bare) and second[128:132] == b"DICM"
     assert _rows(series)["1.2.3.4.2"] == (hashlib.sha256(second).hexdigest(), len(second))
+
+
+def test_live_appends_do_not_look_up_recorded_digests_and_a_resent_instance_is_a_duplicate(
+        state: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, series = state["spool"], state["series"]
+    blob = os.urandom(4000)
+    first = IntakeJournal(spool.intake, spool, series)
+    first.append(_bare_record(spool, 0, blob), 10.0, blob, bare=True)
+    first.close()
+    path = spool.absolute(_record(spool, 0, blob).path)
+    stored = path.read_bytes()
+
+    def looked_up(uids: Any) -> dict[str, str]:
+        raise AssertionError("a live append looked up the recorded digests")
+
+    monkeypatch.setattr(series, "recorded_digests", looked_up)
+    outcomes: list[str] = []
+    again = IntakeJournal(spool.intake, spool, series, lambda r, outcome: outcomes.append(outcome))
+    again.append(_bare_record(spool, 0, blob), 11.0, blob, bare=True)  # the sender sends it again
+    again.close()
+    assert outcomes == ["duplicate"]
+    assert path.read_bytes() == stored and len(_rows(series)) == 1

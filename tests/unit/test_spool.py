@@ -103,3 +103,30 @@ def test_clean_tmp_removes_warm_up_folders_left_by_a_killed_worker(tmp_path: Pat
     assert spool.clean_tmp() == 1
     assert sorted(p.name for p in spool.tmp.iterdir()) == ["warm-up-file", "warm-up-link"]
     assert (outside / "keep.dcm").exists()
+
+
+def test_write_unsynced_writes_the_head_then_the_data_through_short_writes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from dicom_node.spool.layout import digest
+
+    spool = Spool(tmp_path / "state")
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:  # as a signal or a full pipe may cut a write
+        calls.append(len(buffers))
+        return real_writev(fd, [memoryview(b"".join(bytes(b) for b in buffers))[:7]])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    head, data = b"H" * 20, bytes(range(256)) * 3
+    path = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    fd = spool.write_unsynced(path, data, head)
+    os.close(fd)
+    assert path.read_bytes() == head + data
+    assert len(calls) == -(-(len(head) + len(data)) // 7) and calls[0] == 2
+    fd = spool.write_unsynced(path, data)  # no head
+    os.close(fd)
+    assert path.read_bytes() == data
+    assert digest(head, data) == digest(head + data) == __import__("hashlib").sha256(head + data).hexdigest()
