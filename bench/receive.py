@@ -6,8 +6,9 @@ The sender is DCMTK ``storescu`` (``TCP_NODELAY=1``), once over one association
 (all slices) and once over 4 concurrent associations (a quarter each), against:
 
 * the node: ``dicom-node serve`` with no rules (so only receiving is measured);
-  every instance is fsynced and committed (SQLite ``synchronous=FULL``) before
-  its 0x0000, as in production;
+  every instance is appended to its intake journal and fdatasynced before its
+  0x0000, then written to the spool and committed (SQLite ``synchronous=FULL``)
+  behind, as in production;
 * Orthanc (Debian package), no Lua, storage uncompressed; it fdatasyncs each stored
   file (``SyncStorageArea``, its default since 1.7.4: 20 ``fdatasync`` calls on its
   storage files for 20 instances under ``strace``), not its SQLite index (WAL, synced
@@ -167,9 +168,9 @@ class Node(Target):
     def describe(self) -> str:
         return ("dicom-node serve, embedded defaults but no rules and completion.quiet_seconds 1 (each send waits "
                 "until the node has completed the series, counted in its CPU): node.receivers auto, max PDU 128 kB, "
-                "every instance appended to the intake journal and fdatasynced before 0x0000 (files fsynced and rows "
-                "committed to SQLite, rollback journal, synchronous=FULL, behind: each file as it arrives, the rows "
-                "of a stream together)")
+                "every instance appended to the intake journal and fdatasynced before 0x0000 (behind it: each file "
+                "written as it arrives, the rows of a stream committed together to SQLite, rollback journal, "
+                "synchronous=FULL; the files made durable by one syncfs before the journal gives their bytes up)")
 
 
 class Orthanc(Target):

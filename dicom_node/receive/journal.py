@@ -8,12 +8,17 @@ instance (a small header: the row to record and its arrival time; then the
 encoded bytes, exactly as received) to this process's journal segment and
 syncs that one file, then answers success.  A background thread
 *materialises* what was appended: each instance's file in the spool,
-written and synced as soon as it is appended; then, for the instances of a
-stream together (up to :data:`GATHER_S` after the first, or at once when a
-release waits for them), the new files' directories synced once each and
-every row in one transaction; only then is the journal space given back.
-Recording a stream's rows together rather than one by one takes most of
-the syncs off the disk that the C-STOREs' own ``fdatasync`` calls wait on.
+written as soon as it is appended, and not synced; then, for the instances
+of a stream together (up to :data:`GATHER_S` after the first, or at once
+when a release waits for them), every row in one transaction.  The journal
+still holds every byte of those files: its space is given back only after
+one ``syncfs`` of the spool's filesystem (:meth:`Spool.sync_filesystem`)
+has made them durable: a sealed segment (past :data:`SEGMENT_BYTES`) as soon
+as its records are, the current one once intake has been idle for
+:data:`IDLE_S` and it holds at least a quarter of that.  Recording a stream's rows
+together and leaving the files to that one sync take the per-instance syncs
+(the file's, its directory's) off the disk that the C-STOREs' own
+``fdatasync`` calls wait on.
 
 The handler appends the data set as pynetdicom received it, without the
 preamble and File Meta Information of a Part 10 file (a *bare* record):
@@ -28,10 +33,13 @@ Crash safety (POSIX, no filesystem ordering assumed):
   append);
 * each record carries its length and a CRC-32 of its header and bytes: a
   torn tail (a crash mid-append, never acknowledged) is found and dropped;
-* a segment is deleted only once every record in it is materialised
-  durably (files and directories synced, rows committed), so a crash at any
-  point leaves the records in the journal; materialising again is
-  idempotent (same bytes: the row is a duplicate and the file is kept).
+* a segment is deleted (or emptied) only once every record in it is
+  materialised (its file written, its row committed) and a ``syncfs`` that
+  began after the last of those files was written has returned, so a crash
+  at any point leaves in the journal every record whose file might not be
+  on disk; materialising again is idempotent (a file is kept only when its
+  bytes are read back and their digest is the recorded one; a row with the
+  same digest is a duplicate).
 
 Each receiver process owns one *token* (``<pid>-<random>``), holds an
 ``flock`` on ``<token>.lock`` for its life and appends to
@@ -87,6 +95,10 @@ RETRY_S = 1.0
 #: sync per directory) records several instances of a stream; nobody waits on them meanwhile: a release
 #: waiting for its instances to be recorded (:meth:`IntakeJournal.after_recorded`) or a stop ends it at once.
 GATHER_S = 0.05
+#: Seconds without an append after which a current segment of at least SEGMENT_BYTES / 4, every record in it
+#: recorded, is given back (one ``syncfs`` of the spool, then the segment emptied): once a stream has ended,
+#: not between two of its instances, where the sync would flush the files under the C-STOREs' own syncs.
+IDLE_S = 1.0
 
 Recorded = Callable[[ReceivedInstance, str], None]
 
@@ -176,6 +188,16 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _holds(path: Path, size: int, sha256: str) -> bool:
+    """Whether the file at ``path`` has ``size`` bytes whose digest is ``sha256``."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        return digest(path.read_bytes()) == sha256
+    except OSError:
+        return False
+
+
 def _run_callback(callback: Callable[[], None]) -> None:
     try:
         callback()
@@ -223,7 +245,7 @@ def read_records(fd: int) -> tuple[list[Journaled], int, int]:
 
 
 class Materializer:
-    """Writes journaled instances to the spool and records them: files synced, then one transaction."""
+    """Writes journaled instances to the spool (files not synced) and records them in one transaction."""
 
     def __init__(self, spool: Spool, series: SeriesStore, on_recorded: Recorded | None = None) -> None:
         self.spool = spool
@@ -231,58 +253,51 @@ class Materializer:
         self.on_recorded = on_recorded
 
     def materialize(self, items: Sequence[Journaled], fd: int) -> None:
-        """Make ``items`` (records with the offset and size of their bytes in ``fd``) files and rows, durably.
+        """Make ``items`` (records with the offset and size of their bytes in ``fd``) files and rows.
+
+        The rows are committed; the files are not synced: the caller keeps
+        ``fd``'s records until :meth:`Spool.sync_filesystem` has returned.
 
         Raises
         ------
         OSError, sqlite3.Error
             Nothing is lost: the caller keeps the records and tries again.
         """
-        self.record(*self.write_files(items, fd))
+        self.record(self.write_files(items, fd))
 
     def write_files(self, items: Sequence[Journaled], fd: int,
-                    fresh: bool = False) -> tuple[list[tuple[ReceivedInstance, float]], set[Path]]:
-        """First half of :meth:`materialize`: each instance's file written and synced, its digest taken.
+                    fresh: bool = False) -> list[tuple[ReceivedInstance, float]]:
+        """First half of :meth:`materialize`: each instance's file written (not synced), its digest taken.
 
         Returns the records (digest and, for a bare record, the file's size
-        filled in) with their arrival times, and
-        the directories that got a new file (not yet synced), for :meth:`record`.
+        filled in) with their arrival times, for :meth:`record`.
         ``fresh``: the records were appended by this process since it
         started (not replayed), so none can have been materialised before a
         crash: the recorded digests are not looked up (an instance sent again
         with the same bytes gets its file written again, the same bytes).
+        Replayed, an instance whose row has its digest keeps its file only
+        when the file's bytes give that digest (a file written but never
+        synced before a power loss may be empty, short or zeros).
         """
-        written: list[int] = []
-        dirs: set[Path] = set()
         digested: list[tuple[ReceivedInstance, float]] = []
         # Resolved together: each directory once, not a dozen lstat calls per instance (Spool.absolute).
         paths = self.spool.absolute_all(item.record.path for item in items)
         recorded = {} if fresh else self.series.recorded_digests(item.record.sop_uid for item in items)
-        try:
-            for (record, at, offset, size, bare), path in zip(items, paths):
-                data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
-                head = part10_head(record) if bare else b""  # written before the data set, not joined to it
-                if bare:
-                    record = replace(record, size=len(head) + len(data))
-                if not record.sha256:
-                    record = replace(record, sha256=digest(head, data))
-                digested.append((record, at))
-                if recorded.get(record.sop_uid) == record.sha256 and path.is_file() \
-                        and path.stat().st_size == len(head) + len(data):
-                    continue  # materialised before a crash: the file and the row are there
-                written.append(self.spool.write_unsynced(path, data, head))
-                dirs.add(path.parent)
-            for file_fd in written:
-                os.fsync(file_fd)
-        finally:
-            for file_fd in written:
-                os.close(file_fd)
-        return digested, dirs
+        for (record, at, offset, size, bare), path in zip(items, paths):
+            data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
+            head = part10_head(record) if bare else b""  # written before the data set, not joined to it
+            if bare:
+                record = replace(record, size=len(head) + len(data))
+            if not record.sha256:
+                record = replace(record, sha256=digest(head, data))
+            digested.append((record, at))
+            if recorded.get(record.sop_uid) == record.sha256 and _holds(path, len(head) + len(data), record.sha256):
+                continue  # materialised before a crash: the file and the row are there
+            os.close(self.spool.write_unsynced(path, data, head))
+        return digested
 
-    def record(self, digested: Sequence[tuple[ReceivedInstance, float]], dirs: set[Path]) -> None:
-        """Second half of :meth:`materialize`: the new files' directories synced, then every row in one transaction."""
-        for directory in dirs:
-            _sync_dir(directory)
+    def record(self, digested: Sequence[tuple[ReceivedInstance, float]]) -> None:
+        """Second half of :meth:`materialize`: every row in one transaction."""
         outcomes = self.series.record_instances(digested)
         if self.on_recorded is not None:
             for (record, _), outcome in zip(digested, outcomes):
@@ -316,7 +331,9 @@ class IntakeJournal:
         self._state = threading.Condition()
         self._queue: list[_Entry] = []  # appended, not yet recorded; the first len(self._written) have their files
         self._written: list[tuple[ReceivedInstance, float]] = []  # those records, digest filled in
-        self._dirs: set[Path] = set()  # directories of their new files, to sync before their rows
+        self._retired: list[_Segment] = []  # sealed, every record materialised: deleted after the next syncfs
+        self._last_append = time.monotonic()
+        self._sync_failing = False
         self._backlog = 0
         self._synced: tuple[_Segment | None, int] = (None, 0)
         self._failing: str | None = None
@@ -377,6 +394,7 @@ class IntakeJournal:
                                       bare))
             self._queued += 1
             self._backlog += len(data)
+            self._last_append = time.monotonic()
             self._state.notify()
 
     def after_recorded(self, callback: Callable[[], None]) -> None:
@@ -406,13 +424,10 @@ class IntakeJournal:
         self._segment = self._new_segment()
         with self._state:
             old.sealed = True
-            self._drop_if_done(old)
+            if old.pending == 0:
+                self._retired.append(old)  # the materialiser deletes it after a syncfs (not on the C-STORE path)
+                self._state.notify()
         return self._segment
-
-    def _drop_if_done(self, segment: _Segment) -> None:
-        if segment.sealed and segment.pending == 0:
-            segment.close()
-            segment.path.unlink(missing_ok=True)
 
     # -- the materialiser ----------------------------------------------------
     def _run(self) -> None:
@@ -425,6 +440,7 @@ class IntakeJournal:
         is left to write.
         """
         while True:
+            idle: _Segment | None = None
             with self._state:
                 while True:
                     ready, appended = len(self._written), len(self._queue)
@@ -436,10 +452,24 @@ class IntakeJournal:
                         break
                     if ready and (self._waiting or self._stop):
                         break
+                    if self._retired:
+                        break
                     if self._stop:
                         return
-                    self._state.wait(self._queue[0].queued + GATHER_S - time.monotonic() if ready else None)
-            done = self._write(fresh) if fresh is not None else self._record(ready)
+                    timeout = self._queue[0].queued + GATHER_S - time.monotonic() if ready else None
+                    current = self._segment
+                    if not ready and current.pending == 0 and current.size >= SEGMENT_BYTES // 4:
+                        timeout = self._last_append + IDLE_S - time.monotonic()
+                        if timeout <= 0:
+                            idle = current  # intake is idle: give its space back
+                            break
+                    self._state.wait(timeout)
+            if fresh is not None:
+                done = self._write(fresh)
+            elif ready:
+                done = self._record(ready)
+            else:
+                done = self._give_back(idle)
             if not done:
                 time.sleep(RETRY_S)
 
@@ -453,31 +483,27 @@ class IntakeJournal:
     def _write(self, fresh: list[_Entry]) -> bool:
         """The files of ``fresh`` (the queue's entries after the written ones), synced."""
         written: list[tuple[ReceivedInstance, float]] = []
-        dirs: set[Path] = set()
         try:
             start = 0
             while start < len(fresh):  # consecutive entries of one segment share its descriptor
                 stop = start
                 while stop < len(fresh) and fresh[stop].segment is fresh[start].segment:
                     stop += 1
-                records, new_dirs = self.materializer.write_files(
+                written.extend(self.materializer.write_files(
                     [Journaled(e.record, e.received_at, e.offset, e.size, e.bare) for e in fresh[start:stop]],
-                    fresh[start].segment.fd, fresh=True)
-                written.extend(records)
-                dirs |= new_dirs
+                    fresh[start].segment.fd, fresh=True))
                 start = stop
         except Exception as exc:  # disk full or failing: keep the records, refuse new ones
             self._failed(len(fresh), exc)
             return False
         with self._state:
             self._written.extend(written)
-            self._dirs |= dirs
         return True
 
     def _record(self, count: int) -> bool:
         """The rows of the first ``count`` entries of the queue (their files are written), in one transaction."""
         try:
-            self.materializer.record(self._written[:count], self._dirs)
+            self.materializer.record(self._written[:count])
         except Exception as exc:  # database locked or failing: keep the records, refuse new ones
             self._failed(count, exc)
             return False
@@ -488,7 +514,6 @@ class IntakeJournal:
             batch = self._queue[:count]
             del self._queue[:count]
             del self._written[:count]  # all of them: only this thread writes files
-            self._dirs = set()
             self._recorded += count
             due = [callback for mark, callback in self._waiting if mark <= self._recorded]
             self._waiting = [(mark, callback) for mark, callback in self._waiting if mark > self._recorded]
@@ -496,27 +521,47 @@ class IntakeJournal:
                 self._backlog -= entry.size
                 entry.segment.pending -= 1
             for entry in {id(e.segment): e for e in batch}.values():
-                segment = entry.segment
-                if segment is self._segment and segment.pending == 0 and not self._stop:
-                    self._truncate_if_idle(segment)
-                else:
-                    self._drop_if_done(segment)
+                if entry.segment.sealed and entry.segment.pending == 0:
+                    self._retired.append(entry.segment)  # deleted by the next loop, after a syncfs
         for callback in due:
             _run_callback(callback)
         return True
 
-    def _truncate_if_idle(self, segment: _Segment) -> None:
-        """Give back a current segment whose every record is materialised (no append may run meanwhile)."""
-        if segment.size < SEGMENT_BYTES // 4 or not self._append_lock.acquire(blocking=False):
-            return
+    def _give_back(self, idle: _Segment | None) -> bool:
+        """Journal space whose records are all materialised, given back once one ``syncfs`` made their files durable.
+
+        The sealed segments in ``_retired`` are deleted; ``idle``, the
+        current segment, is emptied if nothing was appended to it since.
+        """
+        with self._state:
+            retired, self._retired = self._retired, []
+        size = idle.size if idle is not None else 0  # read before the sync: an append after it changes it
         try:
-            if segment.pending == 0 and self._segment is segment:
-                os.ftruncate(segment.fd, 0)
-                os.fsync(segment.fd)
-                segment.size = 0
-                self._synced = (segment, 0)
-        finally:
-            self._append_lock.release()
+            self.materializer.spool.sync_filesystem()
+        except OSError as exc:
+            if not self._sync_failing:
+                logger.error("Intake: the spool's files could not be synced (the journal keeps them; tried "
+                             "again every %.0f s): %s", RETRY_S, exc)
+            self._sync_failing = True
+            with self._state:
+                self._retired[:0] = retired
+            return False
+        if self._sync_failing:
+            logger.warning("Intake: the spool's files are synced again")
+            self._sync_failing = False
+        for segment in retired:
+            segment.close()
+            segment.path.unlink(missing_ok=True)
+        if idle is not None and self._append_lock.acquire(blocking=False):
+            try:
+                if idle.pending == 0 and self._segment is idle and idle.size == size:
+                    os.ftruncate(idle.fd, 0)
+                    os.fsync(idle.fd)
+                    idle.size = 0
+                    self._synced = (idle, 0)
+            finally:
+                self._append_lock.release()
+        return True
 
     def backlog(self) -> int:
         """Bytes received and acknowledged but not yet materialised."""
@@ -530,11 +575,23 @@ class IntakeJournal:
         self._thread.join(timeout)
         with self._state:
             left = len(self._queue)
+            retired, self._retired = self._retired, []
+        if not left:
+            try:
+                self.materializer.spool.sync_filesystem()  # the materialised files durable before their records go
+            except OSError as exc:
+                logger.error("Intake: the spool's files could not be synced; the journal %s is kept and recorded "
+                             "again at the next start: %s", self.directory, exc)
+                left = -1
         self._segment.close()
-        if left:
+        for segment in retired:
+            segment.close()
+            if left == 0:
+                segment.path.unlink(missing_ok=True)
+        if left > 0:
             logger.warning("Intake: %d instance(s) left in the journal %s; recorded at the next start",
                            left, self.directory)
-        else:
+        elif left == 0:
             self._segment.path.unlink(missing_ok=True)
             (self.directory / f"{self.token}.lock").unlink(missing_ok=True)
         os.close(self._lock_fd)
@@ -568,6 +625,7 @@ def replay_orphans(directory: Path, spool: Spool, series: SeriesStore, on_record
                         materializer.materialize(records[start:start + BATCH], fd)
                 finally:
                     os.close(fd)
+                spool.sync_filesystem()  # the files made durable before the journal that holds their bytes goes
                 if end < size:
                     logger.warning("Intake journal %s: %d byte(s) of a record that was never acknowledged "
                                    "(cut short by a crash) dropped", segment.name, size - end)

@@ -88,7 +88,12 @@ def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[st
     # The process is gone (its lock released) without recording: what it leaves is replayed.
     os.close(journal._lock_fd)
     assert _rows(series) == {}
+    synced_with: list[list[str]] = []  # the journal's segments when the spool is synced
+    real_sync = spool.sync_filesystem
+    monkeypatch.setattr(spool, "sync_filesystem", lambda: (
+        synced_with.append([p.name for p in spool.intake.glob("*.journal")]), real_sync())[1])
     assert replay_orphans(spool.intake, spool, series) == 3
+    assert synced_with == [[segment.name]], "the files synced before the segment holding them is deleted"
     for i, blob in enumerate(blobs):
         assert spool.absolute(_record(spool, i, blob).path).read_bytes() == blob
     assert set(_rows(series)) == {f"1.2.3.4.{i + 1}" for i in range(3)}
@@ -112,7 +117,7 @@ def test_a_crash_after_the_files_before_the_rows_is_recorded_at_the_next_start(
         return out
 
     monkeypatch.setattr(journal.materializer, "write_files", write_files)
-    monkeypatch.setattr(journal.materializer, "record", lambda digested, dirs: (_ for _ in ()).throw(
+    monkeypatch.setattr(journal.materializer, "record", lambda digested: (_ for _ in ()).throw(
         OSError("the process is killed between the files and the rows")))
     blobs = [os.urandom(4000) for _ in range(3)]
     for i, blob in enumerate(blobs):
@@ -132,40 +137,37 @@ def test_a_crash_after_the_files_before_the_rows_is_recorded_at_the_next_start(
 
 def test_a_crash_after_the_rows_leaves_files_and_rows_as_they_are_at_the_next_start(
         state: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Killed after recording, before its segment was removed: the replay finds each file and row there
-    (one query for the batch) and writes none again; one file lost meanwhile, and one whose row has another
-    digest, are written again."""
+    """Killed after recording, before a sync of the spool gave its segment back: the replay finds each file and
+    row there (one query for the batch) and writes none again; one file lost meanwhile, one whose row has another
+    digest, and one of the right size holding zeros (never synced before a power loss), are written again."""
     spool, series = state["spool"], state["series"]
     journal = IntakeJournal(spool.intake, spool, series)
-    recorded = threading.Event()
-    real_record = journal.materializer.record
-
-    def record(digested: Any, dirs: Any) -> None:
-        real_record(digested, dirs)
-        if len(_rows(series)) == 4:
-            recorded.set()
-        raise OSError("the process is killed after the rows, before its segment is removed")
-
-    monkeypatch.setattr(journal.materializer, "record", record)
-    blobs = [os.urandom(3000) for _ in range(4)]
+    blobs = [os.urandom(3000) for _ in range(5)]
     for i, blob in enumerate(blobs):
         journal.append(_record(spool, i, blob), 10.0, blob)
-    assert recorded.wait(10)
+    for _ in range(500):
+        if len(_rows(series)) == 5:
+            break
+        threading.Event().wait(0.01)
+    assert len(_rows(series)) == 5 and len(list(spool.intake.glob("*.journal"))) == 1, "recorded, not given back"
     os.close(journal._lock_fd)  # the process is gone: its journal is an orphan
     paths = [spool.absolute(_record(spool, i, blob).path) for i, blob in enumerate(blobs)]
     inodes = [p.stat().st_ino for p in paths]
     paths[1].unlink()  # lost since
     with series.db.transaction() as c:  # not this content's row
         c.execute("UPDATE instances SET sha256='0' WHERE sop_uid='1.2.3.4.3'")
+    with open(paths[4], "r+b") as f:  # its size on disk, its data never written back
+        f.write(bytes(len(blobs[4])))
     queries: list[str] = []
     real_query = series.db.query
     monkeypatch.setattr(series.db, "query", lambda sql, *a, **k: queries.append(sql) or real_query(sql, *a, **k))
-    assert replay_orphans(spool.intake, spool, series) == 4
+    assert replay_orphans(spool.intake, spool, series) == 5
     assert sum("sha256 FROM instances WHERE sop_uid IN" in q for q in queries) == 1
     assert [p.read_bytes() for p in paths] == blobs
     assert paths[0].stat().st_ino == inodes[0] and paths[3].stat().st_ino == inodes[3], "not written again"
     assert paths[2].stat().st_ino != inodes[2], "its row had another digest: written again"
-    assert len(_rows(series)) == 4 and not list(spool.intake.glob("*.journal"))
+    assert paths[4].stat().st_ino != inodes[4], "its bytes are not the recorded digest's: written again"
+    assert len(_rows(series)) == 5 and not list(spool.intake.glob("*.journal"))
 
 
 def test_a_live_receivers_journal_is_not_replayed(state: dict[str, Any]) -> None:
@@ -389,3 +391,75 @@ def test_live_appends_do_not_look_up_recorded_digests_and_a_resent_instance_is_a
     again.close()
     assert outcomes == ["duplicate"]
     assert path.read_bytes() == stored and len(_rows(series)) == 1
+
+
+def test_journal_space_is_given_back_only_after_a_sync_of_the_spool(state: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are written unsynced: a segment whose records are all recorded stays until a ``syncfs`` of the
+    spool has returned (while it fails, the segments are kept), and the spool's files are never synced one by one."""
+    spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 20_000)
+    failing = threading.Event()
+    failing.set()
+    syncs: list[int] = []
+
+    def sync_filesystem() -> None:
+        syncs.append(len(list(spool.intake.glob("*.journal"))))
+        if failing.is_set():
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool, "sync_filesystem", sync_filesystem)
+    synced_files: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_module.os, "fsync", fsync)
+    journal = IntakeJournal(spool.intake, spool, series)
+    blobs = [os.urandom(6000) for _ in range(12)]
+    for i, blob in enumerate(blobs):
+        journal.append(_record(spool, i, blob), 1.0, blob)
+    for _ in range(500):
+        if len(_rows(series)) == 12 and syncs:
+            break
+        threading.Event().wait(0.01)
+    assert len(_rows(series)) == 12 and syncs, "recorded, and a sync tried"
+    assert len(list(spool.intake.glob("*.journal"))) == journal._seq > 1, "no segment given back while sync fails"
+    failing.clear()
+    for _ in range(500):
+        if len(list(spool.intake.glob("*.journal"))) == 1:
+            break
+        threading.Event().wait(0.01)
+    assert len(list(spool.intake.glob("*.journal"))) == 1, "the sealed segments deleted once a sync returned"
+    calls = len(syncs)
+    journal.close()
+    assert len(syncs) == calls + 1 and not list(spool.intake.glob("*"))
+    assert not [p for p in synced_files if str(spool.incoming) in p], "a spool file synced on its own"
+
+
+def test_the_current_segment_is_emptied_after_a_sync_once_intake_is_idle(state: dict[str, Any],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No sync while a stream goes on (its instances recorded between appends); once no instance came for
+    ``IDLE_S``, one sync, then the segment is emptied."""
+    spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 400_000)  # a quarter: 100 kB
+    monkeypatch.setattr(journal_module, "IDLE_S", 0.5)
+    syncs: list[int] = []
+    real_sync = spool.sync_filesystem
+    journal = IntakeJournal(spool.intake, spool, series)
+    (segment,) = spool.intake.glob("*.journal")
+    monkeypatch.setattr(spool, "sync_filesystem", lambda: (syncs.append(segment.stat().st_size), real_sync())[1])
+    blobs = [os.urandom(12_000) for _ in range(20)]
+    for i, blob in enumerate(blobs):  # every 0.1 s: each recorded before the next
+        journal.append(_record(spool, i, blob), 1.0, blob)
+        threading.Event().wait(0.1)
+    assert syncs == [], "synced while the stream went on"
+    for _ in range(300):
+        if segment.stat().st_size == 0:
+            break
+        threading.Event().wait(0.01)
+    assert segment.stat().st_size == 0 and len(syncs) == 1 and syncs[0] > 200_000, "emptied after one sync"
+    assert len(_rows(series)) == 20
+    journal.close()

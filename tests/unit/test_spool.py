@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,16 @@ def test_write_unsynced_writes_the_head_then_the_data_through_short_writes(tmp_p
     os.close(fd)
     assert path.read_bytes() == data
     assert digest(head, data) == digest(head + data) == __import__("hashlib").sha256(head + data).hexdigest()
+
+
+def test_sync_filesystem_uses_syncfs_and_raises_its_error(tmp_path: Path) -> None:
+    from dicom_node.spool import layout
+
+    spool = Spool(tmp_path / "state")
+    spool.write_unsynced(spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5"), b"data")
+    spool.sync_filesystem()
+    if sys.platform.startswith("linux"):
+        assert layout._SYNCFS is not None, "glibc's syncfs not found"
+        with pytest.raises(OSError) as raised:
+            layout._syncfs(-1)
+        assert raised.value.errno == errno.EBADF
