@@ -18,7 +18,9 @@ The sender is DCMTK ``storescu`` (``TCP_NODELAY=1``), once over one association
 Each run sends a fresh series (new UIDs), so no target sees duplicates.  Every send
 starts with every target idle, the node having completed every series it was sent
 (``completion.quiet_seconds`` 1 s instead of 30, so that a completion is counted in the
-node's CPU and never runs during another target's send).  Prints seconds, instances/s and MB/s per run, each
+node's CPU and never runs during another target's send) and nothing left for the kernel
+to write back (a ``sync`` first: storescp's unsynced files would otherwise be written back
+during a later send of any target).  Prints seconds, instances/s and MB/s per run, each
 target's CPU (user + system of its processes, counted until it is idle again, so the
 node's recording behind the sends is in it) in seconds and ms per instance, a steadier
 figure than the time on a shared machine, the ratios node/Orthanc and
@@ -381,8 +383,11 @@ def main(argv: list[str]) -> int:
             for assocs in (1, 4):
                 for t in targets:  # interleaved, so a busy moment of the machine hits every target
                     # Each send starts with every target idle; its CPU is counted until the target is idle
-                    # again (the node records files and rows behind the sends).
+                    # again (the node records files and rows behind the sends). And with nothing left for the
+                    # kernel to write back: storescp leaves its files unsynced (as its users run it), and their
+                    # writeback, up to 30 s later, would otherwise land in whichever send runs then.
                     before = {u.name: u.settle() for u in targets}[t.name]
+                    os.sync()
                     results.setdefault((t.name, assocs), []).append(send(t, next(fresh), assocs))
                     cpu.setdefault((t.name, assocs), []).append(t.settle() - before)
         median: Callable[[str, int], float] = lambda name, a: statistics.median(results[(name, a)])

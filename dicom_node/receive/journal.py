@@ -15,10 +15,12 @@ still holds every byte of those files: its space is given back only after
 one ``syncfs`` of the spool's filesystem (:meth:`Spool.sync_filesystem`)
 has made them durable: a sealed segment (past :data:`SEGMENT_BYTES`) as soon
 as its records are, the current one once intake has been idle for
-:data:`IDLE_S` and it holds at least a quarter of that.  Recording a stream's rows
+:data:`IDLE_S`.  Recording a stream's rows
 together and leaving the files to that one sync take the per-instance syncs
 (the file's, its directory's) off the disk that the C-STOREs' own
-``fdatasync`` calls wait on.
+``fdatasync`` calls wait on.  The current segment is then not truncated but
+*rewound*: the next stream's records overwrite its allocated blocks, so
+their ``fdatasync`` flushes data without metadata (see :meth:`IntakeJournal._rewind`).
 
 The handler appends the data set as pynetdicom received it, without the
 preamble and File Meta Information of a Part 10 file (a *bare* record):
@@ -31,9 +33,11 @@ Crash safety (POSIX, no filesystem ordering assumed):
 * a record is acknowledged only after ``fdatasync`` of the segment covers it
   (the segment file itself was created and its directory synced before any
   append);
-* each record carries its length and a CRC-32 of its header and bytes: a
-  torn tail (a crash mid-append, never acknowledged) is found and dropped;
-* a segment is deleted (or emptied) only once every record in it is
+* each record carries its length, its segment's lap and a CRC-32 of its
+  header, bytes and lap: a torn tail (a crash mid-append, never
+  acknowledged) is found and dropped, and so is what a rewound segment
+  still holds of its lap before (recorded and synced before the rewind);
+* a segment is deleted (or rewound) only once every record in it is
   materialised (its file written, its row committed) and a ``syncfs`` that
   began after the last of those files was written has returned, so a crash
   at any point leaves in the journal every record whose file might not be
@@ -81,8 +85,13 @@ from dicom_node.store import ReceivedInstance, SeriesStore
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"DNJ1"
-_HEAD = struct.Struct("<4sIQI")  # magic, header length, data length, CRC-32 of header + data
+_MAGIC = b"DNJ2"
+#: magic, header length, data length, lap of the segment, CRC-32 of header + data + lap
+_HEAD = struct.Struct("<4sIQII")
+_LAP = struct.Struct("<I")
+#: The form before laps (a journal left by an earlier version is still replayed): no lap, CRC of header + data.
+_MAGIC_V1 = b"DNJ1"
+_HEAD_V1 = struct.Struct("<4sIQI")
 #: A new segment is started past this size; a fully materialised segment is deleted.
 SEGMENT_BYTES = 256 * 1024 * 1024
 #: Bytes appended but not yet materialised above which intake answers 0xA700 (the sender retries).
@@ -95,9 +104,9 @@ RETRY_S = 1.0
 #: sync per directory) records several instances of a stream; nobody waits on them meanwhile: a release
 #: waiting for its instances to be recorded (:meth:`IntakeJournal.after_recorded`) or a stop ends it at once.
 GATHER_S = 0.05
-#: Seconds without an append after which a current segment of at least SEGMENT_BYTES / 4, every record in it
-#: recorded, is given back (one ``syncfs`` of the spool, then the segment emptied): once a stream has ended,
-#: not between two of its instances, where the sync would flush the files under the C-STOREs' own syncs.
+#: Seconds without an append after which the current segment, every record in it recorded, is given back (one
+#: ``syncfs`` of the spool, then the segment rewound): once a stream has ended, not between two of its instances,
+#: where the sync would flush the files under the C-STOREs' own syncs.
 IDLE_S = 1.0
 
 Recorded = Callable[[ReceivedInstance, str], None]
@@ -169,7 +178,8 @@ class _Segment:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        self.size = 0  # where the next record goes (the file may be longer: a rewound segment's earlier lap)
+        self.lap = 0  # times it was rewound; in every record, so that an earlier lap's records are never read
         self.pending = 0  # records appended, not yet materialised
         self.sealed = False  # no more appends: deleted once pending is 0
 
@@ -205,32 +215,48 @@ def _run_callback(callback: Callable[[], None]) -> None:
         logger.exception("Intake: a callback after recording failed")
 
 
-def encode_record(record: ReceivedInstance, received_at: float, data: bytes | memoryview,
-                  bare: bool = False) -> tuple[bytes, bytes]:
-    """The record's fixed header plus JSON header, and nothing else: the data follows as given."""
+def encode_header(record: ReceivedInstance, received_at: float, data: bytes | memoryview,
+                  bare: bool = False) -> tuple[bytes, int]:
+    """A record's JSON header and the CRC-32 of it and ``data`` (the lap is added by :func:`record_head`)."""
     fields = {**asdict(record), "received_at": received_at, **({"bare": True} if bare else {})}
     header = json.dumps(fields, separators=(",", ":")).encode()
-    crc = zlib.crc32(data, zlib.crc32(header))
-    return _HEAD.pack(_MAGIC, len(header), len(data), crc) + header, header
+    return header, zlib.crc32(data, zlib.crc32(header))
+
+
+def record_head(header: bytes, crc: int, data_size: int, lap: int) -> bytes:
+    """What is written before a record's data: the fixed part (magic, lengths, lap, CRC) and the JSON header."""
+    return _HEAD.pack(_MAGIC, len(header), data_size, lap, zlib.crc32(_LAP.pack(lap), crc)) + header
 
 
 def read_records(fd: int) -> tuple[list[Journaled], int, int]:
-    """Every whole record of a segment: ``([Journaled], valid end, size)``.
+    """Every whole record of a segment's current lap: ``([Journaled], valid end, size)``.
 
     Reading stops at the first record that is incomplete or fails its CRC
-    (a torn tail: it was never acknowledged).
+    (a torn tail: it was never acknowledged), or belongs to another lap than
+    the first record's (what is left of an earlier lap of a rewound segment,
+    all of it recorded before the rewind).
     """
     size = os.fstat(fd).st_size
     out: list[Journaled] = []
     offset = 0
-    while offset + _HEAD.size <= size:
-        magic, header_len, data_len, crc = _HEAD.unpack(os.pread(fd, _HEAD.size, offset))
-        start = offset + _HEAD.size
-        if magic != _MAGIC or start + header_len + data_len > size:
+    first_lap: int | None = None
+    while offset + _HEAD_V1.size <= size:
+        fixed = os.pread(fd, _HEAD.size, offset)
+        lap: int | None
+        if fixed[:4] == _MAGIC and len(fixed) == _HEAD.size:
+            _, header_len, data_len, lap, crc = _HEAD.unpack(fixed)
+            start = offset + _HEAD.size
+        elif fixed[:4] == _MAGIC_V1:
+            _, header_len, data_len, crc = _HEAD_V1.unpack_from(fixed)
+            start, lap = offset + _HEAD_V1.size, None
+        else:
+            break
+        if out and lap != first_lap or start + header_len + data_len > size:
             break
         header = os.pread(fd, header_len, start)
         data = os.pread(fd, data_len, start + header_len)
-        if zlib.crc32(data, zlib.crc32(header)) != crc:
+        check = zlib.crc32(data, zlib.crc32(header))
+        if (check if lap is None else zlib.crc32(_LAP.pack(lap), check)) != crc:
             break
         try:
             fields = json.loads(header)
@@ -240,6 +266,7 @@ def read_records(fd: int) -> tuple[list[Journaled], int, int]:
         except (ValueError, TypeError, KeyError):
             break
         out.append(Journaled(record, received_at, start + header_len, data_len, bare))
+        first_lap = lap
         offset = start + header_len + data_len
     return out, offset, size
 
@@ -368,12 +395,13 @@ class IntakeJournal:
             The journal could not be written or synced (disk full, I/O error):
             the instance is not acknowledged.
         """
-        head, _ = encode_record(record, received_at, data, bare)
+        header, crc = encode_header(record, received_at, data, bare)  # the CRC of 512 kB outside the lock
         with self._append_lock:
             segment = self._segment
             if segment.size > SEGMENT_BYTES:
                 segment = self._rotate()
             offset = segment.size
+            head = record_head(header, crc, len(data), segment.lap)
             try:
                 os.pwrite(segment.fd, head, offset)
                 os.pwrite(segment.fd, data, offset + len(head))
@@ -458,7 +486,7 @@ class IntakeJournal:
                         return
                     timeout = self._queue[0].queued + GATHER_S - time.monotonic() if ready else None
                     current = self._segment
-                    if not ready and current.pending == 0 and current.size >= SEGMENT_BYTES // 4:
+                    if not ready and current.pending == 0 and current.size > 0:
                         timeout = self._last_append + IDLE_S - time.monotonic()
                         if timeout <= 0:
                             idle = current  # intake is idle: give its space back
@@ -527,11 +555,28 @@ class IntakeJournal:
             _run_callback(callback)
         return True
 
+    def _rewind(self, segment: _Segment) -> None:
+        """Write the next records over the segment from its start (the append lock held, every record recorded).
+
+        Its blocks stay allocated, so the records of the next lap overwrite
+        allocated blocks and each ``fdatasync`` flushes data alone, no
+        metadata (on a journaled ext4 here, 0.55 ms instead of 1.0 ms for a
+        512 kB record): the first record's fixed part is zeroed and synced
+        first, so that nothing of the lap before is read back, and each
+        record of the new lap carries its number (:func:`read_records` stops
+        at one of another lap).
+        """
+        os.pwrite(segment.fd, bytes(_HEAD.size), 0)
+        os.fdatasync(segment.fd)
+        segment.size = 0
+        segment.lap += 1
+        self._synced = (segment, 0)
+
     def _give_back(self, idle: _Segment | None) -> bool:
         """Journal space whose records are all materialised, given back once one ``syncfs`` made their files durable.
 
         The sealed segments in ``_retired`` are deleted; ``idle``, the
-        current segment, is emptied if nothing was appended to it since.
+        current segment, is rewound (:meth:`_rewind`) if nothing was appended to it since.
         """
         with self._state:
             retired, self._retired = self._retired, []
@@ -555,10 +600,7 @@ class IntakeJournal:
         if idle is not None and self._append_lock.acquire(blocking=False):
             try:
                 if idle.pending == 0 and self._segment is idle and idle.size == size:
-                    os.ftruncate(idle.fd, 0)
-                    os.fsync(idle.fd)
-                    idle.size = 0
-                    self._synced = (idle, 0)
+                    self._rewind(idle)
             finally:
                 self._append_lock.release()
         return True

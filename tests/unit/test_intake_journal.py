@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +79,8 @@ def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[st
         journal.append(_record(spool, i, blob), 10.0, blob)
     (segment,) = spool.intake.glob("*.journal")
     # A crash mid-append of a fourth: its bytes are cut short (never acknowledged).
-    head, _ = journal_module.encode_record(_record(spool, 3, blobs[0]), 10.0, blobs[0])
+    header, crc = journal_module.encode_header(_record(spool, 3, blobs[0]), 10.0, blobs[0])
+    head = journal_module.record_head(header, crc, len(blobs[0]), 0)
     with open(segment, "ab") as f:
         f.write(head + blobs[0][:100])
     fd = os.open(segment, os.O_RDONLY)
@@ -141,6 +143,7 @@ def test_a_crash_after_the_rows_leaves_files_and_rows_as_they_are_at_the_next_st
     row there (one query for the batch) and writes none again; one file lost meanwhile, one whose row has another
     digest, and one of the right size holding zeros (never synced before a power loss), are written again."""
     spool, series = state["spool"], state["series"]
+    monkeypatch.setattr(journal_module, "IDLE_S", 3600.0)  # killed before intake was idle long enough
     journal = IntakeJournal(spool.intake, spool, series)
     blobs = [os.urandom(3000) for _ in range(5)]
     for i, blob in enumerate(blobs):
@@ -439,27 +442,58 @@ def test_journal_space_is_given_back_only_after_a_sync_of_the_spool(state: dict[
     assert not [p for p in synced_files if str(spool.incoming) in p], "a spool file synced on its own"
 
 
-def test_the_current_segment_is_emptied_after_a_sync_once_intake_is_idle(state: dict[str, Any],
+def test_the_current_segment_is_rewound_after_a_sync_once_intake_is_idle(state: dict[str, Any],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """No sync while a stream goes on (its instances recorded between appends); once no instance came for
-    ``IDLE_S``, one sync, then the segment is emptied."""
+    ``IDLE_S``, one sync, then the segment is rewound: the next stream's records overwrite the earlier lap's (of
+    the same sizes, so their boundaries fall on the old records), and a crash then replays the new lap alone."""
     spool, series = state["spool"], state["series"]
-    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 400_000)  # a quarter: 100 kB
     monkeypatch.setattr(journal_module, "IDLE_S", 0.5)
     syncs: list[int] = []
     real_sync = spool.sync_filesystem
     journal = IntakeJournal(spool.intake, spool, series)
     (segment,) = spool.intake.glob("*.journal")
-    monkeypatch.setattr(spool, "sync_filesystem", lambda: (syncs.append(segment.stat().st_size), real_sync())[1])
+
+    def records() -> list[str]:
+        fd = os.open(segment, os.O_RDONLY)
+        try:
+            return [item.record.sop_uid for item in read_records(fd)[0]]
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(spool, "sync_filesystem", lambda: (syncs.append(len(records())), real_sync())[1])
     blobs = [os.urandom(12_000) for _ in range(20)]
     for i, blob in enumerate(blobs):  # every 0.1 s: each recorded before the next
         journal.append(_record(spool, i, blob), 1.0, blob)
         threading.Event().wait(0.1)
     assert syncs == [], "synced while the stream went on"
     for _ in range(300):
-        if segment.stat().st_size == 0:
+        if journal._segment.size == 0:
             break
         threading.Event().wait(0.01)
-    assert segment.stat().st_size == 0 and len(syncs) == 1 and syncs[0] > 200_000, "emptied after one sync"
-    assert len(_rows(series)) == 20
-    journal.close()
+    assert journal._segment.size == 0 and syncs == [20], "rewound after one sync"
+    assert records() == [] and segment.stat().st_size > 200_000, "nothing of the first lap is read back"
+    again = [os.urandom(12_000) for _ in range(3)]
+    monkeypatch.setattr(journal.materializer, "write_files", lambda items, fd, fresh=False: (_ for _ in ()).throw(
+        OSError("the process is killed before it records the second stream")))
+    for i, blob in enumerate(again):
+        journal.append(_record(spool, i, blob, series="1.2.3.5"), 2.0, blob)
+    assert records() == ["1.2.3.5.1", "1.2.3.5.2", "1.2.3.5.3"], "the second lap's records, none of the first's"
+    os.close(journal._lock_fd)  # the process is gone
+    assert replay_orphans(spool.intake, spool, series) == 3
+    assert len(_rows(series)) == 23
+
+
+def test_a_journal_of_the_form_before_laps_is_replayed(state: dict[str, Any]) -> None:
+    """A segment left by a version whose records had no lap (magic DNJ1) is still read and recorded."""
+    spool, series = state["spool"], state["series"]
+    spool.intake.mkdir(parents=True, exist_ok=True)
+    blobs = [os.urandom(2000) for _ in range(2)]
+    with open(spool.intake / "4242-abcd-000001.journal", "wb") as f:
+        for i, blob in enumerate(blobs):
+            header, crc = journal_module.encode_header(_record(spool, i, blob), 5.0, blob)
+            f.write(struct.pack("<4sIQI", b"DNJ1", len(header), len(blob), crc) + header + blob)
+    (spool.intake / "4242-abcd.lock").touch()
+    assert replay_orphans(spool.intake, spool, series) == 2
+    for i, blob in enumerate(blobs):
+        assert spool.absolute(_record(spool, i, blob).path).read_bytes() == blob
