@@ -39,6 +39,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from dicom_node.domain import SeriesState, SeriesSummary
 from dicom_node.rules.matcher import quiet_seconds_for
+from dicom_node.send.requestor import requestor_handlers
 from dicom_node.settings import CFindPeerSettings, RuleSettings, Settings
 from dicom_node.store import SeriesStore
 
@@ -74,7 +75,7 @@ def cfind_series_count(peer: CFindPeerSettings, calling_ae: str, study_uid: str,
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_s
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=requestor_handlers())
     if not assoc.is_established:
         logger.warning("C-FIND to %s@%s:%d: association not established; completion falls back to the timer",
                        peer.ae_title, peer.host, peer.port)

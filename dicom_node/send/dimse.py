@@ -31,13 +31,13 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
 
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import SendError
 from dicom_node.send import SendReport
-from dicom_node.tcp import set_nodelay
+from dicom_node.send.requestor import requestor_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
     _configure(ae, timeout_s)
     for sop_class, syntaxes in proposed_contexts(headers):
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=requestor_handlers())
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             names = ", ".join(sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts}))
@@ -248,7 +248,7 @@ def echo(*, ae_title: str, host: str, port: int, calling_ae_title: str, timeout_
     ae = AE(ae_title=calling_ae_title)
     _configure(ae, timeout_s)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=requestor_handlers())
     if not assoc.is_established:
         return None
     try:

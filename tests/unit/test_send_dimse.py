@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,3 +251,36 @@ def test_a_refusal_in_one_part_fails_the_whole_send_permanently(tmp_path: Path, 
                    timeout_s=10, associations=2)
     assert not refused.value.retryable
     assert len(scp.received) == 13, "the first part went through, the second stopped at the refusal"
+
+
+def test_the_association_threads_poll_in_its_window_leaves_each_response_to_the_sending_call(
+        tmp_path: Path, scp_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's association thread polls for peer requests (``get_msg(block=False)``) and pauses the poll around
+    each of our requests, with a window in which the poll still runs: here the poll is made in that window, once
+    each response has arrived. It gets nothing, and the call gets its response (pynetdicom's own provider gives the
+    poll the response: the call then waits out its DIMSE timeout and the send fails, to be retried whole)."""
+    from dicom_node.send.requestor import RequestorDimseProvider
+
+    scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
+    files = []
+    for i in range(3):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = f"1.2.3.4.{i + 1}"
+        files.append(tmp_path / f"ct{i}.dcm")
+        ds.save_as(files[-1])
+    polled: list[Any] = []
+    real_send = RequestorDimseProvider.send_msg
+
+    def send_then_poll(self: Any, primitive: Any, context_id: int) -> None:
+        real_send(self, primitive, context_id)
+        for _ in range(500):  # the response has arrived
+            if self.msg_queue.qsize():
+                break
+            threading.Event().wait(0.01)
+        polled.append(self.get_msg(block=False))  # what the association thread's poll would take
+
+    monkeypatch.setattr(RequestorDimseProvider, "send_msg", send_then_poll)
+    report = send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
+                        timeout_s=3)
+    assert report.sent == 3 and [uid for uid, _, _ in scp.received] == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
+    assert polled == [(None, None)] * 3
