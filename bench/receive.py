@@ -15,7 +15,9 @@ The sender is DCMTK ``storescu`` (``TCP_NODELAY=1``), once over one association
   at checkpoints);
 * DCMTK ``storescp --fork`` writing into a temporary folder.
 
-Each run sends a fresh series (new UIDs), so no target sees duplicates.  Every send
+Before the timed sends, every target is sent a whole series over one association and one over
+four, untimed (first associations, caches; the node's intake journals reach the size they keep in
+service).  Each run sends a fresh series (new UIDs), so no target sees duplicates.  Every send
 starts with every target idle, the node having completed every series it was sent
 (``completion.quiet_seconds`` 1 s instead of 30, so that a completion is counted in the
 node's CPU and never runs during another target's send) and nothing left for the kernel
@@ -358,7 +360,7 @@ def main(argv: list[str]) -> int:
                              "own (a loop-mounted image file); here: to the temporary folder's own filesystem")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
-    count = 2 * args.rounds * 3 + 3
+    count = 2 * args.rounds * 3 + 2 * 3
     # Each target's copies of what it is sent (and the node's journal), with room to spare; sparse files.
     size_gb = max(4, int(2 * count * args.slices * 0.53e6 / 2**30) + 2)
     mounted = [folder for folder in (work / name for name in ("node", "orthanc", "storescp"))
@@ -377,8 +379,13 @@ def main(argv: list[str]) -> int:
         results: dict[tuple[str, int], list[float]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}
         fresh = iter(series)
-        for t in targets:  # warm-up, not timed: every target's first association (imports, caches, files)
-            send(t, next(fresh)[:20], 4)
+        # Warm-up, not timed: a whole series over one association, then one over four, to every target (its
+        # first associations: imports, caches, files; and the node's intake journals grown to the size they
+        # keep, as on a node in service: a journal rewound between streams is written over, not extended).
+        for t in targets:
+            for assocs in (1, 4):
+                t.settle()
+                send(t, next(fresh), assocs)
         for _ in range(args.rounds):
             for assocs in (1, 4):
                 for t in targets:  # interleaved, so a busy moment of the machine hits every target
