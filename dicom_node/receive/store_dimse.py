@@ -44,18 +44,37 @@ class is gathering, or command fragments past :data:`MAX_COMMAND_BYTES`,
 end the association as pynetdicom ends a message it cannot decode
 (``Evt19``: A-ABORT).  ``tests/unit/test_store_dimse.py``
 compares both directions with pynetdicom's own.
+
+A whole plain C-STORE request is also *served* here, in the DUL's thread
+that read its last fragment (:meth:`StoreDimseProvider._serve`), instead of
+being queued for pynetdicom's association thread: that thread polls its
+queue every millisecond, and the DUL's thread, idle while the handler runs,
+polls for the response every millisecond too.  `py-spy` on a receiver taking
+a 200-instance series had the DUL's thread asleep in its poll 92 % of the
+association and the association's thread 58 %; served here, the handler's
+response is sent at the DUL's next turn.  The handler bound to
+``EVT_C_STORE`` is triggered and answered as pynetdicom's Storage SCP does
+(``evt.trigger``; the status validated by its ``StorageServiceClass``; a
+handler's exception answered ``0xC211``); anything else (no handler, an
+association not established, SOP Class extended negotiation, an unknown
+context, a SOP class of another service) is queued for pynetdicom as before.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from io import BytesIO
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+logger = logging.getLogger(__name__)
 
 #: (0000,0100) Command Field of a C-STORE-RQ and -RSP; (0000,0800) Command Data Set Type "no data set".
 _C_STORE_RQ: Final = 0x0001
@@ -180,6 +199,7 @@ class StoreDimseProvider(DIMSEServiceProvider):
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
         self._incoming: _Incoming | None = None
+        self._accepted: dict[int, Any] | None = None
 
     # -- requests ------------------------------------------------------------
     def receive_primitive(self, primitive: P_DATA) -> None:
@@ -217,7 +237,8 @@ class StoreDimseProvider(DIMSEServiceProvider):
                     request.DataSet = incoming.data
                     request._context_id = incoming.context_id
                     self._incoming = None
-                    self.msg_queue.put((incoming.context_id, request))
+                    if not self._serve(request, incoming.context_id):
+                        self.msg_queue.put((incoming.context_id, request))
                     return
 
     @staticmethod
@@ -241,6 +262,50 @@ class StoreDimseProvider(DIMSEServiceProvider):
         assert incoming is not None and incoming.request is None
         for primitive in incoming.primitives:
             super().receive_primitive(primitive)
+
+    def _serve(self, request: C_STORE, context_id: int) -> bool:
+        """Serve a whole C-STORE request here, in the DUL's thread, as pynetdicom's Storage SCP serves it; ``False``
+        (nothing done) when it is not the plain case, for pynetdicom's association thread to serve.
+
+        pynetdicom's association thread finds a request by polling its queue every
+        millisecond, and the DUL's thread, idle while the handler runs, finds the
+        response on its own queue by polling every millisecond too: about 1 ms per
+        instance of the sender waiting on two polls.  Here the handler bound to
+        ``EVT_C_STORE`` is triggered as the Storage SCP triggers it (``evt.trigger``
+        with the request and the context's tuple), its status validated by
+        pynetdicom's :class:`~pynetdicom.service_class.StorageServiceClass`, an
+        exception answered ``0xC211`` as pynetdicom answers it; the response
+        queued for the DUL, which sends it at its next turn, without waiting.
+        """
+        assoc = self.assoc
+        if not assoc.get_handlers(evt.EVT_C_STORE) or not (assoc.is_acceptor and assoc.is_established) \
+                or assoc.acceptor.accepted_common_extended:
+            return False
+        context = self._contexts().get(context_id)
+        if (context is None or request.AffectedSOPClassUID is None
+                or uid_to_service_class(request.AffectedSOPClassUID) is not StorageServiceClass):
+            return False
+        response = C_STORE()
+        response.MessageID = request.MessageID
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        try:
+            status = evt.trigger(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        except Exception:
+            logger.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
+            response.Status = 0xC211
+            self.send_msg(response, context_id)
+            return True
+        if assoc.is_established:
+            self.send_msg(StorageServiceClass(assoc).validate_status(cast(Any, status), response), context_id)
+        return True
+
+    def _contexts(self) -> dict[int, Any]:
+        """The association's accepted presentation contexts by ID (fixed once it is established)."""
+        if self._accepted is None:
+            self._accepted = {cx.context_id: cx for cx in self.assoc.accepted_contexts if cx.context_id is not None}
+        return self._accepted
 
     # -- responses -----------------------------------------------------------
     def send_msg(self, primitive: Any, context_id: int) -> None:

@@ -301,3 +301,63 @@ def test_command_fragments_without_end_abort() -> None:
     fragment = _pdata(1, 0x01, b"\x00" * 16_000)  # command, not the last fragment
     assert _received(StoreDimseProvider, [fragment] * 4) == ([], [])  # 64,000 bytes: still gathered
     assert _received(StoreDimseProvider, [fragment] * 5) == ([], ["Evt19"])
+
+
+def _statuses_and_threads(install: bool) -> tuple[list[tuple[int, ...]], list[str]]:
+    """C-STOREs over one association to a pynetdicom SCP (with this provider installed or not): each response's
+    Status (and Error Comment, if any) and the thread the handler ran in."""
+    import threading
+
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+
+    threads: list[str] = []
+
+    def handler(event: Any) -> Any:
+        threads.append("dul" if threading.current_thread() is event.assoc.dul else "association")
+        ending = str(event.request.AffectedSOPInstanceUID).rsplit(".", 1)[1]
+        if ending == "3":
+            raise RuntimeError("a handler's defect")
+        if ending == "4":
+            status = Dataset()
+            status.Status, status.ErrorComment = 0xB000, "coerced"
+            return status
+        return {"1": 0x0000, "2": 0xA700, "5": 0xFFFF}[ending]  # 0xFFFF: not a storage status
+
+    def opened(event: Any) -> None:
+        if install and event.assoc.is_acceptor:
+            event.assoc.dimse = StoreDimseProvider(event.assoc)
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, opened)])
+    out: list[tuple[int, ...]] = []
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+        assert assoc.is_established
+        for ending in "12345":
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = CTImageStorage, f"1.2.3.{ending}", "P"
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+            rsp = assoc.send_c_store(ds)
+            out.append((int(rsp.Status), *([1] if "ErrorComment" in rsp else [])))
+        assoc.release()
+    finally:
+        server.shutdown()
+    return out, threads
+
+
+def test_a_plain_store_is_served_in_the_dul_thread_with_pynetdicoms_responses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served where its last fragment is read (no poll of the association thread between the request and the
+    handler, nor of the DUL's between the handler and the response); statuses, an Error Comment, a handler's
+    exception (0xC211) and a status that is not the service's exactly as pynetdicom's own Storage SCP answers."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs (dicom_node.logs)
+    theirs, their_threads = _statuses_and_threads(install=False)
+    ours, our_threads = _statuses_and_threads(install=True)
+    assert ours == theirs
+    assert [status for status, *_ in theirs] == [0x0000, 0xA700, 0xC211, 0xB000, 0xFFFF]
+    assert their_threads == ["association"] * 5 and our_threads == ["dul"] * 5
