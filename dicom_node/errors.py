@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 
 class DicomNodeError(Exception):
     """Base of every error the node raises on purpose."""
@@ -35,7 +38,15 @@ class ModelError(DicomNodeError):
 
 
 class SendError(DicomNodeError):
-    """A result could not be delivered; ``retryable`` says whether to try again."""
+    """A result could not be delivered; ``retryable`` says whether to try again.
+
+    ``stored``: the files the destination confirmed storing before the
+    failure (a retry need not send them again).
+    """
+
+    def __init__(self, message: str, *, retryable: bool | None = None, stored: Sequence[Path] = ()) -> None:
+        super().__init__(message, retryable=retryable)
+        self.stored: tuple[Path, ...] = tuple(stored)
 
 
 class ResultError(DicomNodeError):

@@ -25,6 +25,7 @@ from dicom_node.rules.summary import GeometryCache, never_process_reason, read_s
 from dicom_node.scheduler.completion import SeriesCompletion
 from dicom_node.scheduler.pipeline import InferOutcome, InferTask, ProducedObject, study_inputs
 from dicom_node.scheduler.study import WAITING, StudyRules
+from dicom_node.send import SendReport
 from dicom_node.send.health import probe as echo_or_get
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -405,17 +406,29 @@ class Pipeline:
             self.jobs.fail(job.id, f"result file(s) missing from the spool: {', '.join(missing)}", now_fn())
             return True
         conf = self.settings.send
+        # Objects an earlier attempt got confirmed are not sent again (the SEG fallback's first send excepted:
+        # what was refused there decides what follows, so it is always sent whole).
+        confirmed = set(job.payload.get("confirmed", [])) if not has_fallback else set()
+        relative = dict(zip(files, job.payload["files"]))
+        remaining = [f for f in files if relative[f] not in confirmed]
         try:
             if has_fallback:
                 report = self.sender(files, dest, self.settings.node.ae_title, skip_refused=True)
                 note = self._send_seg_fallback(job, dest, report, fallback, now_fn())
+            elif remaining:
+                report, note = self.sender(remaining, dest, self.settings.node.ae_title), None
             else:
-                report, note = self.sender(files, dest, self.settings.node.ae_title), None
+                report, note = SendReport(sent=0), None
         except SendError as exc:
             now = now_fn()
+            stored = {relative[f] for f in exc.stored if f in relative} if not has_fallback else set()
+            payload = {**job.payload, "confirmed": sorted(confirmed | stored)} if stored - confirmed else None
             if exc.retryable:
+                if payload is not None:
+                    logger.info("Job %d: %d of its %d object(s) confirmed by %s so far; the next attempt sends "
+                                "the rest", job.id, len(payload["confirmed"]), len(files), job.destination)
                 self.jobs.retry_later(job.id, str(exc), now, now + self.backoff(job.attempts),
-                                      conf.max_attempts, conf.max_age_hours * 3600)
+                                      conf.max_attempts, conf.max_age_hours * 3600, payload=payload)
             else:
                 self.jobs.bury(job.id, str(exc), now)
             self.on_event("send_failed", {"destination": job.destination, "series": job.series_uid,
@@ -428,7 +441,9 @@ class Pipeline:
                                   conf.max_attempts, conf.max_age_hours * 3600)
             return True
         self.jobs.complete(job.id, now_fn(), payload={**job.payload, "seg_fallback": note} if note else None)
-        logger.info("Job %d: %d object(s) sent to %s%s%s", job.id, report.sent, job.destination,
+        logger.info("Job %d: %d object(s) sent to %s%s%s%s", job.id, report.sent, job.destination,
+                    f" ({len(files) - len(remaining)} more confirmed by an earlier attempt)"
+                    if len(remaining) < len(files) and not has_fallback else "",
                     f", {len(report.warnings)} with warnings" if report.warnings else "",
                     f", {report.transcoded} transcoded" if report.transcoded else "")
         self.on_event("sent", {"destination": job.destination, "count": report.sent,

@@ -179,39 +179,50 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
         why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted the association"
         raise SendError(f"destination {ae_title}@{host}:{port} {why}", retryable=True)
     warnings: list[str] = []
-    sent = transcoded = 0
     refused: list[str] = []
+    stored: list[Path] = []
     try:
-        for path, header in zip(files, headers):
-            if skip_refused and not any(cx.abstract_syntax == header.SOPClassUID for cx in assoc.accepted_contexts):
-                if str(header.SOPClassUID) not in refused:
-                    logger.warning("C-STORE to %s: %s not accepted in association negotiation; not sent",
-                                   ae_title, UID(str(header.SOPClassUID)).name)
-                    refused.append(str(header.SOPClassUID))
-                continue
-            ds = dcmread(path)
-            transcoded += _fit_to_association(ds, assoc, ae_title)
-            status = assoc.send_c_store(ds)
-            code = int(status.Status) if "Status" in status else None
-            if code is None:
-                raise SendError(f"no C-STORE response from {ae_title} (connection lost or timeout)",
-                                retryable=True)
-            if code == 0x0000:
-                sent += 1
-            elif 0xB000 <= code <= 0xBFFF:
-                sent += 1
-                warnings.append(f"0x{code:04X}")
-                logger.warning("C-STORE of %s to %s: warning status 0x%04X", ds.SOPInstanceUID, ae_title, code)
-            elif 0xA700 <= code <= 0xA7FF:
-                raise SendError(f"{ae_title} is out of resources (0x{code:04X})", retryable=True)
-            else:
-                comment = str(status.get("ErrorComment", "")).strip()
-                raise SendError(f"{ae_title} refused {UID(str(ds.SOPClassUID)).name} with status 0x{code:04X}"
-                                + (f" ({comment})" if comment else ""), retryable=False)
+        transcoded = _store_each(assoc, files, headers, ae_title, skip_refused, stored, refused, warnings)
+    except SendError as exc:
+        exc.stored = tuple(stored)  # what the destination confirmed before it failed: not sent again
+        raise
     finally:
         if assoc.is_established:
             assoc.release()
-    return SendReport(sent=sent, warnings=tuple(warnings), transcoded=transcoded, refused=tuple(refused))
+    return SendReport(sent=len(stored), warnings=tuple(warnings), transcoded=transcoded, refused=tuple(refused))
+
+
+def _store_each(assoc: Association, files: Sequence[Path], headers: Sequence[Dataset], ae_title: str,
+                skip_refused: bool, stored: list[Path], refused: list[str], warnings: list[str]) -> int:
+    """C-STORE each file over ``assoc``, each confirmed one appended to ``stored`` as its response comes;
+    returns how many were transcoded."""
+    transcoded = 0
+    for path, header in zip(files, headers):
+        if skip_refused and not any(cx.abstract_syntax == header.SOPClassUID for cx in assoc.accepted_contexts):
+            if str(header.SOPClassUID) not in refused:
+                logger.warning("C-STORE to %s: %s not accepted in association negotiation; not sent",
+                               ae_title, UID(str(header.SOPClassUID)).name)
+                refused.append(str(header.SOPClassUID))
+            continue
+        ds = dcmread(path)
+        transcoded += _fit_to_association(ds, assoc, ae_title)
+        status = assoc.send_c_store(ds)
+        code = int(status.Status) if "Status" in status else None
+        if code is None:
+            raise SendError(f"no C-STORE response from {ae_title} (connection lost or timeout)", retryable=True)
+        if code == 0x0000:
+            stored.append(path)
+        elif 0xB000 <= code <= 0xBFFF:
+            stored.append(path)
+            warnings.append(f"0x{code:04X}")
+            logger.warning("C-STORE of %s to %s: warning status 0x%04X", ds.SOPInstanceUID, ae_title, code)
+        elif 0xA700 <= code <= 0xA7FF:
+            raise SendError(f"{ae_title} is out of resources (0x{code:04X})", retryable=True)
+        else:
+            comment = str(status.get("ErrorComment", "")).strip()
+            raise SendError(f"{ae_title} refused {UID(str(ds.SOPClassUID)).name} with status 0x{code:04X}"
+                            + (f" ({comment})" if comment else ""), retryable=False)
+    return transcoded
 
 
 def _send_in_parts(files: Sequence[Path], parts: int, **destination: Any) -> SendReport:
@@ -229,7 +240,12 @@ def _send_in_parts(files: Sequence[Path], parts: int, **destination: Any) -> Sen
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         refusals = [e for e in errors if isinstance(e, SendError) and not e.retryable]
-        raise (refusals or errors)[0]
+        error = (refusals or errors)[0]
+        if isinstance(error, SendError):  # what every part had confirmed (a part that skipped nothing: all of it)
+            error.stored = tuple(f for chunk, outcome in zip(chunks, outcomes) for f in (
+                outcome.stored if isinstance(outcome, SendError)
+                else chunk if isinstance(outcome, SendReport) and not outcome.refused else ()))
+        raise error
     reports = [o for o in outcomes if isinstance(o, SendReport)]
     return SendReport(sent=sum(r.sent for r in reports), warnings=tuple(w for r in reports for w in r.warnings),
                       transcoded=sum(r.transcoded for r in reports),

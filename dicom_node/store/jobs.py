@@ -214,7 +214,8 @@ class JobStore:
         self._set(job_id, JobState.FAILED, now, reason)
 
     def retry_later(self, job_id: int, reason: str, now: float, next_attempt_at: float,
-                    max_attempts: int, max_age_s: float | None = None) -> JobState:
+                    max_attempts: int, max_age_s: float | None = None,
+                    payload: dict[str, Any] | None = None) -> JobState:
         """Schedule another attempt, or declare the job dead when attempts or time are exhausted.
 
         Parameters
@@ -224,6 +225,8 @@ class JobStore:
         max_age_s:
             Seconds after its creation (or after an operator's requeue) after
             which the job is dead, whatever its attempt count; ``None``: no limit.
+        payload:
+            The job's payload from now on (a SEND job's objects confirmed so far), or ``None``: unchanged.
 
         Returns
         -------
@@ -241,6 +244,8 @@ class JobStore:
                 reason = f"gave up after {limit}: {reason}"
             c.execute("UPDATE jobs SET state=?, reason=?, next_attempt_at=?, updated_at=? WHERE id=?",
                       (state, reason, next_attempt_at, now, job_id))
+            if payload is not None:
+                c.execute("UPDATE jobs SET payload=? WHERE id=?", (json.dumps(payload), job_id))
             self._refresh_series(c, row["series_uid"], now)
         if state is JobState.DEAD:
             logger.error("Job %d dead: %s", job_id, reason)

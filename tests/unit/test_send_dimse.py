@@ -284,3 +284,22 @@ def test_the_association_threads_poll_in_its_window_leaves_each_response_to_the_
                         timeout_s=3)
     assert report.sent == 3 and [uid for uid, _, _ in scp.received] == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
     assert polled == [(None, None)] * 3
+
+
+@pytest.mark.parametrize("associations", [1, 2])
+def test_a_failed_send_names_what_the_destination_had_confirmed(tmp_path: Path, scp_factory: Any,
+                                                                associations: int) -> None:
+    scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
+    files = []
+    for i in range(16):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = f"1.2.3.4.{i + 1}"
+        files.append(tmp_path / f"ct{i:02d}.dcm")
+        ds.save_as(files[-1])
+    scp.refuse = {"1.2.3.4.12"}  # the fourth of the second half
+    with pytest.raises(SendError) as raised:
+        send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
+                   timeout_s=10, associations=associations)
+    confirmed = files[:11] if associations == 1 else files[:8] + files[8:11]
+    assert sorted(raised.value.stored) == sorted(confirmed)
+    assert {uid for uid, _, _ in scp.received} >= {f"1.2.3.4.{i + 1}" for i in range(11)}

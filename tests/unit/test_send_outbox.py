@@ -197,3 +197,25 @@ def test_destination_removed_from_the_configuration_is_dead(outbox: tuple[Pipeli
 def test_jobs_table_rows_are_readable(tmp_path: Path) -> None:
     jobs = JobStore(Database(tmp_path / "s.sqlite3"))
     assert jobs.waiting_destinations(0) == [] and jobs.release("pacs", 0) == 0
+
+
+def test_a_retry_sends_only_what_the_destination_had_not_confirmed(outbox: tuple[Pipeline, ScriptedSender]) -> None:
+    """The first attempt stores the SEG, then the PACS is busy: the next attempt sends the SR alone; the job's files
+    stay the whole set (what was sent), the payload records what was confirmed."""
+    p, sender = outbox
+    job = _enqueue(p, 100)
+    calls: list[list[str]] = []
+
+    def busy_after_one(files: list[Path], destination: Any, node_ae_title: str) -> SendReport:
+        calls.append([f.name for f in files])
+        if len(calls) == 1:
+            raise SendError("PACS is out of resources (0xA700)", retryable=True, stored=files[:1])
+        return SendReport(sent=len(files))
+
+    p.sender = busy_after_one
+    p.drain_send(_clock(101))
+    assert p.jobs.get(job).state == JobState.RETRYING
+    assert p.jobs.get(job).payload == {"files": ["results/seg.dcm", "results/sr.dcm"], "confirmed": ["results/seg.dcm"]}
+    p.drain_send(_clock(200))
+    assert calls == [["seg.dcm", "sr.dcm"], ["sr.dcm"]]
+    assert p.jobs.get(job).state == JobState.DONE
