@@ -253,6 +253,7 @@ def test_a_refusal_in_one_part_fails_the_whole_send_permanently(tmp_path: Path, 
     assert len(scp.received) == 13, "the first part went through, the second stopped at the refusal"
 
 
+
 def test_the_association_threads_poll_in_its_window_leaves_each_response_to_the_sending_call(
         tmp_path: Path, scp_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """pynetdicom's association thread polls for peer requests (``get_msg(block=False)``) and pauses the poll around
@@ -262,12 +263,8 @@ def test_the_association_threads_poll_in_its_window_leaves_each_response_to_the_
     from dicom_node.send.requestor import RequestorDimseProvider
 
     scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
-    files = []
-    for i in range(3):
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-        ds.SOPInstanceUID = f"1.2.3.4.{i + 1}"
-        files.append(tmp_path / f"ct{i}.dcm")
-        ds.save_as(files[-1])
+    files = _ct_copies(tmp_path, 3)
+    uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
     polled: list[Any] = []
     real_send = RequestorDimseProvider.send_msg
 
@@ -282,7 +279,7 @@ def test_the_association_threads_poll_in_its_window_leaves_each_response_to_the_
     monkeypatch.setattr(RequestorDimseProvider, "send_msg", send_then_poll)
     report = send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
                         timeout_s=3)
-    assert report.sent == 3 and [uid for uid, _, _ in scp.received] == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
+    assert report.sent == 3 and [uid for uid, _, _ in scp.received] == uids
     assert polled == [(None, None)] * 3
 
 
@@ -290,16 +287,12 @@ def test_the_association_threads_poll_in_its_window_leaves_each_response_to_the_
 def test_a_failed_send_names_what_the_destination_had_confirmed(tmp_path: Path, scp_factory: Any,
                                                                 associations: int) -> None:
     scp = scp_factory({CTImageStorage: ALL_UNCOMPRESSED})
-    files = []
-    for i in range(16):
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-        ds.SOPInstanceUID = f"1.2.3.4.{i + 1}"
-        files.append(tmp_path / f"ct{i:02d}.dcm")
-        ds.save_as(files[-1])
-    scp.refuse = {"1.2.3.4.12"}  # the fourth of the second half
+    files = _ct_copies(tmp_path, 16)
+    uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    scp.refuse = {uids[11]}  # the fourth of the second half
     with pytest.raises(SendError) as raised:
         send_files(files, ae_title="TESTSCP", host="127.0.0.1", port=scp.port, calling_ae_title="NODE",
                    timeout_s=10, associations=associations)
     confirmed = files[:11] if associations == 1 else files[:8] + files[8:11]
     assert sorted(raised.value.stored) == sorted(confirmed)
-    assert {uid for uid, _, _ in scp.received} >= {f"1.2.3.4.{i + 1}" for i in range(11)}
+    assert {uid for uid, _, _ in scp.received} >= set(uids[:11])
