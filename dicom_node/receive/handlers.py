@@ -29,15 +29,17 @@ import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import cast
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node.errors import InvalidUIDError
+from dicom_node.receive.dataset_buffer import IntakeLimits, SpilledDataSet
 from dicom_node.receive.journal import IntakeJournal
 from dicom_node.spool import Spool, validate_uid
 from dicom_node.spool.layout import digest
@@ -55,6 +57,10 @@ CANNOT_DECODE = 0xC210
 #: SOP Instance UID (0008,0018) and Modality (0008,0060) in a data set's ascending tag order.
 _LAST_TAG_READ = 0x0020000E
 _UIDS_READ = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+#: What the handler reads of a spilled data set (pydicom skips every other value).
+_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"]
+#: Longest wait of a spilled instance for the journal's earlier instances to be recorded.
+_SPILLED_WAIT_S = 60.0
 
 
 def _past_last_read(tag: int, vr: str | None, length: int) -> bool:
@@ -124,6 +130,12 @@ class StoreHandler:
         self.free_mb = free_mb if free_mb is not None else spool.free_mb
         self._low_space_logged = False
 
+    def intake_limits(self, max_bytes: int) -> IntakeLimits:
+        """What bounds a received data set (:mod:`dicom_node.receive.dataset_buffer`): ``max_bytes``, spilled to the
+        spool's ``tmp/``, this handler's free-space floor."""
+        return IntakeLimits(max_bytes=max_bytes, spill_dir=self.spool.tmp, free_mb=self.free_mb,
+                            min_free_mb=self.min_free_mb)
+
     def attach_journal(self) -> IntakeJournal:
         """Start this process's intake journal: from now on an instance is durable once appended to it."""
         self.journal = IntakeJournal(self.spool.intake, self.spool, self.series, self.on_recorded)
@@ -173,11 +185,18 @@ class StoreHandler:
 
         requestor = event.assoc.requestor
         journal = self.journal
+        dataset = getattr(event.request, "DataSet", None)
+        spilled = dataset if isinstance(dataset, SpilledDataSet) else None
         # The journal takes the data set as received (its file's head, the File Meta Information, is added
         # behind); the header is read from the same bytes (one copy out of pynetdicom's buffer, not two).
-        data = event.encoded_dataset(include_meta=journal is None)
+        # A spilled data set is already its own Part 10 file in the spool: never read whole.
+        data = event.encoded_dataset(include_meta=journal is None) if spilled is None else b""
         try:
-            ds = header_elements(event, data if journal is not None else None)
+            ds: Dataset
+            if spilled is not None:
+                ds = dcmread(spilled.path, stop_before_pixels=True, defer_size=4096, specific_tags=_HEADER_TAGS)
+            else:
+                ds = header_elements(event, data if journal is not None else None)
             study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -202,6 +221,8 @@ class StoreHandler:
             logger.error("C-STORE of %s refused (0xA700): %s", sop_uid, refusal)
             return OUT_OF_RESOURCES
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+        if spilled is not None:
+            return self._store_spilled(event, spilled, path, study_uid, series_uid, sop_uid, modality)
         record = ReceivedInstance(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -224,16 +245,50 @@ class StoreHandler:
             logger.debug("Stored %s (%d bytes) series %s in the intake journal", sop_uid, len(data), series_uid)
             self._stored(event, series_uid)
             return SUCCESS
+        return self._record_now(event, record)
+
+    def _record_now(self, event: evt.Event, record: ReceivedInstance) -> int:
+        """Commit the row of an instance whose file is durable in its place (no journal between); the status."""
         try:
             outcome = self.series.record_instance(record, self.clock())
         except Exception as exc:  # database locked, disk I/O error: the sender must retry
-            logger.error("C-STORE of %s refused (0xA700): could not record it: %s", sop_uid, exc)
+            logger.error("C-STORE of %s refused (0xA700): could not record it: %s", record.sop_uid, exc)
             return OUT_OF_RESOURCES
-        logger.debug("Stored %s (%d bytes) series %s: %s", sop_uid, len(data), series_uid, outcome)
+        logger.debug("Stored %s (%d bytes) series %s: %s", record.sop_uid, record.size, record.series_uid, outcome)
         if self.on_recorded is not None:
             self.on_recorded(record, outcome)
-        self._stored(event, series_uid)
+        self._stored(event, record.series_uid)
         return SUCCESS
+
+
+    def _store_spilled(self, event: evt.Event, spilled: SpilledDataSet, path: Path, study_uid: str,
+                       series_uid: str, sop_uid: str, modality: str) -> int:
+        """Store an instance whose data set is in a spill file: that file becomes its file, its row committed.
+
+        The journal's earlier instances are recorded first, so that an
+        earlier copy of the same instance cannot be materialised over this one.
+        """
+        requestor = event.assoc.requestor
+        record = ReceivedInstance(
+            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            transfer_syntax=str(event.context.transfer_syntax), modality=modality,
+            path=self.spool.relative(path), size=spilled.file_size, sha256=spilled.sha256,
+            calling_ae=str(requestor.ae_title).strip(), called_ae=str(event.assoc.acceptor.ae_title).strip(),
+            source_host=str(requestor.address),
+        )
+        journal = self.journal
+        if journal is not None and not journal.wait_recorded(_SPILLED_WAIT_S):
+            logger.error("C-STORE of %s refused (0xA700): the instances received before it are not recorded "
+                         "after %.0f s", sop_uid, _SPILLED_WAIT_S)
+            return OUT_OF_RESOURCES
+        try:
+            spilled.commit(path)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            logger.error("C-STORE of %s refused (0xA700): spool write failed: %s", sop_uid, reason)
+            return OUT_OF_RESOURCES
+        return self._record_now(event, record)
 
 
 __all__ = ["StoreHandler", "InstanceOutcome"]

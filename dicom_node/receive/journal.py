@@ -135,8 +135,13 @@ def part10_head(record: ReceivedInstance) -> bytes:
     follows from it (``tests/unit/test_intake_journal.py`` compares the bytes
     with pynetdicom's for UIDs of odd and even lengths).
     """
-    before, after = _meta_around_instance_uid(record.sop_class_uid, record.transfer_syntax)
-    uid = record.sop_uid.encode("ascii")
+    return part10_head_for(record.sop_class_uid, record.sop_uid, record.transfer_syntax)
+
+
+def part10_head_for(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """:func:`part10_head` of an instance of this SOP class and instance UID in this transfer syntax."""
+    before, after = _meta_around_instance_uid(sop_class_uid, transfer_syntax)
+    uid = sop_uid.encode("ascii")
     if len(uid) % 2:
         uid += b"\x00"  # a UI value is padded to an even length with NUL
     element = _INSTANCE_UID_TAG_VR + struct.pack("<H", len(uid)) + uid
@@ -438,6 +443,12 @@ class IntakeJournal:
                 self._state.notify()  # the rows written so far are recorded without waiting for more
         if not pending:
             _run_callback(callback)
+
+    def wait_recorded(self, timeout: float) -> bool:
+        """Wait until every instance appended so far is recorded; ``False`` if that took over ``timeout`` s."""
+        done = threading.Event()
+        self.after_recorded(done.set)
+        return done.wait(timeout)
 
     # -- segments ------------------------------------------------------------
     def _new_segment(self) -> _Segment:

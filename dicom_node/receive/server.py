@@ -35,6 +35,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import StartupError
+from dicom_node.receive.dataset_buffer import IntakeLimits
 from dicom_node.receive.guard import ConnectionCaps, ConnectionGuard
 from dicom_node.receive.handlers import StoreHandler
 from dicom_node.receive.store_dimse import StoreDimseProvider
@@ -124,7 +125,8 @@ class _JoiningRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         assoc = self._create_association()
-        assoc.dimse = StoreDimseProvider(assoc)  # before the association starts: nothing holds the one it replaces
+        provider = assoc.dimse = StoreDimseProvider(assoc, self.server.limits)  # type: ignore[attr-defined]
+        # (before the association starts: nothing holds the provider it replaces)
         node: NodeSettings = self.server.node  # type: ignore[attr-defined]
         guard = ConnectionGuard(assoc.dul.socket, str(self.client_address[0]), acse_timeout_s=node.acse_timeout_s,
                                 pdu_timeout_s=node.network_timeout_s, max_pdata_bytes=node.max_pdu_bytes)
@@ -135,6 +137,7 @@ class _JoiningRequestHandler(RequestHandler):
             assoc.join()
         finally:
             guard.detach()
+            provider.discard()
 
 
 class _ListeningServer(ThreadedAssociationServer):
@@ -144,8 +147,8 @@ class _ListeningServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
-                 node: NodeSettings) -> None:
-        self.node = node
+                 node: NodeSettings, limits: IntakeLimits) -> None:
+        self.node, self.limits = node, limits
         self.caps = ConnectionCaps(node.max_connections, node.max_connections_per_host)
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=_JoiningRequestHandler)
@@ -173,9 +176,9 @@ class _HandedServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
-                 on_finished: Callable[[str], None], node: NodeSettings) -> None:
+                 on_finished: Callable[[str], None], node: NodeSettings, limits: IntakeLimits) -> None:
         self.on_finished = on_finished
-        self.node = node
+        self.node, self.limits = node, limits
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=_JoiningRequestHandler)
 
@@ -253,6 +256,7 @@ class Receiver:
         self.ae.add_supported_context(VERIFICATION_SOP_CLASS)
         self.ssl_context = server_ssl_context(node.tls) if node.tls is not None else None
         self.store_handler = store_handler
+        self.limits = store_handler.intake_limits(node.max_instance_mb * 1024 * 1024)
         self.server: ThreadedAssociationServer | None = None
 
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -328,7 +332,7 @@ class Receiver:
         try:
             self.server = self.ae.make_server((self.node.host, self.node.port), evt_handlers=self._handlers(),
                                               ssl_context=self.ssl_context, server_class=_ListeningServer,
-                                              node=self.node)  # type: ignore[arg-type]
+                                              node=self.node, limits=self.limits)  # type: ignore[arg-type]
         except OSError as exc:
             raise listen_error("node", self.node.host, self.node.port, exc) from None
         self.server.contexts = _SharedContexts(self.server.contexts)
@@ -351,7 +355,8 @@ class Receiver:
         """
         self.server = self.ae.make_server(
             address, evt_handlers=self._handlers(), ssl_context=self.ssl_context,
-            server_class=_HandedServer, on_finished=on_finished, node=self.node)  # type: ignore[arg-type]
+            server_class=_HandedServer, on_finished=on_finished, node=self.node,
+            limits=self.limits)  # type: ignore[arg-type]
         self.server.contexts = _SharedContexts(self.server.contexts)
         logger.info("Serving as %s connections accepted on %s:%d%s", self.node.ae_title, *address,
                     " (DICOM TLS)" if self.ssl_context is not None else "")

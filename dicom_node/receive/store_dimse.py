@@ -29,7 +29,9 @@ documented ``receive_primitive`` and ``send_msg``) reads and writes those
 forms with :mod:`struct`: a request's command set becomes the same
 ``C_STORE`` primitive pynetdicom would put on its message queue (its values
 go through the primitive's own checks), its data set fragments gathered in
-a ``BytesIO`` as pynetdicom gathers them; a response goes to pynetdicom's DUL
+a :class:`~dicom_node.receive.dataset_buffer.DataSetBuffer` (in memory as
+pynetdicom gathers them while small, in a spool file beyond, refused past
+``node.max_instance_mb``); a response goes to pynetdicom's DUL
 as the one P-DATA primitive pynetdicom would send.  Anything else is
 pynetdicom's, unchanged: every other message; a request whose command set
 holds any other element, a value of another length, a multi-valued or
@@ -64,7 +66,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from io import BytesIO
 from typing import Any, Final, cast
 
 from pynetdicom import _config, evt
@@ -73,6 +74,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
+
+from dicom_node.receive.dataset_buffer import DataSetBuffer, IntakeLimits, SpilledDataSet
+from dicom_node.receive.journal import part10_head_for
 
 logger = logging.getLogger(__name__)
 
@@ -190,16 +194,18 @@ class _Incoming:
         self.primitives: list[P_DATA] = []  # until the command set is decoded: handed to pynetdicom if it is not ours
         self.request: C_STORE | None = None
         self.context_id = 0
-        self.data = BytesIO()
+        self.data = DataSetBuffer()
 
 
 class StoreDimseProvider(DIMSEServiceProvider):
     """pynetdicom's DIMSE service provider with plain C-STORE command sets read and written directly (module docstring)."""
 
-    def __init__(self, assoc: Any) -> None:
+    def __init__(self, assoc: Any, limits: IntakeLimits | None = None) -> None:
         super().__init__(assoc)
+        self.limits = limits
         self._incoming: _Incoming | None = None
         self._accepted: dict[int, Any] | None = None
+        self._handed_bytes = 0  # of the message pynetdicom is gathering
 
     # -- requests ------------------------------------------------------------
     def receive_primitive(self, primitive: P_DATA) -> None:
@@ -207,7 +213,7 @@ class StoreDimseProvider(DIMSEServiceProvider):
         if incoming is None:
             if (self.message is not None or type(primitive) is not P_DATA or _config.STORE_RECV_CHUNKED_DATASET
                     or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
-                super().receive_primitive(primitive)  # pynetdicom is decoding this message, or must
+                self._to_pynetdicom(primitive)  # pynetdicom is decoding this message, or must
                 return
             incoming = self._incoming = _Incoming()
         if incoming.request is None:
@@ -234,15 +240,25 @@ class StoreDimseProvider(DIMSEServiceProvider):
                 incoming.data.write(memoryview(pdv)[1:])
                 if control & 2:  # the data set's last fragment: the message is complete (as pynetdicom ends it)
                     request = incoming.request
-                    request.DataSet = incoming.data
-                    request._context_id = incoming.context_id
                     self._incoming = None
-                    if not self._serve(request, incoming.context_id):
+                    if incoming.data.refused is not None:
+                        self._refuse(request, incoming.context_id, incoming.data.refused)
+                        return
+                    dataset = incoming.data.result()
+                    request.DataSet = cast(Any, dataset)
+                    request._context_id = incoming.context_id
+                    try:
+                        served = self._serve(request, incoming.context_id)
+                    except BaseException:
+                        dataset.close()
+                        raise
+                    if not served:  # pynetdicom's now (a spill file is removed when it is collected)
                         self.msg_queue.put((incoming.context_id, request))
+                    elif isinstance(dataset, SpilledDataSet):
+                        dataset.close()  # the handler committed it, or its file goes
                     return
 
-    @staticmethod
-    def _start_request(incoming: _Incoming, context_id: int) -> bool:
+    def _start_request(self, incoming: _Incoming, context_id: int) -> bool:
         """Decode the whole command set into a C_STORE primitive; ``False`` when it is not ours to decode."""
         attributes = decode_store_request(incoming.command)
         if attributes is None:
@@ -254,14 +270,57 @@ class StoreDimseProvider(DIMSEServiceProvider):
         except (ValueError, TypeError):
             return False
         incoming.request, incoming.context_id, incoming.primitives = request, context_id, []
+        if self.limits is not None:
+            incoming.data = DataSetBuffer(self.limits, lambda: self._part10_head(request, context_id))
         return True
+
+    def _part10_head(self, request: C_STORE, context_id: int) -> bytes | None:
+        """The Part 10 head of the instance ``request`` sends (for a data set that spills), if it can be made."""
+        context = self._contexts().get(context_id)
+        if context is None or context.transfer_syntax is None:
+            return None
+        try:
+            return part10_head_for(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                                   str(context.transfer_syntax[0]))
+        except (ValueError, UnicodeEncodeError):
+            return None
+
+    def _refuse(self, request: C_STORE, context_id: int, reason: str) -> None:
+        """Answer a request whose data set was not kept ``0xA700`` (Refused: Out of Resources)."""
+        logger.warning("C-STORE of %s refused (0xA700): %s", request.AffectedSOPInstanceUID, reason)
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.Status = 0xA700
+        self.send_msg(response, context_id)
+
+    def _to_pynetdicom(self, primitive: Any) -> None:
+        """pynetdicom's own decoding, its message bounded by ``node.max_instance_mb`` (then an A-ABORT)."""
+        if self.message is None:
+            self._handed_bytes = 0
+        if self.limits is not None and type(primitive) is P_DATA:
+            self._handed_bytes += sum(len(pdv) for _, pdv in primitive.presentation_data_value_list)
+            if self._handed_bytes > self.limits.max_bytes + MAX_COMMAND_BYTES:
+                logger.warning("Association aborted: a DIMSE message of more than %d MiB (node.max_instance_mb)",
+                               self.limits.max_bytes // (1024 * 1024))
+                self.message = None
+                self.dul.event_queue.put("Evt19")
+                return
+        super().receive_primitive(primitive)
 
     def _hand_over(self) -> None:
         """Give the message's P-DATA received so far to pynetdicom, in order, to decode as it would have."""
         incoming, self._incoming = self._incoming, None
         assert incoming is not None and incoming.request is None
         for primitive in incoming.primitives:
-            super().receive_primitive(primitive)
+            self._to_pynetdicom(primitive)
+
+    def discard(self) -> None:
+        """Drop a data set being gathered when the association ends (its spill file, if any, is removed)."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.data.discard()
 
     def _serve(self, request: C_STORE, context_id: int) -> bool:
         """Serve a whole C-STORE request here, in the DUL's thread, as pynetdicom's Storage SCP serves it; ``False``

@@ -102,6 +102,8 @@ class NodeSettings(BaseModel):
     max_connections: Annotated[Int, Field(ge=1, le=10000)] = 200
     max_connections_per_host: Annotated[Int, Field(ge=1, le=10000)] = 64
     max_pdu_bytes: Annotated[Int, Field(ge=0, le=2**32 - 1)] = 131072
+    # Largest data set a C-STORE may carry (MiB); a larger one is read to its end and refused (0xA700).
+    max_instance_mb: Annotated[Int, Field(ge=1, le=1024 * 1024)] = 4096
     acse_timeout_s: Seconds = 30.0
     dimse_timeout_s: Seconds = 60.0
     network_timeout_s: Seconds = 120.0

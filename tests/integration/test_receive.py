@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sqlite3
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,9 +14,13 @@ import pydicom
 import pydicom.data
 import pytest
 from pydicom import Dataset
-from pynetdicom import AE, StoragePresentationContexts
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, build_context
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 
+from dicom_node.receive.journal import part10_head_for
 from tests.integration.conftest import node_config, storescu
 from tests.phantoms import make_chest_phantom, write_ct_series
 
@@ -254,3 +262,53 @@ def test_sigkill_during_a_series_loses_nothing_acknowledged(tmp_path: Path, node
                   for item in s.ReferencedInstanceSequence}
     assert referenced == {pydicom.dcmread(f).SOPInstanceUID for f in files}
     assert "removed" in restarted.log() and "never recorded" in restarted.log()
+
+
+def _multiframe(megabytes: int) -> Dataset:
+    """A Multi-frame Grayscale Word Secondary Capture of ``megabytes`` MiB of pixel data (one MiB a frame)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "OT", "LARGE"
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = 512, 1024, megabytes, 1
+    ds.PhotometricInterpretation, ds.PixelRepresentation = "MONOCHROME2", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = bytes(range(256)) * (4096 * megabytes)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_a_large_instance_is_stored_from_its_spill_file_and_one_past_the_limit_is_refused(
+        tmp_path: Path, node_factory: Any, slices: list[Path]) -> None:
+    """36 MiB (past the 32 MiB kept in memory) is written once, to the spool, and is the same file the journal
+    would have made; 44 MiB is past node.max_instance_mb: 0xA700, nothing kept; the association goes on."""
+    config = node_config(tmp_path, rules=[])
+    config["node"]["max_instance_mb"] = 40
+    node = node_factory(config)
+    large, too_large, slice_ = _multiframe(36), _multiframe(44), pydicom.dcmread(slices[0])
+    contexts = [build_context(large.SOPClassUID, ExplicitVRLittleEndian),
+                build_context(slice_.SOPClassUID, slice_.file_meta.TransferSyntaxUID)]
+    assoc = _assoc(node.port, contexts)
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in (large, too_large, slice_)]
+    assert statuses == [0x0000, 0xA700, 0x0000]
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+    expected = part10_head_for(large.SOPClassUID, large.SOPInstanceUID, ExplicitVRLittleEndian) \
+        + encode(large, False, True)
+    deadline = time.monotonic() + 10
+    while True:  # the slice's row follows its journal record within moments
+        with contextlib.closing(sqlite3.connect(node.state / "dicom-node.sqlite3")) as db:
+            rows = dict(db.execute("SELECT sop_uid, path || '|' || size || '|' || sha256 FROM instances").fetchall())
+        if len(rows) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert set(rows) == {large.SOPInstanceUID, slice_.SOPInstanceUID}
+    path, size, sha = rows[large.SOPInstanceUID].split("|")
+    stored = (node.state / "spool" / path).read_bytes()
+    assert stored == expected and int(size) == len(expected) and sha == hashlib.sha256(expected).hexdigest()
+    assert list((node.state / "spool" / "tmp").glob("*.part")) == []  # no spill file left
+    journals = list((node.state / "spool" / "intake").glob("*.journal"))
+    assert journals and all(p.stat().st_size < 2**20 for p in journals)  # the large one never went through them
+    assert "node.max_instance_mb" in node.log()

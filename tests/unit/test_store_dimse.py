@@ -7,11 +7,12 @@ import random
 import struct
 import warnings
 from io import BytesIO
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -19,6 +20,8 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SegmentationStorage
 
+from dicom_node.receive.dataset_buffer import IntakeLimits, SpilledDataSet
+from dicom_node.receive.journal import part10_head_for
 from dicom_node.receive.store_dimse import StoreDimseProvider, encode_store_response
 
 
@@ -361,3 +364,63 @@ def test_a_plain_store_is_served_in_the_dul_thread_with_pynetdicoms_responses(mo
     assert ours == theirs
     assert [status for status, *_ in theirs] == [0x0000, 0xA700, 0xC211, 0xB000, 0xFFFF]
     assert their_threads == ["association"] * 5 and our_threads == ["dul"] * 5
+
+
+def _limited(tmp_path: Path, max_bytes: int) -> tuple[Any, StoreDimseProvider]:
+    """A receiving association with one accepted context (ID 1, Explicit VR Little Endian) and a provider that
+    keeps 1000 bytes of a data set in memory, spills the rest to ``tmp_path`` and refuses past ``max_bytes``."""
+    association = _receiving()
+    association.accepted_contexts = [SimpleNamespace(context_id=1, transfer_syntax=[ExplicitVRLittleEndian])]
+    limits = IntakeLimits(max_bytes=max_bytes, spill_dir=tmp_path, free_mb=lambda: 1e9, min_free_mb=1,
+                          memory_bytes=1000)
+    return association, StoreDimseProvider(association, limits)
+
+
+def test_a_large_data_set_reaches_pynetdicom_as_a_spill_file_with_the_same_request(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 300
+    pdatas = _request_pdatas(9, CTImageStorage, "1.2.3.4", data, 16382, 1)
+    association, provider = _limited(tmp_path, max_bytes=10**6)
+    for pdata in pdatas:
+        provider.receive_primitive(pdata)
+    context_id, request = provider.msg_queue.get(block=False)  # no handler: pynetdicom serves it
+    assert isinstance(request.DataSet, SpilledDataSet)
+    head = part10_head_for(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian)
+    assert request.DataSet.path.read_bytes() == head + data
+    theirs = _received(DIMSEServiceProvider, pdatas)[0]
+    assert [(context_id, "C_STORE", _attributes(request) | {"data": request.DataSet.getvalue()})] == theirs
+    request.DataSet.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_set_past_the_limit_is_answered_out_of_resources_and_the_next_is_served(tmp_path: Path) -> None:
+    association, provider = _limited(tmp_path, max_bytes=50_000)
+    for pdata in [*_request_pdatas(3, CTImageStorage, "1.2.3.5", b"\x01" * 60_000, 16382, 1),
+                  *_request_pdatas(4, CTImageStorage, "1.2.3.6", b"\x02" * 40_000, 16382, 1)]:
+        provider.receive_primitive(pdata)
+    refusal = encode_store_response(3, CTImageStorage, "1.2.3.5", 0xA700)
+    assert association.dul.sent == [[(1, b"\x03" + refusal)]]
+    context_id, request = provider.msg_queue.get(block=False)
+    assert (request.MessageID, request.DataSet.getvalue()) == (4, b"\x02" * 40_000) and provider.msg_queue.empty()
+    assert association.dul.event_queue.empty()
+    request.DataSet.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_message_pynetdicom_decodes_is_bounded_too(tmp_path: Path) -> None:
+    command = _command(*_plain_elements(x0001=struct.pack("<I", 0)))  # a retired element: pynetdicom decodes it
+    pdatas = [_pdata(1, 0x03, command)] + [_pdata(1, 0x00, b"\x00" * 16_000)] * 7 + [_pdata(1, 0x02, b"\x00\x00")]
+    association, provider = _limited(tmp_path, max_bytes=20_000)
+    for pdata in pdatas[:6]:  # the command and 80,005 bytes: within 20,000 and a command set's 65,536
+        provider.receive_primitive(pdata)
+    assert association.dul.event_queue.empty() and provider.message is not None  # pynetdicom's, gathering
+    provider.receive_primitive(pdatas[6])
+    assert association.dul.event_queue.get(block=False) == "Evt19"  # past it: A-ABORT
+
+
+def test_a_spill_file_of_an_association_that_ended_is_removed(tmp_path: Path) -> None:
+    association, provider = _limited(tmp_path, max_bytes=10**6)
+    for pdata in _request_pdatas(5, CTImageStorage, "1.2.3.7", b"\x03" * 20_000, 4096, 1)[:-1]:
+        provider.receive_primitive(pdata)
+    assert len(list(tmp_path.iterdir())) == 1
+    provider.discard()
+    assert list(tmp_path.iterdir()) == []
