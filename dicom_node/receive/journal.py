@@ -234,12 +234,14 @@ def record_head(header: bytes, crc: int, data_size: int, lap: int) -> bytes:
 
 
 def read_records(fd: int) -> tuple[list[Journaled], int, int]:
-    """Every whole record of a segment's current lap: ``([Journaled], valid end, size)``.
+    """Every whole record of a segment's current lap: ``([Journaled], valid end, torn bytes)``.
 
     Reading stops at the first record that is incomplete or fails its CRC
-    (a torn tail: it was never acknowledged), or belongs to another lap than
-    the first record's (what is left of an earlier lap of a rewound segment,
-    all of it recorded before the rewind).
+    (a torn tail: it was never acknowledged; its bytes to the end of the
+    file are the third value), or that belongs to another lap than the first
+    record's, or at bytes that are no record's header (what is left of an
+    earlier lap of a rewound segment, all of it recorded before the rewind:
+    not torn, and not worth a warning at a replay).
     """
     size = os.fstat(fd).st_size
     out: list[Journaled] = []
@@ -254,9 +256,11 @@ def read_records(fd: int) -> tuple[list[Journaled], int, int]:
         elif fixed[:4] == _MAGIC_V1:
             _, header_len, data_len, crc = _HEAD_V1.unpack_from(fixed)
             start, lap = offset + _HEAD_V1.size, None
-        else:
-            break
-        if out and lap != first_lap or start + header_len + data_len > size:
+        else:  # a header cut short is torn; zeros (a rewind's) or other bytes (an earlier lap's data) are not
+            return out, offset, size - offset if fixed[:4] == _MAGIC else 0
+        if out and lap != first_lap:
+            return out, offset, 0
+        if start + header_len + data_len > size:
             break
         header = os.pread(fd, header_len, start)
         data = os.pread(fd, data_len, start + header_len)
@@ -273,7 +277,7 @@ def read_records(fd: int) -> tuple[list[Journaled], int, int]:
         out.append(Journaled(record, received_at, start + header_len, data_len, bare))
         first_lap = lap
         offset = start + header_len + data_len
-    return out, offset, size
+    return out, offset, size - offset
 
 
 class Materializer:
@@ -673,15 +677,15 @@ def replay_orphans(directory: Path, spool: Spool, series: SeriesStore, on_record
             for segment in sorted(directory.glob(f"{token}-*.journal")):
                 fd = os.open(segment, os.O_RDONLY)
                 try:
-                    records, end, size = read_records(fd)
+                    records, _, torn = read_records(fd)
                     for start in range(0, len(records), BATCH):
                         materializer.materialize(records[start:start + BATCH], fd)
                 finally:
                     os.close(fd)
                 spool.sync_filesystem()  # the files made durable before the journal that holds their bytes goes
-                if end < size:
+                if torn:
                     logger.warning("Intake journal %s: %d byte(s) of a record that was never acknowledged "
-                                   "(cut short by a crash) dropped", segment.name, size - end)
+                                   "(cut short by a crash) dropped", segment.name, torn)
                 count += len(records)
                 segment.unlink()
             lock_path.unlink(missing_ok=True)

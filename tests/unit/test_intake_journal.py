@@ -84,9 +84,9 @@ def test_a_crash_leaves_the_journal_and_the_next_start_records_it(state: dict[st
     with open(segment, "ab") as f:
         f.write(head + blobs[0][:100])
     fd = os.open(segment, os.O_RDONLY)
-    records, end, size = read_records(fd)
+    records, end, torn = read_records(fd)
     os.close(fd)
-    assert len(records) == 3 and end < size
+    assert len(records) == 3 and torn == len(head) + 100 and end + torn == segment.stat().st_size
     # The process is gone (its lock released) without recording: what it leaves is replayed.
     os.close(journal._lock_fd)
     assert _rows(series) == {}
@@ -479,6 +479,11 @@ def test_the_current_segment_is_rewound_after_a_sync_once_intake_is_idle(state: 
     for i, blob in enumerate(again):
         journal.append(_record(spool, i, blob, series="1.2.3.5"), 2.0, blob)
     assert records() == ["1.2.3.5.1", "1.2.3.5.2", "1.2.3.5.3"], "the second lap's records, none of the first's"
+    fd = os.open(segment, os.O_RDONLY)
+    try:
+        assert read_records(fd)[2] == 0, "what is left of the first lap is not a torn record (no replay warning)"
+    finally:
+        os.close(fd)
     os.close(journal._lock_fd)  # the process is gone
     assert replay_orphans(spool.intake, spool, series) == 3
     assert len(_rows(series)) == 23
