@@ -1,6 +1,7 @@
 """Receive speed: 200 CT slices of 512x512 sent to the node, Orthanc and DCMTK storescp, side by side.
 
 ``python -m bench receive [--slices N] [--rounds R] [--keep]``
+``python -m bench receive --large-mb MB [--rounds R]``
 
 The sender is DCMTK ``storescu`` (``TCP_NODELAY=1``), once over one association
 (all slices) and once over 4 concurrent associations (a quarter each), against:
@@ -29,6 +30,12 @@ figure than the time on a shared machine, the ratios node/Orthanc and
 node/storescp (time; <= 1.0 means the node is as fast or faster) and the
 4-association speed-up over one association of each target.  Targets: node/Orthanc
 <= 1.0 and node/storescp <= 3 over one association; 4 associations >= 1.5x one.
+
+With ``--large-mb``, instead: one instance of that many MiB (a Multi-frame Grayscale Word
+Secondary Capture of noise, as large as a whole-slide image level or a tomosynthesis) sent to
+each target in turn over one association, ``--rounds`` times with a new SOP Instance UID each;
+prints the seconds and the peak resident memory of each target's processes above their idle
+memory (sampled every 10 ms; storescp's forked child included), against the instance's size.
 """
 
 from __future__ import annotations
@@ -174,7 +181,9 @@ class Node(Target):
                 "until the node has completed the series, counted in its CPU): node.receivers auto, max PDU 128 kB, "
                 "every instance appended to the intake journal and fdatasynced before 0x0000 (behind it: each file "
                 "written as it arrives, the rows of a stream committed together to SQLite, rollback journal, "
-                "synchronous=FULL; the files made durable by one syncfs before the journal gives their bytes up)")
+                "synchronous=FULL; the files made durable by one syncfs before the journal gives their bytes up); "
+                "a data set past 32 MiB is not journaled: written to a spool file as it arrives, fdatasynced and "
+                "renamed into place before 0x0000; node.max_instance_mb 4096")
 
 
 class Orthanc(Target):
@@ -256,6 +265,108 @@ def settled_cpu(target: Target, flat_s: float = 0.5, limit_s: float = 15.0) -> f
             return now
         last = now
     return last
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants (``/proc/<pid>/task/*/children``, ``statm``), in bytes."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    return total
+
+
+class PeakRss:
+    """Samples a process tree's resident memory every ``interval_s`` in a thread; ``peak`` once stopped."""
+
+    def __init__(self, pid: int, interval_s: float = 0.01) -> None:
+        import threading
+
+        self.pid, self.interval_s = pid, interval_s
+        self.idle = self.peak = _tree_rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, _tree_rss_bytes(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_rss_bytes(self.pid))
+
+
+def make_large_instance(path: Path, megabytes: int) -> Path:
+    """One Multi-frame Grayscale Word Secondary Capture of ``megabytes`` MiB of pixel data (a frame a MiB), as a
+    whole-slide image level or a tomosynthesis is one large instance; noise, so that nothing compresses it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7.3")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "OT", "BENCH-LARGE", "Bench^Large"
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = 512, 1024, megabytes, 1
+    ds.PhotometricInterpretation, ds.PixelRepresentation = "MONOCHROME2", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = np.random.default_rng(7).integers(0, 4096, size=512 * 1024 * megabytes, dtype=np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def large_instance(targets: list[Target], work: Path, megabytes: int, rounds: int) -> None:
+    """Send one ``megabytes`` MiB instance to each target in turn (``rounds`` times, a new copy each): its time and
+    the peak resident memory of the target's processes above their idle memory, against the instance's size."""
+    import random
+
+    import pydicom
+
+    source = make_large_instance(work / "large" / "large.dcm", megabytes)
+    size = source.stat().st_size
+    uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    prefix, last = uid.rsplit(".", 1)
+    print(f"data: one Multi-frame Grayscale Word Secondary Capture of {size / 1e6:.0f} MB; sender: DCMTK storescu, "
+          f"TCP_NODELAY=1; resident memory of each target's processes sampled every 10 ms")
+    seconds: dict[str, list[float]] = {}
+    growth: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        for t in targets:
+            t.settle()
+            copy = work / "large" / f"{t.name}.dcm"
+            # the same instance with a new SOP Instance UID of the same length each time: no target sees a duplicate
+            new = f"{prefix}.{random.randint(1, 9)}{''.join(random.choices('0123456789', k=len(last) - 1))}"
+            copy.write_bytes(source.read_bytes().replace(uid.encode(), new.encode()))
+            os.sync()
+            assert t.proc is not None
+            with PeakRss(t.proc.pid) as rss:
+                seconds.setdefault(t.name, []).append(send(t, [copy], 1))
+                t.settle()
+            growth.setdefault(t.name, []).append(rss.peak - rss.idle)
+            copy.unlink()
+    print(f"{'target':<10}{'seconds':>9}{'MB/s':>8}{'peak RSS above idle, MB':>25}{'x the instance':>16}")
+    for t in targets:
+        s, g = statistics.median(seconds[t.name]), statistics.median(growth[t.name])
+        print(f"{t.name:<10}{s:>9.2f}{size / 1e6 / s:>8.0f}{g / 1e6:>25.0f}{g / size:>16.2f}")
+    node_s, node_g = statistics.median(seconds["node"]), statistics.median(growth["node"])
+    print(f"large instance: node/Orthanc time = {node_s / statistics.median(seconds['Orthanc']):.2f}, "
+          f"memory = {node_g / max(1, statistics.median(growth['Orthanc'])):.2f}; node/storescp time = "
+          f"{node_s / statistics.median(seconds['storescp']):.2f}, memory = "
+          f"{node_g / max(1, statistics.median(growth['storescp'])):.2f}")
 
 
 def filesystem(path: Path) -> str:
@@ -355,6 +466,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--slices", type=int, default=200, help="slices per series (default 200)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat each measurement; median reported")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--large-mb", type=int, default=0, metavar="MB",
+                        help="instead of the series: one instance of this many MiB (a whole-slide image level, a "
+                             "tomosynthesis) to each target, its time and the targets' peak memory")
     parser.add_argument("--filesystem", choices=("ext4-image", "here"), default="ext4-image",
                         help="ext4-image (default, as root): each target writes to a fresh journaled ext4 of its "
                              "own (a loop-mounted image file); here: to the temporary folder's own filesystem")
@@ -362,11 +476,18 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     count = 2 * args.rounds * 3 + 2 * 3
     # Each target's copies of what it is sent (and the node's journal), with room to spare; sparse files.
-    size_gb = max(4, int(2 * count * args.slices * 0.53e6 / 2**30) + 2)
+    size_gb = max(4, int(2 * count * args.slices * 0.53e6 / 2**30) + 2) if not args.large_mb \
+        else int(2 * args.rounds * args.large_mb / 1024) + 4
     mounted = [folder for folder in (work / name for name in ("node", "orthanc", "storescp"))
                if args.filesystem == "ext4-image" and mount_ext4_image(folder, size_gb) is not None]
     targets: list[Target] = [Node(work / "node"), Orthanc(work / "orthanc"), StoreScp(work / "storescp")]
     try:
+        if args.large_mb:
+            for t in targets:
+                t.start()
+                print(f"{t.name}: {t.describe()}; writes to {filesystem(t.work)}")
+            large_instance(targets, work, args.large_mb, args.rounds)
+            return 0
         t0 = time.perf_counter()
         series = make_series(work / "data", args.slices, count)
         size_mb = sum(f.stat().st_size for f in series[0]) / 1e6
