@@ -39,18 +39,22 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from dicom_node.domain import SeriesState, SeriesSummary
 from dicom_node.rules.matcher import quiet_seconds_for
-from dicom_node.send.requestor import requestor_handlers
+from dicom_node.send.requestor import configure_timeouts, requestor_handlers
 from dicom_node.settings import CFindPeerSettings, RuleSettings, Settings
 from dicom_node.store import SeriesStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CountInstances", "SeriesCompletion", "cfind_series_count"]
+__all__ = ["CountInstances", "PeerUnavailable", "SeriesCompletion", "cfind_series_count"]
 
 #: ``(peer, calling AE title, study UID, series UID) -> count or None``.
 CountInstances = Callable[[CFindPeerSettings, str, str, str], "int | None"]
 
 _PENDING = (0xFF00, 0xFF01)
+
+
+class PeerUnavailable(ConnectionError):
+    """A C-FIND peer that could not be associated with: not asked again for its ``interval_seconds``."""
 
 
 def cfind_series_count(peer: CFindPeerSettings, calling_ae: str, study_uid: str, series_uid: str) -> int | None:
@@ -68,18 +72,22 @@ def cfind_series_count(peer: CFindPeerSettings, calling_ae: str, study_uid: str,
     Returns
     -------
     int | None
-        NumberOfSeriesRelatedInstances, or ``None`` when the association is
-        refused, the peer fails the query, or does not return the attribute
-        (each logged).
+        NumberOfSeriesRelatedInstances, or ``None`` when the peer fails the
+        query or does not return the attribute (each logged).
+
+    Raises
+    ------
+    PeerUnavailable
+        No association: refused, or no answer within ``peer.timeout_s``
+        (the TCP connection included).
     """
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_s
+    configure_timeouts(ae, peer.timeout_s)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=requestor_handlers())
     if not assoc.is_established:
-        logger.warning("C-FIND to %s@%s:%d: association not established; completion falls back to the timer",
-                       peer.ae_title, peer.host, peer.port)
-        return None
+        raise PeerUnavailable(f"association with {peer.ae_title}@{peer.host}:{peer.port} not established "
+                              f"(refused, unreachable, or no answer within {peer.timeout_s:g} s)")
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study_uid
@@ -130,6 +138,7 @@ class SeriesCompletion:
         self.summarise = summarise
         self.count_instances = count_instances
         self._asked: dict[str, float] = {}  # series UID -> when its peer was last asked
+        self._unavailable: dict[str, float] = {}  # peer AE title -> when it could not be associated with
         self._released: dict[str, float] = {}  # series UID -> when its peer released a delivering association
         self._released_lock = threading.Lock()  # released() runs in the receivers' event thread
 
@@ -190,6 +199,8 @@ class SeriesCompletion:
         receiving = self.series.in_state(SeriesState.RECEIVING)
         with self._released_lock:
             released = set(self._released)
+        to_ask: list[dict[str, Any]] = []
+        # The timers first: a series whose quiet time is over never waits behind a C-FIND to a slow peer.
         for row in receiving:
             quiet = now - row["last_received"]
             hinted = row["series_uid"] in released
@@ -197,11 +208,12 @@ class SeriesCompletion:
                 continue
             how = self._timer(row, quiet, conf.quiet_seconds, overrides, settings.rules)
             if how is None:
-                how = self._confirmed(row, quiet, now, settings, hinted)
-            if how is not None and self.series.mark_complete(row["series_uid"], now, row["last_received"]):
-                logger.info("Series %s: complete after %d instance(s) (%s)", row["series_uid"],
-                            row["instance_count"], how)
-                self._asked.pop(row["series_uid"], None)
+                to_ask.append(row)
+            elif self._mark(row, now, how):
+                completed.append(row["series_uid"])
+        for row in to_ask:
+            how = self._confirmed(row, now - row["last_received"], now, settings, row["series_uid"] in released)
+            if how is not None and self._mark(row, now, how):
                 completed.append(row["series_uid"])
         live = {row["series_uid"] for row in receiving}
         for uid in [u for u in self._asked if u not in live]:
@@ -210,6 +222,13 @@ class SeriesCompletion:
             for uid in [u for u in self._released if u not in live and u in released]:
                 del self._released[uid]  # a hint that came after this pass read them stays for the next
         return completed
+
+    def _mark(self, row: dict[str, Any], now: float, how: str) -> bool:
+        if not self.series.mark_complete(row["series_uid"], now, row["last_received"]):
+            return False
+        logger.info("Series %s: complete after %d instance(s) (%s)", row["series_uid"], row["instance_count"], how)
+        self._asked.pop(row["series_uid"], None)
+        return True
 
     def _timer(self, row: dict[str, Any], quiet: float, default: float, overrides: list[float],
                rules: tuple[RuleSettings, ...]) -> str | None:
@@ -232,16 +251,27 @@ class SeriesCompletion:
         asked = self._asked.get(row["series_uid"])
         if asked is not None and now - asked < peer.interval_seconds:
             return None  # a release hint stays until the interval has passed
+        down = self._unavailable.get(peer.ae_title)
+        if down is not None and now - down < peer.interval_seconds:
+            return None  # each query would wait its timeout again: asked once the interval has passed
         self._asked[row["series_uid"]] = now
         with self._released_lock:
             self._released.pop(row["series_uid"], None)
         calling = peer.calling_ae_title or settings.node.ae_title
         try:
             count = self.count_instances(peer, calling, row["study_uid"], row["series_uid"])
+        except PeerUnavailable as exc:
+            if down is None:
+                logger.warning("C-FIND peer %s unavailable (%s); not asked for %g s, completion falls back to "
+                               "the timer meanwhile", peer.ae_title, exc, peer.interval_seconds)
+            self._unavailable[peer.ae_title] = now
+            return None
         except Exception as exc:  # noqa: BLE001 - a network problem must never stop completion by timer
             logger.warning("Series %s: C-FIND to %s failed (%s: %s); completion falls back to the timer",
                            row["series_uid"], peer.ae_title, type(exc).__name__, exc)
             return None
+        if self._unavailable.pop(peer.ae_title, None) is not None:
+            logger.warning("C-FIND peer %s answers again", peer.ae_title)
         if count is not None and count == row["instance_count"]:
             return f"{peer.ae_title} confirms {count} instance(s) by C-FIND"
         logger.debug("Series %s: %s holds %s instance(s), %d received; waiting", row["series_uid"],

@@ -37,7 +37,7 @@ from pynetdicom.association import Association
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import SendError
 from dicom_node.send import SendReport
-from dicom_node.send.requestor import requestor_handlers
+from dicom_node.send.requestor import configure_timeouts, requestor_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,6 @@ def _fit_to_association(ds: Dataset, assoc: Association, ae_title: str) -> bool:
     return True
 
 
-def _configure(ae: AE, timeout_s: float) -> None:
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-
-
 #: A job's objects are shared out over several associations (``associations``) only from this many per association.
 MIN_PER_ASSOCIATION = 8
 
@@ -167,7 +160,7 @@ def send_files(files: Sequence[Path], *, ae_title: str, host: str, port: int, ca
     # overlay series of hundreds of RGB images never sits in memory at once.
     headers = [dcmread(f, stop_before_pixels=True) for f in files]
     ae = AE(ae_title=calling_ae_title)
-    _configure(ae, timeout_s)
+    configure_timeouts(ae, timeout_s)
     for sop_class, syntaxes in proposed_contexts(headers):
         ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=requestor_handlers())
@@ -262,7 +255,7 @@ def echo(*, ae_title: str, host: str, port: int, calling_ae_title: str, timeout_
         association could be made or no response came.
     """
     ae = AE(ae_title=calling_ae_title)
-    _configure(ae, timeout_s)
+    configure_timeouts(ae, timeout_s)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=requestor_handlers())
     if not assoc.is_established:

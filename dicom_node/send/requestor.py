@@ -74,3 +74,12 @@ def requestor_handlers() -> list[tuple[evt.NotificationEvent | evt.InterventionE
                                  | tuple[evt.NotificationEvent | evt.InterventionEvent, Callable[..., Any], list[Any]]]:
     """``evt_handlers`` for ``AE.associate``: ``TCP_NODELAY`` and :class:`RequestorDimseProvider` on connection."""
     return [(evt.EVT_CONN_OPEN, _connection_opened)]
+
+
+def configure_timeouts(ae: Any, timeout_s: float) -> None:
+    """Every timeout of a requesting AE: the TCP connection (without it a peer that drops packets holds the caller
+    for the kernel's SYN retries, over two minutes), the association's negotiation, each DIMSE message, idle."""
+    ae.connection_timeout = timeout_s
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s

@@ -14,7 +14,7 @@ import yaml
 
 from dicom_node.domain import JobKind, JobState, SeriesState
 from dicom_node.rules.replay import parse_duration, replay
-from dicom_node.scheduler.completion import SeriesCompletion
+from dicom_node.scheduler.completion import PeerUnavailable, SeriesCompletion, cfind_series_count
 from dicom_node.scheduler.service import Pipeline
 from dicom_node.scheduler.study import WAITING
 from dicom_node.settings import CFindPeerSettings, Settings, load_settings_text
@@ -145,6 +145,68 @@ def test_cfind_failure_falls_back_to_the_timer(env: dict[str, Any], caplog: pyte
         assert completion.complete(5.0) == []
     assert "falls back to the timer" in caplog.text
     assert completion.complete(60.0) == [uid]
+
+
+def test_an_unavailable_peer_is_asked_once_per_interval_and_timers_do_not_wait_for_it(
+        env: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Each query to a peer that drops packets waits its whole timeout: after one fails to associate, the peer's
+    other series are not asked until interval_seconds have passed, and series whose timer fired are completed
+    before any query is made."""
+    peer = {"ae_title": "PACS", "host": "127.0.0.1", "port": 104, "after_seconds": 2, "interval_seconds": 10}
+    settings = settings_with([{"name": "stat", "when": {"SeriesDescription": {"regex": "STAT"}}, "run": ["lungs"],
+                               "quiet_seconds": 1}], quiet_seconds=60, cfind=[peer])
+    p = pipeline(env, settings)
+    calls: list[tuple[str, list[str]]] = []
+    up = {"now": False}
+
+    def count(peer: CFindPeerSettings, calling: str, study: str, series: str) -> int | None:
+        calls.append((series, [row["series_uid"] for row in p.series.in_state(SeriesState.COMPLETE)]))
+        if not up["now"]:
+            raise PeerUnavailable("no answer within 10 s")
+        return 3
+
+    completion = SeriesCompletion(lambda: settings, p.series, p.summary, count)
+    first = receive(p, description="x", now=100.0, series_uid="1.2.826.0.1.3680043.10.30")
+    second = receive(p, description="x", now=100.0, series_uid="1.2.826.0.1.3680043.10.31")
+    # received after the peer's series (so after them in the pass), and its 1 s timer fired
+    timed = receive(p, description="STAT", now=101.5, series_uid="1.2.826.0.1.3680043.10.32", calling_ae="MOD")
+    with caplog.at_level(logging.WARNING):
+        assert completion.complete(103.0) == [timed]
+    assert calls == [(first, [timed])], "one query for the peer, after the timer's completion"
+    assert caplog.text.count("unavailable") == 1
+    assert completion.complete(108.0) == [] and len(calls) == 1, "not asked again within interval_seconds"
+    up["now"] = True
+    assert completion.complete(113.5) == [first, second]
+    assert [series for series, _ in calls] == [first, first, second]
+    assert "answers again" in caplog.text
+
+
+def test_a_peer_that_drops_packets_is_given_up_on_after_its_timeout(tmp_path: Path) -> None:
+    """A listening socket whose backlog is full drops the SYNs of new connections, as a firewalled PACS does:
+    without a TCP connection timeout the query waited for the kernel's SYN retries (134.6 s here for a peer
+    configured with 2 s)."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(server.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    peer = CFindPeerSettings(ae_title="PACS", host="127.0.0.1", port=server.getsockname()[1], timeout_s=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(PeerUnavailable):
+            cfind_series_count(peer, "DICOMNODE", "1.2.3", "1.2.3.4")
+        assert time.monotonic() - started < 30, "the connection timeout was not applied"
+    finally:
+        for s in [*fillers, server]:
+            s.close()
 
 
 def test_a_late_instance_after_the_query_keeps_the_series_open(env: dict[str, Any]) -> None:
