@@ -316,11 +316,11 @@ def test_store_command_sets_of_real_senders_take_the_struct_path(receiver: Calla
     decoded: list[bool] = []
     start = StoreDimseProvider._start_request
 
-    def counting(incoming: Any, context_id: int) -> bool:
-        decoded.append(start(incoming, context_id))
+    def counting(self: StoreDimseProvider, incoming: Any, context_id: int) -> bool:
+        decoded.append(start(self, incoming, context_id))
         return decoded[-1]
 
-    monkeypatch.setattr(StoreDimseProvider, "_start_request", staticmethod(counting))
+    monkeypatch.setattr(StoreDimseProvider, "_start_request", counting)
     r = receiver(handler_class=_Capturing)
     held = r.handler.held = {}  # type: ignore[attr-defined]
     r.handler.attach_journal()
