@@ -110,6 +110,8 @@ GATHER_S = 0.05
 IDLE_S = 1.0
 
 Recorded = Callable[[ReceivedInstance, str], None]
+#: Directories the materialiser keeps resolved at most (a stream has one or a few).
+_DIRECTORIES_KEPT = 1024
 
 
 class Journaled(NamedTuple):
@@ -287,6 +289,12 @@ class Materializer:
         self.spool = spool
         self.series = series
         self.on_recorded = on_recorded
+        # A stream's directories, resolved and checked once (Spool.absolute_all), not once per small batch;
+        # forgotten when the stream ends (forget_directories) or past _DIRECTORIES_KEPT of them.
+        self._directories: dict[str, str | None] = {}
+
+    def forget_directories(self) -> None:
+        self._directories = {}
 
     def materialize(self, items: Sequence[Journaled], fd: int) -> None:
         """Make ``items`` (records with the offset and size of their bytes in ``fd``) files and rows.
@@ -317,15 +325,16 @@ class Materializer:
         """
         digested: list[tuple[ReceivedInstance, float]] = []
         # Resolved together: each directory once, not a dozen lstat calls per instance (Spool.absolute).
-        paths = self.spool.absolute_all(item.record.path for item in items)
+        if len(self._directories) > _DIRECTORIES_KEPT:
+            self._directories = {}
+        paths = self.spool.absolute_all((item.record.path for item in items), self._directories)
         recorded = {} if fresh else self.series.recorded_digests(item.record.sop_uid for item in items)
         for (record, at, offset, size, bare), path in zip(items, paths):
             data = os.pread(fd, size, offset)  # read once: digested (off the C-STORE path) and written
             head = part10_head(record) if bare else b""  # written before the data set, not joined to it
-            if bare:
-                record = replace(record, size=len(head) + len(data))
-            if not record.sha256:
-                record = replace(record, sha256=digest(head, data))
+            if bare or not record.sha256:
+                record = replace(record, size=len(head) + len(data) if bare else record.size,
+                                 sha256=record.sha256 or digest(head, data))
             digested.append((record, at))
             if recorded.get(record.sop_uid) == record.sha256 and _holds(path, len(head) + len(data), record.sha256):
                 continue  # materialised before a crash: the file and the row are there
@@ -595,6 +604,8 @@ class IntakeJournal:
         """
         with self._state:
             retired, self._retired = self._retired, []
+        if idle is not None:
+            self.materializer.forget_directories()  # the stream ended: its directories are resolved again next time
         size = idle.size if idle is not None else 0  # read before the sync: an append after it changes it
         try:
             self.materializer.spool.sync_filesystem()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -117,16 +118,21 @@ class Spool:
             raise InvalidUIDError(f"stored path {relative[:80]!r} is outside the spool")
         return path
 
-    def absolute_all(self, relatives: Iterable[str]) -> list[Path]:
+    def absolute_all(self, relatives: Iterable[str], directories: dict[str, str | None] | None = None) -> list[Path]:
         """:meth:`absolute` of many stored paths (a series' instances): the same paths, the same refusals.
 
         ``os.path.realpath`` looks at every component of every path (a dozen
         ``lstat`` calls each: 6-10 ms for a 200-instance series, several
         times per job); here each directory is resolved and checked once,
         and each file is looked at once: a name that is a link, or not a
-        plain name, goes through :meth:`absolute` itself.
+        plain name, goes through :meth:`absolute` itself.  ``directories``:
+        the directories resolved so far (relative -> real path inside the
+        spool, or ``None``), kept by a caller that resolves a stream of
+        paths in small batches (the intake journal's materialiser) and
+        forgets them when the stream ends.
         """
-        directories: dict[str, str | None] = {}  # relative directory -> its real path inside the spool, or None
+        if directories is None:
+            directories = {}
         root, inside_root = str(self.root), str(self._resolved_root)
         prefix = inside_root if inside_root.endswith(os.sep) else inside_root + os.sep
         out: list[Path] = []
@@ -202,8 +208,7 @@ class Spool:
         directory.  Readers see the old file or the new one, never a part.
         ``head`` saves the caller joining it to ``data`` (a copy of the whole).
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        fd, tmp_name = self._temp_file()
         try:
             parts = [memoryview(head), memoryview(data)]
             while parts:
@@ -213,7 +218,11 @@ class Spool:
                     parts.pop(0)
                 if parts:
                     parts[0] = parts[0][written:]
-            os.replace(tmp_name, path)
+            try:
+                os.replace(tmp_name, path)
+            except FileNotFoundError:  # the series' first file: its directory is made (not looked for each time)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp_name, path)
         except BaseException:
             os.close(fd)
             try:
@@ -222,6 +231,15 @@ class Spool:
                 pass
             raise
         return fd
+
+    def _temp_file(self) -> tuple[int, str]:
+        """A new ``tmp/*.part`` file, open for writing: named by this process and a counter (``mkstemp``'s
+        random names cost more than the rest of writing a file's metadata), ``mkstemp``'s if that name is taken."""
+        name = os.path.join(self.tmp, f"{os.getpid()}-{next(_TEMP_NAMES)}.part")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), name
+        except FileExistsError:  # left by an earlier process of the same ID
+            return tempfile.mkstemp(dir=self.tmp, suffix=".part")
 
     def sync_filesystem(self) -> None:
         """Make every file written under the spool so far durable, with its directory entry: one ``syncfs``.
@@ -297,6 +315,10 @@ class Spool:
 
     def remove_series(self, study_uid: str, series_uid: str) -> None:
         shutil.rmtree(self.series_dir(study_uid, series_uid), ignore_errors=True)
+
+
+#: Numbers of this process's temp files (``next`` is atomic under the GIL).
+_TEMP_NAMES = itertools.count()
 
 
 def digest(data: bytes | memoryview, *more: bytes | memoryview) -> str:

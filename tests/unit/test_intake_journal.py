@@ -472,6 +472,7 @@ def test_the_current_segment_is_rewound_after_a_sync_once_intake_is_idle(state: 
             break
         threading.Event().wait(0.01)
     assert journal._segment.size == 0 and syncs == [20], "rewound after one sync"
+    assert journal.materializer._directories == {}, "the stream's directories forgotten once it ended"
     assert records() == [] and segment.stat().st_size > 200_000, "nothing of the first lap is read back"
     again = [os.urandom(12_000) for _ in range(3)]
     monkeypatch.setattr(journal.materializer, "write_files", lambda items, fd, fresh=False: (_ for _ in ()).throw(

@@ -145,3 +145,40 @@ def test_sync_filesystem_uses_syncfs_and_raises_its_error(tmp_path: Path) -> Non
         with pytest.raises(OSError) as raised:
             layout._syncfs(-1)
         assert raised.value.errno == errno.EBADF
+
+
+def test_write_unsynced_makes_a_missing_directory_and_steps_past_a_taken_temp_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import itertools
+    import os
+
+    from dicom_node.spool import layout
+
+    spool = Spool(tmp_path / "spool")
+    path = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    os.close(spool.write_unsynced(path, b"first"))  # its series' directory did not exist
+    assert path.read_bytes() == b"first"
+    monkeypatch.setattr(layout, "_TEMP_NAMES", itertools.count(7))
+    taken = spool.tmp / f"{os.getpid()}-7.part"
+    taken.write_bytes(b"an earlier process's")
+    os.close(spool.write_unsynced(path, b"second"))
+    assert path.read_bytes() == b"second" and taken.read_bytes() == b"an earlier process's"
+    assert sorted(p.name for p in spool.tmp.iterdir()) == [taken.name]
+
+
+def test_absolute_all_with_a_callers_directories_checks_each_directory_once(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    spool = Spool(tmp_path / "spool")
+    relatives = [spool.relative(spool.instance_path("1.2.3", "1.2.3.4", f"1.2.3.4.{i}")) for i in range(1, 4)]
+    spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.1").parent.mkdir(parents=True)
+    directories: dict[str, str | None] = {}
+    looked: list[str] = []
+    real_lstat = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: (looked.append(str(p)), real_lstat(p, *a, **k))[1])
+    first = [spool.absolute_all([r], directories)[0] for r in relatives]  # three batches of one, as a stream
+    directory_looks = [p for p in looked if not p.endswith(".dcm")]
+    assert first == [spool.absolute(r) for r in relatives]
+    assert len(directory_looks) == len(set(directory_looks)), "a directory looked at again"
+    assert list(directories.values()) == [str(first[0].parent)]
