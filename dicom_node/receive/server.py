@@ -13,7 +13,15 @@ called AE title is not ours            rejected-permanent, service-user, called 
                                        not recognised (1, 1, 7)
 ``node.max_associations`` reached      rejected-transient, service-provider
                                        (presentation), local limit exceeded (2, 3, 2)
+the calling address holds              the same (2, 3, 2)
+``node.max_associations_per_host``
 =====================================  ==================================================
+
+The per-address cap (half of ``node.max_associations`` unless set) keeps
+slots for other peers whatever one address does: a peer that keeps its
+associations open, sending a PDU now and then within
+``node.network_timeout_s``, holds at most that many slots of each receiver
+process.
 
 With ``node.tls`` the port speaks DICOM TLS only; the handshake runs in the
 association's own thread (never in the accept loop, where one silent client
@@ -244,7 +252,7 @@ class Receiver:
         # pynetdicom counts every connection, associated or not; the node counts associations
         # itself (_on_requested) and caps connections (ConnectionCaps), so half-open ones hold no slot.
         self.ae.maximum_associations = node.max_connections
-        self._associations: set[int] = set()
+        self._associations: dict[int, str] = {}  # association -> its peer's address
         self._associations_lock = threading.Lock()
         self.ae.maximum_pdu_size = node.max_pdu_bytes
         self.ae.acse_timeout = node.acse_timeout_s
@@ -264,7 +272,7 @@ class Receiver:
 
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._associations_lock:
-            self._associations.discard(id(event.assoc))
+            self._associations.pop(id(event.assoc), None)
         self.store_handler.closed(event)
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -276,17 +284,27 @@ class Receiver:
         aet = str(primitive.calling_ae_title).strip()
         host = str(requestor.address)
         if self.node.peer_allowed(aet, host):
+            per_host = self.node.associations_per_host
             with self._associations_lock:
                 full = len(self._associations) >= self.node.max_associations
-                if not full:
-                    self._associations.add(id(event.assoc))
-            if not full:
+                hogging = sum(1 for address in self._associations.values() if address == host) >= per_host
+                if not full and not hogging:
+                    self._associations[id(event.assoc)] = host
+            if not full and not hogging:
                 return
-            logger.warning("Audit: association from %s@%s rejected (A-ASSOCIATE-RJ: local limit exceeded): "
-                           "%d associations running (node.max_associations)", aet, host, self.node.max_associations)
+            if full:
+                logger.warning("Audit: association from %s@%s rejected (A-ASSOCIATE-RJ: local limit exceeded): "
+                               "%d associations running (node.max_associations)", aet, host,
+                               self.node.max_associations)
+                reason = _RJ_REASONS[(0x02, 0x03, 0x02)]
+            else:
+                logger.warning("Audit: association from %s@%s rejected (A-ASSOCIATE-RJ: local limit exceeded): "
+                               "%d associations from this address running (node.max_associations_per_host)",
+                               aet, host, per_host)
+                reason = "too many associations from this address (node.max_associations_per_host)"
             event.assoc.acse.send_reject(0x02, 0x03, 0x02)
             event.assoc.kill()
-            self.on_association(False, aet, host, _RJ_REASONS[(0x02, 0x03, 0x02)])
+            self.on_association(False, aet, host, reason)
             return
         logger.warning("Audit: association from %s@%s to %s rejected (A-ASSOCIATE-RJ: calling AE title not "
                        "recognised): this AE title from this address is not in node.allowed_peers",

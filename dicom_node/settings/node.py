@@ -98,6 +98,8 @@ class NodeSettings(BaseModel):
     # Listener processes sharing the port: "auto" = one per CPU core, at most 4.
     receivers: Annotated[Int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     max_associations: Annotated[Int, Field(ge=1, le=1000)] = 10
+    # Of those, most from one IP address; None = half of max_associations (at least 1).
+    max_associations_per_host: Annotated[Int, Field(ge=1, le=1000)] | None = None
     # Connections open at once (associated or not), in all and from one address; more are closed at once.
     max_connections: Annotated[Int, Field(ge=1, le=10000)] = 200
     max_connections_per_host: Annotated[Int, Field(ge=1, le=10000)] = 64
@@ -115,6 +117,13 @@ class NodeSettings(BaseModel):
         if 0 < value < 4096:
             raise ValueError(f"max_pdu_bytes must be 0 (unlimited) or at least 4096 (got {value})")
         return value
+
+    @property
+    def associations_per_host(self) -> int:
+        """Associations one IP address may hold in each receiver process (``max_associations_per_host``)."""
+        if self.max_associations_per_host is not None:
+            return self.max_associations_per_host
+        return max(1, self.max_associations // 2)
 
     def peer_allowed(self, ae_title: str, address: str) -> bool:
         """Whether a peer may associate: any entry matches, or the list is empty (accept all)."""

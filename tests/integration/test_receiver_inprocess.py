@@ -70,11 +70,11 @@ def slices(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_ct_series(hu[:3], (2.0, 2.0, 2.0), tmp_path_factory.mktemp("ct"))
 
 
-def _associate(port: int, ae_title: str = "MODALITY", called: str = "DICOMNODE") -> Any:
+def _associate(port: int, ae_title: str = "MODALITY", called: str = "DICOMNODE", source: str = "127.0.0.1") -> Any:
     ae = AE(ae_title=ae_title)
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0))
 
 
 def _rj(assoc: Any) -> tuple[int, int, int]:
@@ -168,9 +168,33 @@ def test_max_associations_rejects_one_too_many(receiver: Callable[..., Running],
     first.release()
 
 
+def test_one_address_holds_at_most_its_share_of_the_slots(receiver: Callable[..., Running],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A peer keeping its associations open (a slow drip within the network timeout, a modality reconnecting in a
+    loop) gets half of the slots by default; another address still associates; a slot freed is taken again."""
+    r = receiver(max_associations=4)
+    hog = [_associate(r.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in hog)
+        with caplog.at_level(logging.WARNING):
+            third = _associate(r.port)
+        assert third.is_rejected and _rj(third) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+        assert "node.max_associations_per_host" in caplog.text
+        other = [_associate(r.port, source="127.0.0.2") for _ in range(2)]
+        assert all(a.is_established for a in other), "another address keeps the other half"
+        for a in other:
+            a.release()
+    finally:
+        hog.pop().release()
+    again = _associate(r.port)
+    assert again.is_established, "the address may take a slot again once one of its associations ended"
+    for a in [*hog, again]:
+        a.release()
+
+
 def test_limits_are_applied_to_the_listener(receiver: Callable[..., Running]) -> None:
     r = receiver(max_pdu_bytes=32768, acse_timeout_s=7, dimse_timeout_s=8, network_timeout_s=9,
-                 max_associations=3)
+                 max_associations=3, max_associations_per_host=3)
     assoc = _associate(r.port)
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == 32768  # what the node announced in its A-ASSOCIATE-AC
