@@ -145,7 +145,10 @@ class _JoiningRequestHandler(RequestHandler):
             assoc.join()
         finally:
             guard.detach()
-            provider.discard()
+            if assoc.dul.ident is not None:  # started (a failed TLS handshake never starts it)
+                assoc.dul.join(1.0)  # stopped with the association: nothing writes to a data set being gathered now
+            if not assoc.dul.is_alive():
+                provider.discard()  # (else its spill file, if any, goes at the next start: Spool.clean_tmp)
 
 
 class _ListeningServer(ThreadedAssociationServer):
