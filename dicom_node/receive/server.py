@@ -43,6 +43,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.domain import VERIFICATION_SOP_CLASS
 from dicom_node.errors import StartupError
+from dicom_node.receive import wakeups
 from dicom_node.receive.dataset_buffer import IntakeLimits
 from dicom_node.receive.guard import ConnectionCaps, ConnectionGuard
 from dicom_node.receive.handlers import StoreHandler
@@ -128,13 +129,15 @@ class _JoiningRequestHandler(RequestHandler):
     pynetdicom's handler returns once the association thread started; this
     one joins it, so the server knows when each connection is over (caps,
     the receiver pool's counts).  The server's ``node`` gives the deadlines.
-    Its DIMSE provider is a :class:`~dicom_node.receive.store_dimse.StoreDimseProvider`.
+    Its DIMSE provider is a :class:`~dicom_node.receive.store_dimse.StoreDimseProvider`; its threads are
+    woken rather than polling (:mod:`dicom_node.receive.wakeups`).
     """
 
     def handle(self) -> None:
         assoc = self._create_association()
         provider = assoc.dimse = StoreDimseProvider(assoc, self.server.limits)  # type: ignore[attr-defined]
-        # (before the association starts: nothing holds the provider it replaces)
+        # (before the association starts: nothing holds the provider it replaces, nor the queues install replaces)
+        bell = wakeups.install(assoc, provider)
         node: NodeSettings = self.server.node  # type: ignore[attr-defined]
         guard = ConnectionGuard(assoc.dul.socket, str(self.client_address[0]), acse_timeout_s=node.acse_timeout_s,
                                 pdu_timeout_s=node.network_timeout_s, max_pdata_bytes=node.max_pdu_bytes)
@@ -149,6 +152,7 @@ class _JoiningRequestHandler(RequestHandler):
                 assoc.dul.join(1.0)  # stopped with the association: nothing writes to a data set being gathered now
             if not assoc.dul.is_alive():
                 provider.discard()  # (else its spill file, if any, goes at the next start: Spool.clean_tmp)
+                bell.close()  # (else when collected)
 
 
 class _ListeningServer(ThreadedAssociationServer):

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from typing import Any, Final, cast
 
 from pynetdicom import _config, evt
@@ -77,6 +78,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from dicom_node.receive.dataset_buffer import DataSetBuffer, IntakeLimits, SpilledDataSet
 from dicom_node.receive.journal import part10_head_for
+from dicom_node.receive.wakeups import WAIT_S
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +208,24 @@ class StoreDimseProvider(DIMSEServiceProvider):
         self._incoming: _Incoming | None = None
         self._accepted: dict[int, Any] | None = None
         self._handed_bytes = 0  # of the message pynetdicom is gathering
+        #: Set when a message or primitive is queued for the association's thread (see receive/wakeups.py).
+        self.work = threading.Event()
+        self.waking = False  # set by wakeups.install: get_msg(block=False) then waits for ``work``
+
+    def get_msg(self, block: bool = False) -> Any:
+        """pynetdicom's, except that without ``block`` on a woken association it waits up to ``WAIT_S`` for work.
+
+        The association's reactor calls it without blocking after each 1 ms
+        sleep; here, when no message and no primitive of the DUL is queued
+        for that thread, it first waits for one to be (``work``, set by the
+        queues :func:`~dicom_node.receive.wakeups.install` gives the
+        association), so that an idle association's thread wakes ~50 times a
+        second instead of 1000.
+        """
+        if not block and self.waking and self.msg_queue.empty() and self.dul.to_user_queue.empty():
+            self.work.wait(WAIT_S)
+        self.work.clear()  # after the wait: something queued from now on sets it again
+        return super().get_msg(block)
 
     # -- requests ------------------------------------------------------------
     def receive_primitive(self, primitive: P_DATA) -> None:
