@@ -28,7 +28,9 @@ target's CPU (user + system of its processes, counted until it is idle again, so
 node's recording behind the sends is in it) in seconds and ms per instance, a steadier
 figure than the time on a shared machine, the ratios node/Orthanc and
 node/storescp (time; <= 1.0 means the node is as fast or faster) and the
-4-association speed-up over one association of each target.  Targets: node/Orthanc
+4-association speed-up over one association of each target, with how busy the whole
+machine's CPUs were during the sends (``/proc/stat``: every process and the kernel; a
+target that keeps them X busy over one association can be at most ~1/X faster over four).  Targets: node/Orthanc
 <= 1.0 and node/storescp <= 3 over one association; 4 associations >= 1.5x one.
 
 With ``--large-mb``, instead: one instance of that many MiB (a Multi-frame Grayscale Word
@@ -444,6 +446,19 @@ def create_cost_us(folder: Path, count: int = 500) -> float:
     return 1e6 * (time.perf_counter() - t0) / count
 
 
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (``/proc/stat``; idle and I/O wait are not busy)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def _busy_since(before: tuple[int, int]) -> float:
+    """Share of the machine's CPU time that was busy since ``before`` (:func:`_machine_ticks`)."""
+    busy, total = _machine_ticks()
+    return (busy - before[0]) / max(1, total - before[1])
+
+
 def send(target: Target, files: list[Path], associations: int) -> float:
     """Seconds to C-STORE ``files`` over ``associations`` concurrent storescu processes."""
     exe = _tool("storescu")
@@ -499,6 +514,7 @@ def main(argv: list[str]) -> int:
                   f"{create_cost_us(t.work):.0f} us")
         results: dict[tuple[str, int], list[float]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}
+        busy: dict[tuple[str, int], list[float]] = {}  # share of the machine's CPUs busy during each send
         fresh = iter(series)
         # Warm-up, not timed: a whole series over one association, then one over four, to every target (its
         # first associations: imports, caches, files; and the node's intake journals grown to the size they
@@ -516,19 +532,23 @@ def main(argv: list[str]) -> int:
                     # writeback, up to 30 s later, would otherwise land in whichever send runs then.
                     before = {u.name: u.settle() for u in targets}[t.name]
                     os.sync()
+                    machine = _machine_ticks()
                     results.setdefault((t.name, assocs), []).append(send(t, next(fresh), assocs))
+                    busy.setdefault((t.name, assocs), []).append(_busy_since(machine))
                     cpu.setdefault((t.name, assocs), []).append(t.settle() - before)
         median: Callable[[str, int], float] = lambda name, a: statistics.median(results[(name, a)])
         cpu_median: Callable[[str, int], float] = lambda name, a: statistics.median(cpu[(name, a)])
         print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'CPU s':>7}{'CPU ms/inst':>12}"
-              f"   range (median of {args.rounds})")
+              f"{'busy':>6}   range (median of {args.rounds}; busy: the machine's {os.cpu_count()} CPUs during the "
+              "send, every process and the kernel)")
         for assocs in (1, 4):
             for t in targets:
                 s = median(t.name, assocs)
                 runs = results[(t.name, assocs)]
                 c = cpu_median(t.name, assocs)
                 print(f"{t.name:<10}{assocs:>7}{s:>9.2f}{args.slices / s:>9.1f}{size_mb / s:>8.1f}{c:>7.2f}"
-                      f"{1000 * c / args.slices:>12.2f}   {min(runs):.2f}-{max(runs):.2f} s")
+                      f"{1000 * c / args.slices:>12.2f}{100 * statistics.median(busy[(t.name, assocs)]):>5.0f}%"
+                      f"   {min(runs):.2f}-{max(runs):.2f} s")
         for assocs in (1, 4):
             node = median("node", assocs)
             print(f"{assocs} assoc: node/Orthanc = {node / median('Orthanc', assocs):.2f}   "
@@ -536,7 +556,10 @@ def main(argv: list[str]) -> int:
                   f"CPU: node/Orthanc = {cpu_median('node', assocs) / cpu_median('Orthanc', assocs):.2f}   "
                   f"node/storescp = {cpu_median('node', assocs) / cpu_median('storescp', assocs):.2f}")
         for t in targets:
-            print(f"{t.name}: 4 associations are {median(t.name, 1) / median(t.name, 4):.2f}x one association")
+            print(f"{t.name}: 4 associations are {median(t.name, 1) / median(t.name, 4):.2f}x one association "
+                  f"(the machine {100 * statistics.median(busy[(t.name, 1)]):.0f} % busy at one, "
+                  f"{100 * statistics.median(busy[(t.name, 4)]):.0f} % at four: at most "
+                  f"~{1 / max(0.01, statistics.median(busy[(t.name, 1)])):.1f}x on these CPUs)")
         ok1 = median("node", 1) <= median("Orthanc", 1)
         ok3 = median("node", 1) <= 3 * median("storescp", 1)
         ok4 = median("node", 1) / median("node", 4) >= 1.5
