@@ -28,13 +28,14 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, repeater_has_keyword, tag_for_keyword
 
-__all__ = ["DERIVED_FACTS", "GROUP_KEYS", "OPERATORS", "Step", "parse_key", "resolve"]
+__all__ = ["DERIVED_FACTS", "GEOMETRY_FACTS", "GROUP_KEYS", "OPERATORS", "Step", "parse_key", "resolve"]
 
 #: Keys of a rule's ``when`` that are facts about the series, not DICOM keywords.
+#: Derived facts that come from the headers of every instance (the node reads them only when a rule uses one).
+GEOMETRY_FACTS: frozenset[str] = frozenset({"slice_spacing", "orientation", "image_type", "frames"})
 DERIVED_FACTS: frozenset[str] = frozenset({
     "instance_count", "calling_ae", "called_ae", "source_host",  # from the association and the store
-    "slice_spacing", "orientation", "image_type", "frames",  # from the headers of every instance
-})
+}) | GEOMETRY_FACTS
 
 #: Keys of a rule's ``when`` that group conditions: ``all``/``any`` take a list of mappings, ``not`` one.
 GROUP_KEYS: frozenset[str] = frozenset({"all", "any", "not"})

@@ -45,10 +45,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.domain import RuleMatch, RuleVerdict, SeriesSummary
-from dicom_node.rules.keys import DERIVED_FACTS, parse_key, resolve
+from dicom_node.rules.keys import DERIVED_FACTS, GEOMETRY_FACTS, GROUP_KEYS, parse_key, resolve
 from dicom_node.settings import Condition, RuleSettings
 
-__all__ = ["check_condition", "explain", "first_failure", "match", "quiet_seconds_for", "study_roles", "value_of"]
+__all__ = ["check_condition", "explain", "first_failure", "keys_used", "match", "needs_every_header", "quiet_seconds_for",
+           "study_roles", "value_of"]
 
 _MAX_SHOWN = 80
 
@@ -148,6 +149,37 @@ def quiet_seconds_for(rules: Sequence[RuleSettings], summary: SeriesSummary, def
     """
     waits = [v.rule.quiet_seconds or default for v in _evaluate(rules, summary) if v.matched]
     return max(waits) if waits else default
+
+
+def keys_used(rules: Sequence[RuleSettings]) -> set[str]:
+    """Every key the rules' conditions look at: their ``when`` and their study rules' series selectors."""
+    keys: set[str] = set()
+
+    def walk(when: Mapping[str, Any]) -> None:
+        for key, value in when.items():
+            if key in GROUP_KEYS:  # all / any: a list of mappings; not: one mapping
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(item, Mapping):
+                        walk(item)
+            else:
+                keys.add(key)
+
+    for rule in rules:
+        walk(rule.when)
+        if rule.study is not None:
+            for selector in rule.study.series.values():
+                walk(selector)
+    return keys
+
+
+def needs_every_header(rules: Sequence[RuleSettings]) -> bool:
+    """Whether a rule uses a fact of :data:`~dicom_node.rules.keys.GEOMETRY_FACTS` (read from every instance).
+
+    Without one, a series' summary needs its first instance's header only:
+    every other condition is on the first instance's attributes or on facts
+    of the series' row (``instance_count``, ``calling_ae``...).
+    """
+    return bool(keys_used(rules) & GEOMETRY_FACTS)
 
 
 def value_of(summary: SeriesSummary, key: str) -> Any:

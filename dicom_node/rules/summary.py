@@ -333,7 +333,8 @@ class GeometryCache:
         return geometry
 
 
-def read_series(paths: Sequence[Path], known: GeometryCache | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_series(paths: Sequence[Path], known: GeometryCache | None = None,
+                every_header: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Attributes of the first file and derived facts of all files of one series.
 
     Parameters
@@ -344,6 +345,9 @@ def read_series(paths: Sequence[Path], known: GeometryCache | None = None) -> tu
     known:
         Geometry of files read before (the node reads it while a series
         arrives, so its completion does not wait for a pass over every file).
+    every_header:
+        ``False``: the first file alone, and no derived facts (when no rule
+        uses one: :func:`~dicom_node.rules.matcher.needs_every_header`).
 
     Returns
     -------
@@ -358,6 +362,8 @@ def read_series(paths: Sequence[Path], known: GeometryCache | None = None) -> tu
         (logged at DEBUG).
     """
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    if not every_header:
+        return attributes_from_dataset(first), {}
     geometry = [instance_geometry(first)]
     cache = known if known is not None else GeometryCache(limit=len(paths))
     for path in paths[1:]:

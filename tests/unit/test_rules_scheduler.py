@@ -436,8 +436,8 @@ def test_read_ahead_wants_the_receiving_series_the_rules_match_so_far(env: dict[
 
 def test_geometry_read_while_a_series_arrives_is_dropped_once_it_completes(env: dict[str, Any]) -> None:
     """The cache of instance geometry serves the completion summary, then lets the series go (no growth)."""
-    p = pipeline(env, settings_with([{"name": "all", "when": {"Modality": "CT"}, "run": ["lungs"]}],
-                                    quiet_seconds=5))
+    p = pipeline(env, settings_with([{"name": "all", "when": {"Modality": "CT", "frames": {"min": 1}},
+                                      "run": ["lungs"]}], quiet_seconds=5))  # a fact of every header
     first = receive(p, description="Chest", now=0.0, series_uid="1.2.826.0.1.3680043.10.21", slices=4)
     p.receiving()
     assert len(p._geometry) == 3  # every instance but the first (the summary reads that one whole)
@@ -447,3 +447,59 @@ def test_geometry_read_while_a_series_arrives_is_dropped_once_it_completes(env: 
     assert p.tick(6.0) == [first]  # the first series completes; the second is still within its quiet time
     assert len(p._geometry) == 3  # only the second series' instances are left
     assert p.jobs.for_series(first)
+
+
+def test_rules_without_a_fact_of_every_header_read_the_first_instance_alone(
+        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No rule uses slice_spacing, orientation, image_type or frames: one header per series is read, not all."""
+    import pydicom
+
+    from dicom_node.rules import summary as summary_module
+
+    reads: list[str] = []
+    real = pydicom.dcmread
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(summary_module.pydicom, "dcmread", counting)
+    rules = [{"name": "ct", "when": {"Modality": "CT", "instance_count": {"min": 3},
+                                      "any": [{"SeriesDescription": "Chest"}, {"not": {"Modality": "MR"}}]},
+              "run": ["lungs"]}]
+    p = pipeline(env, settings_with(rules, quiet_seconds=5))
+    assert p.needs_every_header() is False
+    first = receive(p, description="Chest", now=0.0, series_uid="1.2.826.0.1.3680043.10.31", slices=6)
+    reads.clear()  # (the helper's own reads)
+    p.receiving()
+    assert len(p._geometry) == 0 and len(set(reads)) == 1  # the first instance, for the read-ahead hint
+    assert p.tick(6.0) == [first]
+    assert p.jobs.for_series(first)  # matched as before
+    assert len(set(reads)) == 1, reads
+
+    # The same series with a rule on a fact of every header: every instance's header is read.
+    p = pipeline(env, settings_with([{**rules[0], "when": {"Modality": "CT", "slice_spacing": {"max": 5}}}],
+                                    quiet_seconds=5))
+    assert p.needs_every_header() is True
+    second = receive(p, description="Chest", now=10.0, series_uid="1.2.826.0.1.3680043.10.32", slices=6)
+    reads.clear()
+    p.receiving()
+    assert p.tick(16.0) == [second]
+    assert len(set(reads)) == 6 and p.jobs.for_series(second)
+
+
+def test_keys_used_walks_groups_and_study_selectors() -> None:
+    from dicom_node.rules.matcher import keys_used, needs_every_header
+
+    rules = settings_with([
+        {"name": "a", "when": {"Modality": "CT", "all": [{"BodyPartExamined": "CHEST"}, {"not": {"image_type": {
+            "contains": "LOCALIZER"}}}]}, "run": ["lungs"]},
+        {"name": "b", "study": {"series": {"arterial": {"SeriesDescription": "Arterial", "any": [
+            {"orientation": "axial"}, {"calling_ae": "PACS"}]}}}, "when": {}, "run": ["phases"]},
+    ]).rules
+    assert keys_used(rules) == {"Modality", "BodyPartExamined", "image_type", "SeriesDescription", "orientation",
+                                "calling_ae"}
+    assert needs_every_header(rules)
+    assert not needs_every_header(settings_with([{"name": "c", "when": {"Modality": "CT", "instance_count": {
+        "min": 10}, "calling_ae": "PACS"}, "run": ["lungs"]}]).rules)
+    assert not needs_every_header(())
