@@ -30,7 +30,10 @@ figure than the time on a shared machine, the ratios node/Orthanc and
 node/storescp (time; <= 1.0 means the node is as fast or faster) and the
 4-association speed-up over one association of each target, with how busy the whole
 machine's CPUs were during the sends (``/proc/stat``: every process and the kernel; a
-target that keeps them X busy over one association can be at most ~1/X faster over four).  Targets: node/Orthanc
+target that keeps them X busy over one association can be at most ~1/X faster over four), the CPU
+cores its busiest process used during the send (a Python process's threads share one interpreter, so a
+receiver process near 1.0 is at its limit) and the CPU seconds of the ``storescu`` senders themselves,
+which share the machine's CPUs with the target.  Targets: node/Orthanc
 <= 1.0 and node/storescp <= 3 over one association; 4 associations >= 1.5x one.
 
 With ``--large-mb``, instead: one instance of that many MiB (a Multi-frame Grayscale Word
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -228,16 +232,14 @@ class StoreScp(Target):
                 "no database")
 
 
-def _tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its descendants, with the children they have reaped.
+def _tree_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """``{pid: (own CPU seconds, CPU seconds of the children it has reaped)}`` of ``pid`` and its descendants.
 
-    Read from ``/proc/<pid>/stat`` (utime, stime, cutime, cstime): storescp's forked
-    children are counted once storescp has reaped them, the node's receiver processes
-    while they run.
+    Read from ``/proc/<pid>/stat`` (utime + stime, cutime + cstime).
     """
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
-    stats: dict[int, float] = {}
+    stats: dict[int, tuple[float, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -246,13 +248,43 @@ def _tree_cpu_seconds(pid: int) -> float:
         except OSError:  # gone meanwhile
             continue
         children.setdefault(int(fields[1]), []).append(int(entry.name))
-        stats[int(entry.name)] = sum(int(f) for f in fields[11:15]) / tick
-    total, todo = 0.0, [pid]
+        stats[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / tick,
+                                  (int(fields[13]) + int(fields[14])) / tick)
+    tree: dict[int, tuple[float, float]] = {}
+    todo = [pid]
     while todo:
         current = todo.pop()
-        total += stats.get(current, 0.0)
+        if current in stats:
+            tree[current] = stats[current]
         todo.extend(children.get(current, []))
-    return total
+    return tree
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants, with the children they have reaped.
+
+    storescp's forked children are counted once storescp has reaped them, the node's
+    receiver processes while they run.
+    """
+    return sum(own + reaped for own, reaped in _tree_cpu(pid).values())
+
+
+def _busiest_process(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> float:
+    """CPU seconds of the process of a tree (:func:`_tree_cpu`) that used the most between two readings
+    (its own threads only: a child reaped meanwhile is not one process)."""
+    return max((own - before.get(pid, (0.0, 0.0))[0] for pid, (own, _) in after.items()), default=0.0)
+
+
+def _cores(share: float) -> str:
+    """A busiest-process figure as printed: ``-`` where no process of the target ran through the send (storescp's
+    children each serve one association and are gone before it is read)."""
+    return f"{share:.2f}" if share >= 0.005 else "-"
+
+
+def _senders_cpu() -> float:
+    """User + system CPU seconds of this process's reaped children so far (the ``storescu`` senders)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def settled_cpu(target: Target, flat_s: float = 0.5, limit_s: float = 15.0) -> float:
@@ -515,6 +547,8 @@ def main(argv: list[str]) -> int:
         results: dict[tuple[str, int], list[float]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}
         busy: dict[tuple[str, int], list[float]] = {}  # share of the machine's CPUs busy during each send
+        sender_cpu: dict[tuple[str, int], list[float]] = {}  # the storescu processes' CPU seconds in each send
+        top: dict[tuple[str, int], list[float]] = {}  # the target's busiest process during each send, in cores
         fresh = iter(series)
         # Warm-up, not timed: a whole series over one association, then one over four, to every target (its
         # first associations: imports, caches, files; and the node's intake journals grown to the size they
@@ -532,15 +566,22 @@ def main(argv: list[str]) -> int:
                     # writeback, up to 30 s later, would otherwise land in whichever send runs then.
                     before = {u.name: u.settle() for u in targets}[t.name]
                     os.sync()
-                    machine = _machine_ticks()
-                    results.setdefault((t.name, assocs), []).append(send(t, next(fresh), assocs))
+                    assert t.proc is not None
+                    machine, processes, senders = _machine_ticks(), _tree_cpu(t.proc.pid), _senders_cpu()
+                    seconds = send(t, next(fresh), assocs)
+                    busiest = _busiest_process(processes, _tree_cpu(t.proc.pid)) / seconds
                     busy.setdefault((t.name, assocs), []).append(_busy_since(machine))
+                    sender_cpu.setdefault((t.name, assocs), []).append(_senders_cpu() - senders)
+                    top.setdefault((t.name, assocs), []).append(busiest)
+                    results.setdefault((t.name, assocs), []).append(seconds)
                     cpu.setdefault((t.name, assocs), []).append(t.settle() - before)
         median: Callable[[str, int], float] = lambda name, a: statistics.median(results[(name, a)])
         cpu_median: Callable[[str, int], float] = lambda name, a: statistics.median(cpu[(name, a)])
         print(f"{'target':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'CPU s':>7}{'CPU ms/inst':>12}"
-              f"{'busy':>6}   range (median of {args.rounds}; busy: the machine's {os.cpu_count()} CPUs during the "
-              "send, every process and the kernel)")
+              f"{'busy':>6}{'top':>6}{'storescu CPU s':>15}   range (median of {args.rounds}; busy: the machine's "
+              f"{os.cpu_count()} CPUs during the send, every process and the kernel; top: the target's busiest "
+              "process during the send, in CPU cores (a Python process's threads share one interpreter); "
+              "storescu CPU s: the senders')")
         for assocs in (1, 4):
             for t in targets:
                 s = median(t.name, assocs)
@@ -548,6 +589,8 @@ def main(argv: list[str]) -> int:
                 c = cpu_median(t.name, assocs)
                 print(f"{t.name:<10}{assocs:>7}{s:>9.2f}{args.slices / s:>9.1f}{size_mb / s:>8.1f}{c:>7.2f}"
                       f"{1000 * c / args.slices:>12.2f}{100 * statistics.median(busy[(t.name, assocs)]):>5.0f}%"
+                      f"{_cores(statistics.median(top[(t.name, assocs)])):>6}"
+                      f"{statistics.median(sender_cpu[(t.name, assocs)]):>15.2f}"
                       f"   {min(runs):.2f}-{max(runs):.2f} s")
         for assocs in (1, 4):
             node = median("node", assocs)
@@ -559,7 +602,9 @@ def main(argv: list[str]) -> int:
             print(f"{t.name}: 4 associations are {median(t.name, 1) / median(t.name, 4):.2f}x one association "
                   f"(the machine {100 * statistics.median(busy[(t.name, 1)]):.0f} % busy at one, "
                   f"{100 * statistics.median(busy[(t.name, 4)]):.0f} % at four: at most "
-                  f"~{1 / max(0.01, statistics.median(busy[(t.name, 1)])):.1f}x on these CPUs)")
+                  f"~{1 / max(0.01, statistics.median(busy[(t.name, 1)])):.1f}x on these CPUs; at one its busiest "
+                  f"process used {_cores(statistics.median(top[(t.name, 1)]))} of a core, the sender "
+                  f"{statistics.median(sender_cpu[(t.name, 1)]):.2f} CPU s)")
         ok1 = median("node", 1) <= median("Orthanc", 1)
         ok3 = median("node", 1) <= 3 * median("storescp", 1)
         ok4 = median("node", 1) / median("node", 4) >= 1.5
