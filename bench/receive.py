@@ -30,7 +30,9 @@ figure than the time on a shared machine, the ratios node/Orthanc and
 node/storescp (time; <= 1.0 means the node is as fast or faster) and the
 4-association speed-up over one association of each target, with how busy the whole
 machine's CPUs were during the sends (``/proc/stat``: every process and the kernel; a
-target that keeps them X busy over one association can be at most ~1/X faster over four), the CPU
+target that keeps them X busy over one association can be at most ~1/X faster over four; and four
+associations that kept them Y busy for T seconds could take no less than Y x T on them: the ratio to
+one association's time is a second bound), the CPU
 cores its busiest process used during the send (a Python process's threads share one interpreter, so a
 receiver process near 1.0 is at its limit) and the CPU seconds of the ``storescu`` senders themselves,
 which share the machine's CPUs with the target.  Targets: node/Orthanc
@@ -598,11 +600,17 @@ def main(argv: list[str]) -> int:
                   f"node/storescp = {node / median('storescp', assocs):.2f}   (time ratio; <= 1.0: node as fast)   "
                   f"CPU: node/Orthanc = {cpu_median('node', assocs) / cpu_median('Orthanc', assocs):.2f}   "
                   f"node/storescp = {cpu_median('node', assocs) / cpu_median('storescp', assocs):.2f}")
+        def fully_busy(name: str) -> float:
+            """One association's time over the least four could take on these CPUs doing the work they did (the
+            machine's busy CPU time during the four-association send, spread over every CPU)."""
+            return median(name, 1) / max(1e-6, statistics.median(busy[(name, 4)]) * median(name, 4))
+
         for t in targets:
             print(f"{t.name}: 4 associations are {median(t.name, 1) / median(t.name, 4):.2f}x one association "
                   f"(the machine {100 * statistics.median(busy[(t.name, 1)]):.0f} % busy at one, "
                   f"{100 * statistics.median(busy[(t.name, 4)]):.0f} % at four: at most "
-                  f"~{1 / max(0.01, statistics.median(busy[(t.name, 1)])):.1f}x on these CPUs; at one its busiest "
+                  f"~{1 / max(0.01, statistics.median(busy[(t.name, 1)])):.1f}x on these CPUs, and with the work "
+                  f"the machine did at four, fully busy, ~{fully_busy(t.name):.1f}x; at one its busiest "
                   f"process used {_cores(statistics.median(top[(t.name, 1)]))} of a core, the sender "
                   f"{statistics.median(sender_cpu[(t.name, 1)]):.2f} CPU s)")
         ok1 = median("node", 1) <= median("Orthanc", 1)
